@@ -1,0 +1,338 @@
+//! The tokio layer: [`AsyncStream`] and [`AsyncListener`], a thin
+//! `AsyncFd` skin over the blocking core, shaped like `tokio::net`.
+//!
+//! - Opening a channel (which may block: a vsock connect, a hybrid
+//!   handshake, waiting for the host end of a virtio-serial port) runs the
+//!   blocking [`Stream::connect`] on tokio's blocking pool, then switches
+//!   the descriptor to non-blocking mode and registers it with the reactor.
+//! - Reads and writes are `read(2)`/`send(2)` on the registered descriptor,
+//!   retried on readiness; nothing ever blocks a runtime thread.
+//! - stdio uses tokio's own stdin/stdout (a regular file or a terminal cannot
+//!   be registered with epoll, and the terminal's flags are shared with the
+//!   parent shell, so they are never made non-blocking).
+//! - A stream splits into owned halves ([`AsyncStream::into_split`]) that
+//!   share the registration, so one task can read while another writes.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::addr::Addr;
+use crate::error::{Error, Result};
+use crate::stream::{Listener, Stream, StreamKind};
+use crate::sys;
+
+/// Registers an owned descriptor with the reactor.
+fn register<T: std::os::fd::AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `T` is `OwnedFd` or `Listener` (which owns an `OwnedFd`); both
+    // keep their descriptor open and return the same one from every
+    // `as_raw_fd` call until they are dropped, which happens only when the
+    // `AsyncFd` itself is dropped.
+    unsafe { AsyncFd::register(owner) }.map_err(io::Error::from)
+}
+
+#[derive(Debug)]
+struct FdIo {
+    afd: AsyncFd<OwnedFd>,
+    kind: StreamKind,
+}
+
+impl FdIo {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.afd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let socket = self.kind != StreamKind::Device;
+        loop {
+            let mut guard = ready!(self.afd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| sys::write(fd.get_ref().as_fd(), buf, socket)) {
+                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        if self.kind == StreamKind::Socket {
+            match sys::shutdown_write(self.afd.get_ref().as_fd()) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                r => r,
+            }
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The reading half of an [`AsyncStream`].
+#[derive(Debug)]
+pub struct ReadHalf(RInner);
+
+#[derive(Debug)]
+enum RInner {
+    Fd { io: Arc<FdIo>, prefix: Vec<u8>, pos: usize },
+    Stdin(tokio::io::Stdin),
+}
+
+/// The writing half of an [`AsyncStream`]. `poll_shutdown` half-closes.
+#[derive(Debug)]
+pub struct WriteHalf(WInner);
+
+#[derive(Debug)]
+enum WInner {
+    Fd(Arc<FdIo>),
+    Stdout(Option<tokio::io::Stdout>),
+}
+
+/// A non-blocking channel for tokio: any [`Addr`] that connects.
+#[derive(Debug)]
+pub struct AsyncStream {
+    r: ReadHalf,
+    w: WriteHalf,
+    label: String,
+}
+
+impl AsyncStream {
+    /// Opens a connecting address (see [`Stream::connect`]) without blocking
+    /// the runtime.
+    pub async fn connect(addr: &Addr) -> Result<AsyncStream> {
+        let a = addr.clone();
+        let s = tokio::task::spawn_blocking(move || Stream::connect(&a))
+            .await
+            .map_err(|e| Error::Io { context: format!("connecting to {addr}"), source: io::Error::other(e) })??;
+        AsyncStream::from_std(s)
+    }
+
+    /// Registers a blocking-core stream with the reactor.
+    pub fn from_std(s: Stream) -> Result<AsyncStream> {
+        let label = s.label().to_string();
+        let (fd, _wfd, kind, prefix, label2) = s.into_parts();
+        debug_assert_eq!(label, label2);
+        let reg = |fd: OwnedFd| -> Result<Arc<FdIo>> {
+            sys::set_nonblocking(fd.as_fd(), true)
+                .and_then(|()| register(fd))
+                .map(|afd| Arc::new(FdIo { afd, kind }))
+                .map_err(|source| Error::Io { context: format!("registering {label} with the reactor"), source })
+        };
+        let (r, w) = match kind {
+            StreamKind::Stdio => {
+                // The dup'd descriptors are dropped: tokio's stdio owns 0 and 1.
+                (ReadHalf(RInner::Stdin(tokio::io::stdin())), WriteHalf(WInner::Stdout(Some(tokio::io::stdout()))))
+            }
+            _ => {
+                let io = reg(fd)?;
+                (ReadHalf(RInner::Fd { io: io.clone(), prefix, pos: 0 }), WriteHalf(WInner::Fd(io)))
+            }
+        };
+        Ok(AsyncStream { r, w, label })
+    }
+
+    /// The address this stream was opened from or accepted on.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Splits into halves that can move to different tasks.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        (self.r, self.w)
+    }
+
+    /// Half-closes: the peer reads EOF; reading goes on.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        self.w.shutdown_write()
+    }
+}
+
+impl ReadHalf {
+    /// The descriptor to `splice(2)` from, when there is one and no
+    /// handshake bytes are still buffered in user space.
+    pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.0 {
+            RInner::Fd { io, prefix, pos } if *pos >= prefix.len() && io.kind == StreamKind::Socket => {
+                Some(io.afd.get_ref().as_fd())
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits until the descriptor is readable, then runs `f` on it; `f`
+    /// returning `WouldBlock` clears the readiness and waits again.
+    pub async fn read_with<R>(&self, mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+        match &self.0 {
+            RInner::Fd { io, .. } => loop {
+                let mut g = io.afd.readable().await?;
+                match g.try_io(|fd| f(fd.get_ref().as_fd())) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            },
+            RInner::Stdin(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "stdin has no descriptor to wait on")),
+        }
+    }
+}
+
+impl WriteHalf {
+    /// The descriptor to `splice(2)` into, when there is one.
+    pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.0 {
+            WInner::Fd(io) if io.kind == StreamKind::Socket => Some(io.afd.get_ref().as_fd()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the descriptor is writable, then runs `f` on it (see
+    /// [`ReadHalf::read_with`]).
+    pub async fn write_with<R>(&self, mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+        match &self.0 {
+            WInner::Fd(io) => loop {
+                let mut g = io.afd.writable().await?;
+                match g.try_io(|fd| f(fd.get_ref().as_fd())) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            },
+            WInner::Stdout(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "stdout has no descriptor to wait on")),
+        }
+    }
+
+    /// Half-closes now (`shutdown(SHUT_WR)`; closes stdout for stdio).
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        match &mut self.0 {
+            WInner::Fd(io) => io.shutdown_write(),
+            WInner::Stdout(s) => {
+                *s = None;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            RInner::Fd { io, prefix, pos } => {
+                if *pos < prefix.len() {
+                    let n = buf.remaining().min(prefix.len() - *pos);
+                    buf.put_slice(&prefix[*pos..*pos + n]);
+                    *pos += n;
+                    if *pos == prefix.len() {
+                        *prefix = Vec::new();
+                        *pos = 0;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                io.poll_read(cx, buf)
+            }
+            RInner::Stdin(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            WInner::Fd(io) => io.poll_write(cx, buf),
+            WInner::Stdout(Some(s)) => Pin::new(s).poll_write(cx, buf),
+            WInner::Stdout(None) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stdout was shut down")))
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            WInner::Stdout(Some(s)) => Pin::new(s).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let WInner::Stdout(Some(s)) = &mut this.0 {
+            ready!(Pin::new(s).poll_flush(cx))?;
+        }
+        Poll::Ready(this.shutdown_write())
+    }
+}
+
+impl AsyncRead for AsyncStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().r).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AsyncStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().w).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().w).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().w).poll_shutdown(cx)
+    }
+}
+
+/// A listening channel for tokio.
+#[derive(Debug)]
+pub struct AsyncListener {
+    inner: AsyncFd<Listener>,
+}
+
+impl AsyncListener {
+    /// Binds a `-listen` address (see [`Listener::bind`]).
+    pub fn bind(addr: &Addr) -> Result<AsyncListener> {
+        AsyncListener::from_std(Listener::bind(addr)?)
+    }
+
+    /// Registers a blocking-core listener with the reactor.
+    pub fn from_std(l: Listener) -> Result<AsyncListener> {
+        let label = l.local_addr().to_string();
+        sys::set_nonblocking(l.as_fd(), true)
+            .and_then(|()| register(l))
+            .map(|inner| AsyncListener { inner })
+            .map_err(|source| Error::Bind { addr: label, source })
+    }
+
+    /// The address as bound, with a kernel-chosen port filled in.
+    pub fn local_addr(&self) -> &Addr {
+        self.inner.get_ref().local_addr()
+    }
+
+    /// Waits for one connection.
+    pub async fn accept(&self) -> Result<AsyncStream> {
+        loop {
+            let mut g = self
+                .inner
+                .readable()
+                .await
+                .map_err(|source| Error::Accept { addr: self.local_addr().to_string(), source })?;
+            match g.try_io(|l| sys::accept(l.get_ref().as_fd())) {
+                Ok(Ok(fd)) => return AsyncStream::from_std(self.inner.get_ref().accepted(fd)?),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(source)) => return Err(Error::Accept { addr: self.local_addr().to_string(), source }),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
