@@ -133,9 +133,17 @@ impl VsockType {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     /// `vsock[-seqpacket|-dgram]:CID:PORT`
-    Vsock { ty: VsockType, cid: Cid, port: VsockPort },
+    Vsock {
+        ty: VsockType,
+        cid: Cid,
+        port: VsockPort,
+    },
     /// `vsock[-seqpacket|-dgram]-listen:[CID:]PORT`
-    VsockListen { ty: VsockType, cid: Cid, port: VsockPort },
+    VsockListen {
+        ty: VsockType,
+        cid: Cid,
+        port: VsockPort,
+    },
     /// `unix:PATH`
     Unix(PathBuf),
     /// `unix-listen:PATH`
@@ -196,7 +204,10 @@ pub struct Addr {
 impl Addr {
     /// An address with default options.
     pub fn new(endpoint: Endpoint) -> Addr {
-        Addr { endpoint, options: Options::default() }
+        Addr {
+            endpoint,
+            options: Options::default(),
+        }
     }
 
     /// True for the `-listen` kinds that accept connections. A
@@ -205,8 +216,10 @@ impl Addr {
     pub fn is_listen(&self) -> bool {
         matches!(
             self.endpoint,
-            Endpoint::VsockListen { ty: VsockType::Stream | VsockType::Seqpacket, .. }
-                | Endpoint::UnixListen(_)
+            Endpoint::VsockListen {
+                ty: VsockType::Stream | VsockType::Seqpacket,
+                ..
+            } | Endpoint::UnixListen(_)
                 | Endpoint::UnixAbstractListen(_)
                 | Endpoint::HvsockListen { .. }
                 | Endpoint::TcpListen { .. }
@@ -215,15 +228,23 @@ impl Addr {
 
     /// True when this address opens an `AF_VSOCK` socket.
     pub fn is_vsock(&self) -> bool {
-        matches!(self.endpoint, Endpoint::Vsock { .. } | Endpoint::VsockListen { .. })
+        matches!(
+            self.endpoint,
+            Endpoint::Vsock { .. } | Endpoint::VsockListen { .. }
+        )
     }
 
     /// Whether records keep their boundaries (seqpacket, datagram).
     pub fn is_message_oriented(&self) -> bool {
         matches!(
             self.endpoint,
-            Endpoint::Vsock { ty: VsockType::Seqpacket | VsockType::Dgram, .. }
-                | Endpoint::VsockListen { ty: VsockType::Seqpacket | VsockType::Dgram, .. }
+            Endpoint::Vsock {
+                ty: VsockType::Seqpacket | VsockType::Dgram,
+                ..
+            } | Endpoint::VsockListen {
+                ty: VsockType::Seqpacket | VsockType::Dgram,
+                ..
+            }
         )
     }
 
@@ -287,7 +308,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (s, 1000)
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(mult_ms).map(Duration::from_millis).ok_or_else(bad)
+    n.checked_mul(mult_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back.
@@ -304,7 +327,10 @@ pub fn format_duration(d: Duration) -> String {
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}` is not a size like 4096, 64K, 1M or 1G");
     let upper = s.to_ascii_uppercase();
-    let t = upper.strip_suffix("IB").or_else(|| upper.strip_suffix('B')).unwrap_or(&upper);
+    let t = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
     let (num, mult) = match t.chars().last() {
         Some('K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M') => (&t[..t.len() - 1], 1 << 20),
@@ -342,7 +368,11 @@ impl FromStr for Addr {
             None => (head, None),
         };
         let expected = form_of(kind);
-        let err = |problem: String| AddrError { input: input.to_string(), problem, expected };
+        let err = |problem: String| AddrError {
+            input: input.to_string(),
+            problem,
+            expected,
+        };
         let need = |what: &str| -> Result<&str, AddrError> {
             match rest {
                 Some(r) if !r.is_empty() => Ok(r),
@@ -365,7 +395,10 @@ impl FromStr for Addr {
                 .map_err(|_| err(format!("TCP port `{p}` is not a number from 0 to 65535")))
         };
         let strip_brackets = |h: &str| -> String {
-            h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h).to_string()
+            h.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h)
+                .to_string()
         };
 
         let endpoint = match kind {
@@ -377,9 +410,15 @@ impl FromStr for Addr {
                 let cid: Cid = c.parse().map_err(err)?;
                 let port: VsockPort = p.parse().map_err(err)?;
                 if port.0 == PORT_ANY {
-                    return Err(err("a connecting address needs a real port, not `any`".into()));
+                    return Err(err(
+                        "a connecting address needs a real port, not `any`".into()
+                    ));
                 }
-                Endpoint::Vsock { ty: vsock_type(kind), cid, port }
+                Endpoint::Vsock {
+                    ty: vsock_type(kind),
+                    cid,
+                    port,
+                }
             }
             "vsock-listen" | "vsock-seqpacket-listen" | "vsock-dgram-listen" => {
                 let r = need("[CID:]PORT")?;
@@ -387,7 +426,11 @@ impl FromStr for Addr {
                     Some((c, p)) => (c.parse().map_err(err)?, p),
                     None => (Cid::ANY, r),
                 };
-                Endpoint::VsockListen { ty: vsock_type(kind), cid, port: p.parse().map_err(err)? }
+                Endpoint::VsockListen {
+                    ty: vsock_type(kind),
+                    cid,
+                    port: p.parse().map_err(err)?,
+                }
             }
             "unix" => Endpoint::Unix(need("a PATH")?.into()),
             "unix-listen" => Endpoint::UnixListen(need("a PATH")?.into()),
@@ -398,13 +441,19 @@ impl FromStr for Addr {
                 let (path, p) = split_last_colon(r)
                     .filter(|(path, _)| !path.is_empty())
                     .ok_or_else(|| err(format!("`{r}` has no `:PORT` after the socket path")))?;
-                let port: u32 = p.parse().map_err(|_| {
-                    err(format!("port `{p}` is not a number from 0 to 4294967295"))
-                })?;
+                let port: u32 = p
+                    .parse()
+                    .map_err(|_| err(format!("port `{p}` is not a number from 0 to 4294967295")))?;
                 if kind == "hvsock" {
-                    Endpoint::Hvsock { uds: path.into(), port }
+                    Endpoint::Hvsock {
+                        uds: path.into(),
+                        port,
+                    }
                 } else {
-                    Endpoint::HvsockListen { uds: path.into(), port }
+                    Endpoint::HvsockListen {
+                        uds: path.into(),
+                        port,
+                    }
                 }
             }
             "vport" => Endpoint::Vport(need("a port NAME or a device PATH")?.into()),
@@ -413,16 +462,23 @@ impl FromStr for Addr {
                 let (h, p) = split_last_colon(r)
                     .filter(|(h, _)| !h.is_empty())
                     .ok_or_else(|| err(format!("`{r}` has no HOST:PORT")))?;
-                Endpoint::Tcp { host: strip_brackets(h), port: tcp_port(p)? }
+                Endpoint::Tcp {
+                    host: strip_brackets(h),
+                    port: tcp_port(p)?,
+                }
             }
             "tcp-listen" => {
                 let r = need("[HOST:]PORT")?;
                 match split_last_colon(r) {
-                    Some((h, p)) if !h.is_empty() => {
-                        Endpoint::TcpListen { host: Some(strip_brackets(h)), port: tcp_port(p)? }
-                    }
+                    Some((h, p)) if !h.is_empty() => Endpoint::TcpListen {
+                        host: Some(strip_brackets(h)),
+                        port: tcp_port(p)?,
+                    },
                     Some((_, _)) => return Err(err(format!("`{r}` has an empty HOST"))),
-                    None => Endpoint::TcpListen { host: None, port: tcp_port(r)? },
+                    None => Endpoint::TcpListen {
+                        host: None,
+                        port: tcp_port(r)?,
+                    },
                 }
             }
             "stdio" | "-" => {
@@ -454,9 +510,10 @@ impl FromStr for Addr {
                 "buffer-max-size" => o.buffer_max_size = Some(parse_size(val()?).map_err(err)?),
                 "backlog" => {
                     let v = val()?;
-                    o.backlog = Some(v.parse().map_err(|_| {
-                        err(format!("backlog `{v}` is not a number"))
-                    })?)
+                    o.backlog = Some(
+                        v.parse()
+                            .map_err(|_| err(format!("backlog `{v}` is not a number")))?,
+                    )
                 }
                 "unlink" => {
                     if let Some(v) = value {
@@ -486,23 +543,33 @@ impl Addr {
         let vsock = self.is_vsock();
         let listen = self.is_listen();
         if (o.buffer_min_size.is_some() || o.buffer_max_size.is_some()) && !vsock {
-            return Err(format!("buffer-min-size and buffer-max-size apply to vsock only, not `{kind}`"));
+            return Err(format!(
+                "buffer-min-size and buffer-max-size apply to vsock only, not `{kind}`"
+            ));
         }
-        if o.buffer_size.is_some()
-            && matches!(self.endpoint, Endpoint::Vport(_) | Endpoint::Stdio)
+        if o.buffer_size.is_some() && matches!(self.endpoint, Endpoint::Vport(_) | Endpoint::Stdio)
         {
             return Err(format!("buffer-size does not apply to `{kind}`"));
         }
         if o.connect_timeout.is_some() && (listen || matches!(self.endpoint, Endpoint::Stdio)) {
-            return Err(format!("connect-timeout applies to connecting addresses, not `{kind}`"));
+            return Err(format!(
+                "connect-timeout applies to connecting addresses, not `{kind}`"
+            ));
         }
         if o.backlog.is_some() && !listen {
-            return Err(format!("backlog applies to -listen addresses, not `{kind}`"));
+            return Err(format!(
+                "backlog applies to -listen addresses, not `{kind}`"
+            ));
         }
         if o.unlink
-            && !matches!(self.endpoint, Endpoint::UnixListen(_) | Endpoint::HvsockListen { .. })
+            && !matches!(
+                self.endpoint,
+                Endpoint::UnixListen(_) | Endpoint::HvsockListen { .. }
+            )
         {
-            return Err(format!("unlink applies to unix-listen and hvsock-listen, not `{kind}`"));
+            return Err(format!(
+                "unlink applies to unix-listen and hvsock-listen, not `{kind}`"
+            ));
         }
         Ok(())
     }
@@ -567,7 +634,10 @@ impl fmt::Display for Addr {
             }
             Endpoint::Vport(n) => write!(f, "{kind}:{n}")?,
             Endpoint::Tcp { host, port } => write!(f, "{kind}:{}:{port}", fmt_host(host))?,
-            Endpoint::TcpListen { host: Some(h), port } => write!(f, "{kind}:{}:{port}", fmt_host(h))?,
+            Endpoint::TcpListen {
+                host: Some(h),
+                port,
+            } => write!(f, "{kind}:{}:{port}", fmt_host(h))?,
             Endpoint::TcpListen { host: None, port } => write!(f, "{kind}:{port}")?,
             Endpoint::Stdio => f.write_str("stdio")?,
         }
@@ -643,11 +713,14 @@ mod tests {
         assert_eq!(p("vsock:1:5"), p("vsock:local:5"));
         assert_eq!(p("vsock:0:5"), p("vsock:hypervisor:5"));
         assert_eq!(p("vsock-listen:4294967295:5"), p("vsock-listen:5"));
-        assert_eq!(p("vsock-listen:any").endpoint, Endpoint::VsockListen {
-            ty: VsockType::Stream,
-            cid: Cid::ANY,
-            port: VsockPort(PORT_ANY)
-        });
+        assert_eq!(
+            p("vsock-listen:any").endpoint,
+            Endpoint::VsockListen {
+                ty: VsockType::Stream,
+                cid: Cid::ANY,
+                port: VsockPort(PORT_ANY)
+            }
+        );
     }
 
     #[test]
@@ -657,7 +730,13 @@ mod tests {
 
     #[test]
     fn hvsock_path_may_contain_colons() {
-        assert_eq!(p("hvsock:/tmp/a:b:9").endpoint, Endpoint::Hvsock { uds: "/tmp/a:b".into(), port: 9 });
+        assert_eq!(
+            p("hvsock:/tmp/a:b:9").endpoint,
+            Endpoint::Hvsock {
+                uds: "/tmp/a:b".into(),
+                port: 9
+            }
+        );
         assert_eq!(
             Addr::hvsock_listener_path("/tmp/v.sock".as_ref(), 1234),
             PathBuf::from("/tmp/v.sock_1234")
@@ -666,8 +745,14 @@ mod tests {
 
     #[test]
     fn vport_names_resolve_under_dev_virtio_ports() {
-        assert_eq!(Addr::vport_path("org.vmlink.ctl"), PathBuf::from("/dev/virtio-ports/org.vmlink.ctl"));
-        assert_eq!(Addr::vport_path("/dev/vport0p1"), PathBuf::from("/dev/vport0p1"));
+        assert_eq!(
+            Addr::vport_path("org.vmlink.ctl"),
+            PathBuf::from("/dev/virtio-ports/org.vmlink.ctl")
+        );
+        assert_eq!(
+            Addr::vport_path("/dev/vport0p1"),
+            PathBuf::from("/dev/vport0p1")
+        );
     }
 
     fn bad(s: &str) -> AddrError {
@@ -704,19 +789,34 @@ mod tests {
         // The message is one line and carries all three parts.
         let msg = bad("vsock:x:5").to_string();
         assert!(!msg.contains('\n'));
-        assert!(msg.contains("vsock:x:5") && msg.contains("expected vsock:CID:PORT"), "{msg}");
+        assert!(
+            msg.contains("vsock:x:5") && msg.contains("expected vsock:CID:PORT"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn options_are_checked_against_the_kind() {
-        assert!(bad("unix:/x,buffer-min-size=1K").problem.contains("vsock only"));
-        assert!(bad("vsock-listen:5,connect-timeout=1s").problem.contains("connecting"));
+        assert!(bad("unix:/x,buffer-min-size=1K")
+            .problem
+            .contains("vsock only"));
+        assert!(bad("vsock-listen:5,connect-timeout=1s")
+            .problem
+            .contains("connecting"));
         assert!(bad("vsock:1:5,backlog=3").problem.contains("-listen"));
         assert!(bad("tcp:h:1,unlink").problem.contains("unlink"));
-        assert!(bad("vsock:1:5,frobnicate=1").problem.contains("unknown option `frobnicate`"));
-        assert!(bad("vsock:1:5,connect-timeout=soon").problem.contains("`soon` is not a duration"));
-        assert!(bad("vsock:1:5,buffer-size=lots").problem.contains("`lots` is not a size"));
-        assert!(bad("vsock:1:5,connect-timeout").problem.contains("needs a value"));
+        assert!(bad("vsock:1:5,frobnicate=1")
+            .problem
+            .contains("unknown option `frobnicate`"));
+        assert!(bad("vsock:1:5,connect-timeout=soon")
+            .problem
+            .contains("`soon` is not a duration"));
+        assert!(bad("vsock:1:5,buffer-size=lots")
+            .problem
+            .contains("`lots` is not a size"));
+        assert!(bad("vsock:1:5,connect-timeout")
+            .problem
+            .contains("needs a value"));
     }
 
     #[test]

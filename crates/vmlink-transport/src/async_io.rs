@@ -13,6 +13,7 @@
 //! - A stream splits into owned halves ([`AsyncStream::into_split`]) that
 //!   share the registration, so one task can read while another writes.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
@@ -47,7 +48,14 @@ impl FdIo {
         loop {
             let mut guard = ready!(self.afd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), unfilled)) {
+            let seqpacket = self.kind == StreamKind::Seqpacket;
+            match guard.try_io(|fd| {
+                if seqpacket {
+                    sys::recv_dontwait(fd.get_ref().as_fd(), unfilled)
+                } else {
+                    sys::read(fd.get_ref().as_fd(), unfilled)
+                }
+            }) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -73,7 +81,7 @@ impl FdIo {
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
-        if self.kind == StreamKind::Socket {
+        if matches!(self.kind, StreamKind::Socket | StreamKind::Seqpacket) {
             match sys::shutdown_write(self.afd.get_ref().as_fd()) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
                 r => r,
@@ -90,7 +98,11 @@ pub struct ReadHalf(RInner);
 
 #[derive(Debug)]
 enum RInner {
-    Fd { io: Arc<FdIo>, prefix: Vec<u8>, pos: usize },
+    Fd {
+        io: Arc<FdIo>,
+        prefix: Vec<u8>,
+        pos: usize,
+    },
     Stdin(tokio::io::Stdin),
 }
 
@@ -101,6 +113,12 @@ pub struct WriteHalf(WInner);
 #[derive(Debug)]
 enum WInner {
     Fd(Arc<FdIo>),
+    /// A seqpacket socket: each record is sent with a blocking send on
+    /// tokio's blocking pool, so a record is never split or repeated.
+    Record {
+        io: Arc<FdIo>,
+        pending: Option<tokio::task::JoinHandle<io::Result<usize>>>,
+    },
     Stdout(Option<tokio::io::Stdout>),
 }
 
@@ -119,7 +137,10 @@ impl AsyncStream {
         let a = addr.clone();
         let s = tokio::task::spawn_blocking(move || Stream::connect(&a))
             .await
-            .map_err(|e| Error::Io { context: format!("connecting to {addr}"), source: io::Error::other(e) })??;
+            .map_err(|e| Error::Io {
+                context: format!("connecting to {addr}"),
+                source: io::Error::other(e),
+            })??;
         AsyncStream::from_std(s)
     }
 
@@ -129,19 +150,35 @@ impl AsyncStream {
         let (fd, _wfd, kind, prefix, label2) = s.into_parts();
         debug_assert_eq!(label, label2);
         let reg = |fd: OwnedFd| -> Result<Arc<FdIo>> {
-            sys::set_nonblocking(fd.as_fd(), true)
+            // Seqpacket descriptors stay blocking: reads use MSG_DONTWAIT,
+            // writes a blocking send off the runtime threads.
+            sys::set_nonblocking(fd.as_fd(), kind != StreamKind::Seqpacket)
                 .and_then(|()| register(fd))
                 .map(|afd| Arc::new(FdIo { afd, kind }))
-                .map_err(|source| Error::Io { context: format!("registering {label} with the reactor"), source })
+                .map_err(|source| Error::Io {
+                    context: format!("registering {label} with the reactor"),
+                    source,
+                })
         };
         let (r, w) = match kind {
             StreamKind::Stdio => {
                 // The dup'd descriptors are dropped: tokio's stdio owns 0 and 1.
-                (ReadHalf(RInner::Stdin(tokio::io::stdin())), WriteHalf(WInner::Stdout(Some(tokio::io::stdout()))))
+                (
+                    ReadHalf(RInner::Stdin(tokio::io::stdin())),
+                    WriteHalf(WInner::Stdout(Some(tokio::io::stdout()))),
+                )
             }
             _ => {
                 let io = reg(fd)?;
-                (ReadHalf(RInner::Fd { io: io.clone(), prefix, pos: 0 }), WriteHalf(WInner::Fd(io)))
+                let w = if kind == StreamKind::Seqpacket {
+                    WInner::Record {
+                        io: io.clone(),
+                        pending: None,
+                    }
+                } else {
+                    WInner::Fd(io.clone())
+                };
+                (ReadHalf(RInner::Fd { io, prefix, pos: 0 }), WriteHalf(w))
             }
         };
         Ok(AsyncStream { r, w, label })
@@ -168,7 +205,9 @@ impl ReadHalf {
     /// handshake bytes are still buffered in user space.
     pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.0 {
-            RInner::Fd { io, prefix, pos } if *pos >= prefix.len() && io.kind == StreamKind::Socket => {
+            RInner::Fd { io, prefix, pos }
+                if *pos >= prefix.len() && io.kind == StreamKind::Socket =>
+            {
                 Some(io.afd.get_ref().as_fd())
             }
             _ => None,
@@ -177,7 +216,10 @@ impl ReadHalf {
 
     /// Waits until the descriptor is readable, then runs `f` on it; `f`
     /// returning `WouldBlock` clears the readiness and waits again.
-    pub async fn read_with<R>(&self, mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+    pub async fn read_with<R>(
+        &self,
+        mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
         match &self.0 {
             RInner::Fd { io, .. } => loop {
                 let mut g = io.afd.readable().await?;
@@ -186,7 +228,10 @@ impl ReadHalf {
                     Err(_would_block) => continue,
                 }
             },
-            RInner::Stdin(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "stdin has no descriptor to wait on")),
+            RInner::Stdin(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "stdin has no descriptor to wait on",
+            )),
         }
     }
 }
@@ -202,7 +247,10 @@ impl WriteHalf {
 
     /// Waits until the descriptor is writable, then runs `f` on it (see
     /// [`ReadHalf::read_with`]).
-    pub async fn write_with<R>(&self, mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+    pub async fn write_with<R>(
+        &self,
+        mut f: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
         match &self.0 {
             WInner::Fd(io) => loop {
                 let mut g = io.afd.writable().await?;
@@ -211,14 +259,17 @@ impl WriteHalf {
                     Err(_would_block) => continue,
                 }
             },
-            WInner::Stdout(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "stdout has no descriptor to wait on")),
+            WInner::Record { .. } | WInner::Stdout(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no descriptor to wait on for this kind",
+            )),
         }
     }
 
     /// Half-closes now (`shutdown(SHUT_WR)`; closes stdout for stdio).
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         match &mut self.0 {
-            WInner::Fd(io) => io.shutdown_write(),
+            WInner::Fd(io) | WInner::Record { io, .. } => io.shutdown_write(),
             WInner::Stdout(s) => {
                 *s = None;
                 Ok(())
@@ -228,7 +279,11 @@ impl WriteHalf {
 }
 
 impl AsyncRead for ReadHalf {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().0 {
             RInner::Fd { io, prefix, pos } => {
                 if *pos < prefix.len() {
@@ -249,13 +304,29 @@ impl AsyncRead for ReadHalf {
 }
 
 impl AsyncWrite for WriteHalf {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().0 {
             WInner::Fd(io) => io.poll_write(cx, buf),
-            WInner::Stdout(Some(s)) => Pin::new(s).poll_write(cx, buf),
-            WInner::Stdout(None) => {
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stdout was shut down")))
+            WInner::Record { io, pending } => {
+                let h = pending.get_or_insert_with(|| {
+                    let (io2, rec) = (io.clone(), buf.to_vec());
+                    tokio::task::spawn_blocking(move || {
+                        sys::write(io2.afd.get_ref().as_fd(), &rec, true)
+                    })
+                });
+                let r = ready!(Pin::new(h).poll(cx));
+                *pending = None;
+                Poll::Ready(r.unwrap_or_else(|e| Err(io::Error::other(e))))
             }
+            WInner::Stdout(Some(s)) => Pin::new(s).poll_write(cx, buf),
+            WInner::Stdout(None) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stdout was shut down",
+            ))),
         }
     }
 
@@ -276,13 +347,21 @@ impl AsyncWrite for WriteHalf {
 }
 
 impl AsyncRead for AsyncStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().r).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AsyncStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().w).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -311,7 +390,10 @@ impl AsyncListener {
         sys::set_nonblocking(l.as_fd(), true)
             .and_then(|()| register(l))
             .map(|inner| AsyncListener { inner })
-            .map_err(|source| Error::Bind { addr: label, source })
+            .map_err(|source| Error::Bind {
+                addr: label,
+                source,
+            })
     }
 
     /// The address as bound, with a kernel-chosen port filled in.
@@ -326,11 +408,19 @@ impl AsyncListener {
                 .inner
                 .readable()
                 .await
-                .map_err(|source| Error::Accept { addr: self.local_addr().to_string(), source })?;
+                .map_err(|source| Error::Accept {
+                    addr: self.local_addr().to_string(),
+                    source,
+                })?;
             match g.try_io(|l| sys::accept(l.get_ref().as_fd())) {
                 Ok(Ok(fd)) => return AsyncStream::from_std(self.inner.get_ref().accepted(fd)?),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(source)) => return Err(Error::Accept { addr: self.local_addr().to_string(), source }),
+                Ok(Err(source)) => {
+                    return Err(Error::Accept {
+                        addr: self.local_addr().to_string(),
+                        source,
+                    })
+                }
                 Err(_would_block) => continue,
             }
         }

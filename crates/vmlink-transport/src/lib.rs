@@ -42,7 +42,9 @@ mod sys;
 pub use addr::{Addr, AddrError, Cid, Endpoint, Options, VsockPort, VsockType};
 pub use async_io::{AsyncListener, AsyncStream, ReadHalf, WriteHalf};
 pub use error::{Error, Result};
-pub use stream::{local_cid, Listener, Stream, StreamKind, DEFAULT_BACKLOG, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use stream::{
+    local_cid, Listener, Stream, StreamKind, DEFAULT_BACKLOG, DEFAULT_HANDSHAKE_TIMEOUT,
+};
 
 /// Formats an error with its whole `source()` chain, `: `-separated, on one line.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

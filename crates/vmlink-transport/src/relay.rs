@@ -42,7 +42,11 @@ pub struct RelayOptions {
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        RelayOptions { buffer_size: 256 * 1024, splice: true, max_connections: 1024 }
+        RelayOptions {
+            buffer_size: 256 * 1024,
+            splice: true,
+            max_connections: 1024,
+        }
     }
 }
 
@@ -59,12 +63,17 @@ pub struct RelayStats {
 pub async fn relay(a: AsyncStream, b: AsyncStream, opts: &RelayOptions) -> io::Result<RelayStats> {
     let (ar, aw) = a.into_split();
     let (br, bw) = b.into_split();
-    let (forward, backward) = tokio::try_join!(copy_one_way(ar, bw, opts), copy_one_way(br, aw, opts))?;
+    let (forward, backward) =
+        tokio::try_join!(copy_one_way(ar, bw, opts), copy_one_way(br, aw, opts))?;
     Ok(RelayStats { forward, backward })
 }
 
 /// Copies `r` to `w` until EOF, then half-closes `w`. Returns the byte count.
-pub async fn copy_one_way(mut r: ReadHalf, mut w: WriteHalf, opts: &RelayOptions) -> io::Result<u64> {
+pub async fn copy_one_way(
+    mut r: ReadHalf,
+    mut w: WriteHalf,
+    opts: &RelayOptions,
+) -> io::Result<u64> {
     let mut total = 0u64;
     if opts.splice && r.splice_fd().is_some() && w.splice_fd().is_some() {
         match splice_loop(&r, &w, opts.buffer_size, &mut total).await {
@@ -96,13 +105,17 @@ async fn splice_loop(r: &ReadHalf, w: &WriteHalf, size: usize, total: &mut u64) 
     let cap = sys::set_pipe_size(pw.as_fd_ref(), size).unwrap_or(64 * 1024);
     loop {
         // The pipe is empty here, so EAGAIN can only mean "no data yet".
-        let n = r.read_with(|fd| sys::splice(fd, pw.as_fd_ref(), cap)).await?;
+        let n = r
+            .read_with(|fd| sys::splice(fd, pw.as_fd_ref(), cap))
+            .await?;
         if n == 0 {
             return Ok(());
         }
         let mut left = n;
         while left > 0 {
-            let m = w.write_with(|fd| sys::splice(pr.as_fd_ref(), fd, left)).await?;
+            let m = w
+                .write_with(|fd| sys::splice(pr.as_fd_ref(), fd, left))
+                .await?;
             left -= m;
             *total += m as u64;
         }
@@ -182,8 +195,14 @@ pub async fn serve(
             match relay(a, b, &opts).await {
                 Ok(s) => {
                     stats.completed.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes.fetch_add(s.forward + s.backward, Ordering::Relaxed);
-                    tracing::debug!(forward = s.forward, backward = s.backward, "connection done");
+                    stats
+                        .bytes
+                        .fetch_add(s.forward + s.backward, Ordering::Relaxed);
+                    tracing::debug!(
+                        forward = s.forward,
+                        backward = s.backward,
+                        "connection done"
+                    );
                 }
                 Err(e) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -46,8 +46,14 @@ pub const DEFAULT_BACKLOG: u32 = 128;
 /// and half-closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamKind {
-    /// A connected socket (vsock, unix, hvsock, tcp).
+    /// A connected byte-stream socket (vsock stream, unix, hvsock, tcp).
     Socket,
+    /// A connected vsock seqpacket socket: one write is one record. Its
+    /// writes are always blocking sends (see the async layer), because a
+    /// non-blocking send that runs out of credit mid-record reports
+    /// `EAGAIN` after queueing part of the record (Linux 6.1), and a retry
+    /// would duplicate that part.
+    Seqpacket,
     /// A character device (virtio-serial port): no half-close.
     Device,
     /// The process's stdin and stdout.
@@ -75,7 +81,15 @@ pub struct Stream {
 
 impl Stream {
     fn new(fd: OwnedFd, kind: StreamKind, label: String) -> Stream {
-        Stream { fd, wfd: None, kind, prefix: Vec::new(), prefix_pos: 0, dgram_peer: None, label }
+        Stream {
+            fd,
+            wfd: None,
+            kind,
+            prefix: Vec::new(),
+            prefix_pos: 0,
+            dgram_peer: None,
+            label,
+        }
     }
 
     /// Opens a connecting address (anything but the `-listen` kinds, except
@@ -85,10 +99,16 @@ impl Stream {
         let timeout = addr.options.connect_timeout;
         match &addr.endpoint {
             Endpoint::Vsock { ty, cid, port } => vsock_connect(addr, *ty, *cid, *port),
-            Endpoint::VsockListen { ty: VsockType::Dgram, cid, port } => {
+            Endpoint::VsockListen {
+                ty: VsockType::Dgram,
+                cid,
+                port,
+            } => {
                 let fd = vsock_socket(addr, VsockType::Dgram)?;
-                sys::vsock_bind(fd.as_fd(), cid.0, port.0)
-                    .map_err(|source| Error::Bind { addr: label.clone(), source })?;
+                sys::vsock_bind(fd.as_fd(), cid.0, port.0).map_err(|source| Error::Bind {
+                    addr: label.clone(),
+                    source,
+                })?;
                 Ok(Stream::new(fd, StreamKind::Datagram, label))
             }
             Endpoint::Unix(path) => {
@@ -96,8 +116,12 @@ impl Stream {
                 finish_socket(addr, s.into())
             }
             Endpoint::UnixAbstract(name) => {
-                let sa = UnixSocketAddr::from_abstract_name(name.as_bytes())
-                    .map_err(|source| Error::Connect { addr: label.clone(), source })?;
+                let sa = UnixSocketAddr::from_abstract_name(name.as_bytes()).map_err(|source| {
+                    Error::Connect {
+                        addr: label.clone(),
+                        source,
+                    }
+                })?;
                 let s = UnixStream::connect_addr(&sa).map_err(|e| connect_error(&label, e))?;
                 finish_socket(addr, s.into())
             }
@@ -106,7 +130,10 @@ impl Stream {
             Endpoint::Tcp { host, port } => {
                 let addrs: Vec<_> = (host.as_str(), *port)
                     .to_socket_addrs()
-                    .map_err(|source| Error::Resolve { host: host.clone(), source })?
+                    .map_err(|source| Error::Resolve {
+                        host: host.clone(),
+                        source,
+                    })?
                     .collect();
                 let mut last = None;
                 for sa in addrs {
@@ -122,17 +149,25 @@ impl Stream {
                         Err(e) => last = Some(e),
                     }
                 }
-                let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no addresses"));
+                let e =
+                    last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no addresses"));
                 if e.kind() == io::ErrorKind::TimedOut {
-                    return Err(Error::Timeout { addr: label, after: timeout.unwrap_or_default() });
+                    return Err(Error::Timeout {
+                        addr: label,
+                        after: timeout.unwrap_or_default(),
+                    });
                 }
                 Err(connect_error(&label, e))
             }
             Endpoint::Stdio => {
-                let stdin = sys::dup(io::stdin().as_fd())
-                    .map_err(|source| Error::Connect { addr: label.clone(), source })?;
-                let stdout = sys::dup(io::stdout().as_fd())
-                    .map_err(|source| Error::Connect { addr: label.clone(), source })?;
+                let stdin = sys::dup(io::stdin().as_fd()).map_err(|source| Error::Connect {
+                    addr: label.clone(),
+                    source,
+                })?;
+                let stdout = sys::dup(io::stdout().as_fd()).map_err(|source| Error::Connect {
+                    addr: label.clone(),
+                    source,
+                })?;
                 let mut s = Stream::new(stdin, StreamKind::Stdio, label);
                 s.wfd = Some(stdout);
                 Ok(s)
@@ -149,10 +184,12 @@ impl Stream {
     /// datagram socket this does nothing; on stdio it closes stdout.
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         match self.kind {
-            StreamKind::Socket => match sys::shutdown_write(self.fd.as_fd()) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-                r => r,
-            },
+            StreamKind::Socket | StreamKind::Seqpacket => {
+                match sys::shutdown_write(self.fd.as_fd()) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                    r => r,
+                }
+            }
             StreamKind::Stdio => {
                 self.wfd = None;
                 Ok(())
@@ -218,7 +255,15 @@ impl Stream {
 
     /// Splits into the parts the async layer needs.
     pub(crate) fn into_parts(self) -> (OwnedFd, Option<OwnedFd>, StreamKind, Vec<u8>, String) {
-        let Stream { fd, wfd, kind, mut prefix, prefix_pos, label, .. } = self;
+        let Stream {
+            fd,
+            wfd,
+            kind,
+            mut prefix,
+            prefix_pos,
+            label,
+            ..
+        } = self;
         let rest = prefix.split_off(prefix_pos);
         (fd, wfd, kind, rest, label)
     }
@@ -250,11 +295,14 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self.kind {
-            StreamKind::Socket => sys::write(self.fd.as_fd(), buf, true),
+            StreamKind::Socket | StreamKind::Seqpacket => sys::write(self.fd.as_fd(), buf, true),
             StreamKind::Device => sys::write(self.fd.as_fd(), buf, false),
             StreamKind::Stdio => match &self.wfd {
                 Some(w) => sys::write(w.as_fd(), buf, false),
-                None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "stdout was shut down")),
+                None => Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "stdout was shut down",
+                )),
             },
             StreamKind::Datagram => match self.dgram_peer {
                 Some((cid, port)) => sys::vsock_send_to(self.fd.as_fd(), buf, cid, port),
@@ -283,9 +331,16 @@ impl Listener {
     pub fn bind(addr: &Addr) -> Result<Listener> {
         let label = addr.to_string();
         let backlog = addr.options.backlog.unwrap_or(DEFAULT_BACKLOG);
-        let bind_err = |source| Error::Bind { addr: label.clone(), source };
+        let bind_err = |source| Error::Bind {
+            addr: label.clone(),
+            source,
+        };
         let (fd, unlink) = match &addr.endpoint {
-            Endpoint::VsockListen { ty: ty @ (VsockType::Stream | VsockType::Seqpacket), cid, port } => {
+            Endpoint::VsockListen {
+                ty: ty @ (VsockType::Stream | VsockType::Seqpacket),
+                cid,
+                port,
+            } => {
                 let fd = vsock_socket(addr, *ty)?;
                 apply_vsock_options(addr, fd.as_fd())?;
                 sys::vsock_bind(fd.as_fd(), cid.0, port.0).map_err(bind_err)?;
@@ -318,7 +373,11 @@ impl Listener {
                 })
             }
         };
-        let mut l = Listener { fd, addr: addr.clone(), unlink_on_drop: unlink };
+        let mut l = Listener {
+            fd,
+            addr: addr.clone(),
+            unlink_on_drop: unlink,
+        };
         l.addr = l.resolve_local_addr();
         Ok(l)
     }
@@ -335,7 +394,10 @@ impl Listener {
             Endpoint::TcpListen { port: 0, .. } => {
                 if let Ok(l) = self.fd.try_clone().map(std::net::TcpListener::from) {
                     if let Ok(sa) = l.local_addr() {
-                        a.endpoint = Endpoint::TcpListen { host: Some(sa.ip().to_string()), port: sa.port() };
+                        a.endpoint = Endpoint::TcpListen {
+                            host: Some(sa.ip().to_string()),
+                            port: sa.port(),
+                        };
                     }
                 }
             }
@@ -351,15 +413,19 @@ impl Listener {
 
     /// Waits for one connection.
     pub fn accept(&self) -> Result<Stream> {
-        let fd = sys::accept(self.fd.as_fd())
-            .map_err(|source| Error::Accept { addr: self.addr.to_string(), source })?;
+        let fd = sys::accept(self.fd.as_fd()).map_err(|source| Error::Accept {
+            addr: self.addr.to_string(),
+            source,
+        })?;
         self.accepted(fd)
     }
 
     /// Wraps an accepted descriptor: blocking mode, TCP_NODELAY, vsock options.
     pub(crate) fn accepted(&self, fd: OwnedFd) -> Result<Stream> {
-        sys::set_nonblocking(fd.as_fd(), false)
-            .map_err(|source| Error::Accept { addr: self.addr.to_string(), source })?;
+        sys::set_nonblocking(fd.as_fd(), false).map_err(|source| Error::Accept {
+            addr: self.addr.to_string(),
+            source,
+        })?;
         if let Endpoint::TcpListen { .. } = self.addr.endpoint {
             if let Ok(s) = fd.try_clone().map(std::net::TcpStream::from) {
                 let _ = s.set_nodelay(true);
@@ -398,11 +464,18 @@ impl Drop for Listener {
 
 fn connect_error(label: &str, e: io::Error) -> Error {
     match e.kind() {
-        io::ErrorKind::ConnectionRefused => {
-            Error::Refused { addr: label.to_string(), why: "nothing listens there" }
-        }
-        io::ErrorKind::NotFound => Error::Connect { addr: label.to_string(), source: e },
-        _ => Error::Connect { addr: label.to_string(), source: e },
+        io::ErrorKind::ConnectionRefused => Error::Refused {
+            addr: label.to_string(),
+            why: "nothing listens there",
+        },
+        io::ErrorKind::NotFound => Error::Connect {
+            addr: label.to_string(),
+            source: e,
+        },
+        _ => Error::Connect {
+            addr: label.to_string(),
+            source: e,
+        },
     }
 }
 
@@ -410,11 +483,17 @@ fn vsock_socket(addr: &Addr, ty: VsockType) -> Result<OwnedFd> {
     let label = addr.to_string();
     sys::vsock_socket(sys::sock_type(ty)).map_err(|source| match source.raw_os_error() {
         Some(libc::ENODEV) if ty == VsockType::Dgram => Error::DgramUnsupported { addr: label },
-        Some(libc::EAFNOSUPPORT) | Some(libc::ENODEV) => Error::NoVsock { addr: label, source },
+        Some(libc::EAFNOSUPPORT) | Some(libc::ENODEV) => Error::NoVsock {
+            addr: label,
+            source,
+        },
         Some(libc::ESOCKTNOSUPPORT) | Some(libc::EPROTONOSUPPORT) if ty == VsockType::Dgram => {
             Error::DgramUnsupported { addr: label }
         }
-        _ => Error::Connect { addr: label, source },
+        _ => Error::Connect {
+            addr: label,
+            source,
+        },
     })
 }
 
@@ -422,14 +501,25 @@ fn apply_vsock_options(addr: &Addr, fd: BorrowedFd<'_>) -> Result<()> {
     let o = &addr.options;
     let set = |option: &'static str, opt, v: Option<u64>| -> Result<()> {
         match v {
-            Some(v) => sys::set_vsock_u64(fd, opt, v)
-                .map_err(|source| Error::SetOption { addr: addr.to_string(), option, source }),
+            Some(v) => sys::set_vsock_u64(fd, opt, v).map_err(|source| Error::SetOption {
+                addr: addr.to_string(),
+                option,
+                source,
+            }),
             None => Ok(()),
         }
     };
     // The kernel clamps BUFFER_SIZE into [MIN, MAX]: raise MAX first.
-    set("buffer-max-size", sys::SO_VM_SOCKETS_BUFFER_MAX_SIZE, o.buffer_max_size.or(o.buffer_size))?;
-    set("buffer-min-size", sys::SO_VM_SOCKETS_BUFFER_MIN_SIZE, o.buffer_min_size)?;
+    set(
+        "buffer-max-size",
+        sys::SO_VM_SOCKETS_BUFFER_MAX_SIZE,
+        o.buffer_max_size.or(o.buffer_size),
+    )?;
+    set(
+        "buffer-min-size",
+        sys::SO_VM_SOCKETS_BUFFER_MIN_SIZE,
+        o.buffer_min_size,
+    )?;
     set("buffer-size", sys::SO_VM_SOCKETS_BUFFER_SIZE, o.buffer_size)?;
     if let Some(t) = o.connect_timeout {
         sys::set_vsock_connect_timeout(fd, t).map_err(|source| Error::SetOption {
@@ -445,20 +535,36 @@ fn vsock_connect(addr: &Addr, ty: VsockType, cid: Cid, port: VsockPort) -> Resul
     let label = addr.to_string();
     let fd = vsock_socket(addr, ty)?;
     apply_vsock_options(addr, fd.as_fd())?;
-    sys::vsock_connect(fd.as_fd(), cid.0, port.0).map_err(|source| match source.raw_os_error() {
-        // vsock reports a refused connection as a reset.
-        Some(libc::ECONNRESET) | Some(libc::ECONNREFUSED) => {
-            Error::Refused { addr: label.clone(), why: "nothing listens on that vsock port" }
+    sys::vsock_connect(fd.as_fd(), cid.0, port.0).map_err(|source| {
+        match source.raw_os_error() {
+            // vsock reports a refused connection as a reset.
+            Some(libc::ECONNRESET) | Some(libc::ECONNREFUSED) => Error::Refused {
+                addr: label.clone(),
+                why: "nothing listens on that vsock port",
+            },
+            Some(libc::ETIMEDOUT) => Error::Timeout {
+                addr: label.clone(),
+                // The kernel's default SO_VM_SOCKETS_CONNECT_TIMEOUT is 2 s.
+                after: addr
+                    .options
+                    .connect_timeout
+                    .unwrap_or(Duration::from_secs(2)),
+            },
+            Some(libc::ENODEV) => Error::NoVsock {
+                addr: label.clone(),
+                source,
+            },
+            _ => Error::Connect {
+                addr: label.clone(),
+                source,
+            },
         }
-        Some(libc::ETIMEDOUT) => Error::Timeout {
-            addr: label.clone(),
-            // The kernel's default SO_VM_SOCKETS_CONNECT_TIMEOUT is 2 s.
-            after: addr.options.connect_timeout.unwrap_or(Duration::from_secs(2)),
-        },
-        Some(libc::ENODEV) => Error::NoVsock { addr: label.clone(), source },
-        _ => Error::Connect { addr: label.clone(), source },
     })?;
-    let kind = if ty == VsockType::Dgram { StreamKind::Datagram } else { StreamKind::Socket };
+    let kind = match ty {
+        VsockType::Dgram => StreamKind::Datagram,
+        VsockType::Seqpacket => StreamKind::Seqpacket,
+        VsockType::Stream => StreamKind::Socket,
+    };
     Ok(Stream::new(fd, kind, label))
 }
 
@@ -473,7 +579,14 @@ fn finish_socket(addr: &Addr, fd: OwnedFd) -> Result<Stream> {
             })?;
         }
     }
-    Ok(Stream::new(fd, StreamKind::Socket, addr.to_string()))
+    let kind = match addr.endpoint {
+        Endpoint::VsockListen {
+            ty: VsockType::Seqpacket,
+            ..
+        } => StreamKind::Seqpacket,
+        _ => StreamKind::Socket,
+    };
+    Ok(Stream::new(fd, kind, addr.to_string()))
 }
 
 fn unix_bind(addr: &Addr, path: &Path, backlog: u32) -> Result<OwnedFd> {
@@ -486,22 +599,38 @@ fn unix_bind(addr: &Addr, path: &Path, backlog: u32) -> Result<OwnedFd> {
             }
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| Error::Bind { addr: label.clone(), source })?;
+    let l = UnixListener::bind(path).map_err(|source| Error::Bind {
+        addr: label.clone(),
+        source,
+    })?;
     let fd = OwnedFd::from(l);
     if backlog != DEFAULT_BACKLOG {
-        sys::listen(fd.as_fd(), backlog).map_err(|source| Error::Bind { addr: label, source })?;
+        sys::listen(fd.as_fd(), backlog).map_err(|source| Error::Bind {
+            addr: label,
+            source,
+        })?;
     }
     Ok(fd)
 }
 
 fn hvsock_connect(addr: &Addr, uds: &Path, port: u32) -> Result<Stream> {
     let label = addr.to_string();
-    let timeout = addr.options.connect_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+    let timeout = addr
+        .options
+        .connect_timeout
+        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
     let mut hs: Handshake<hybrid::ConnectReply> = Handshake::new(Instant::now(), timeout);
     let mut s = UnixStream::connect(uds).map_err(|e| connect_error(&label, e))?;
-    let hs_err = |source| Error::Handshake { addr: label.clone(), source };
-    let io_err = |source| Error::Connect { addr: label.clone(), source };
-    s.write_all(&hybrid::ConnectRequest { port }.encode()).map_err(io_err)?;
+    let hs_err = |source| Error::Handshake {
+        addr: label.clone(),
+        source,
+    };
+    let io_err = |source| Error::Connect {
+        addr: label.clone(),
+        source,
+    };
+    s.write_all(&hybrid::ConnectRequest { port }.encode())
+        .map_err(io_err)?;
     let mut chunk = [0u8; 256];
     loop {
         hs.check_deadline(Instant::now()).map_err(hs_err)?;
@@ -511,7 +640,14 @@ fn hvsock_connect(addr: &Addr, uds: &Path, port: u32) -> Result<Stream> {
         s.set_read_timeout(Some(left)).map_err(io_err)?;
         let n = match s.read(&mut chunk) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(e)),
         };
@@ -545,9 +681,15 @@ fn vport_open(addr: &Addr, path: &Path, timeout: Option<Duration>) -> Result<Str
         .open(path)
         .map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
-                Error::NoSuchPort { path: path.to_path_buf(), available: list_vports() }
+                Error::NoSuchPort {
+                    path: path.to_path_buf(),
+                    available: list_vports(),
+                }
             } else {
-                Error::Connect { addr: label.clone(), source }
+                Error::Connect {
+                    addr: label.clone(),
+                    source,
+                }
             }
         })?;
     let fd = OwnedFd::from(f);
@@ -557,20 +699,28 @@ fn vport_open(addr: &Addr, path: &Path, timeout: Option<Duration>) -> Result<Str
     let start = Instant::now();
     let mut delay = Duration::from_millis(5);
     loop {
-        let rev = sys::poll_one(fd.as_fd(), libc::POLLOUT, 0)
-            .map_err(|source| Error::Connect { addr: label.clone(), source })?;
+        let rev = sys::poll_one(fd.as_fd(), libc::POLLOUT, 0).map_err(|source| Error::Connect {
+            addr: label.clone(),
+            source,
+        })?;
         if rev & libc::POLLHUP == 0 {
             break;
         }
         if let Some(t) = timeout {
             if start.elapsed() >= t {
-                return Err(Error::Timeout { addr: label, after: t });
+                return Err(Error::Timeout {
+                    addr: label,
+                    after: t,
+                });
             }
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(100));
     }
-    sys::set_nonblocking(fd.as_fd(), false).map_err(|source| Error::Connect { addr: label.clone(), source })?;
+    sys::set_nonblocking(fd.as_fd(), false).map_err(|source| Error::Connect {
+        addr: label.clone(),
+        source,
+    })?;
     Ok(Stream::new(fd, StreamKind::Device, label))
 }
 

@@ -135,7 +135,12 @@ pub(crate) fn vsock_recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
 }
 
 /// `sendto(2)` on a vsock datagram socket.
-pub(crate) fn vsock_send_to(fd: BorrowedFd<'_>, buf: &[u8], cid: u32, port: u32) -> io::Result<usize> {
+pub(crate) fn vsock_send_to(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    cid: u32,
+    port: u32,
+) -> io::Result<usize> {
     let sa = sockaddr_vm(cid, port);
     // SAFETY: `buf` is valid for reads of buf.len() bytes and `sa` is a valid
     // sockaddr_vm; both outlive the call.
@@ -173,7 +178,13 @@ pub(crate) fn get_vsock_u64(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` (8) bytes into `value`.
     cvt(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), SOL_VSOCK, opt, (&mut value as *mut u64).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_VSOCK,
+            opt,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
     })?;
     Ok(value)
 }
@@ -228,14 +239,20 @@ pub(crate) fn local_cid() -> io::Result<u32> {
 /// `listen(2)`.
 pub(crate) fn listen(fd: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
     // SAFETY: no pointers.
-    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog.min(i32::MAX as u32) as libc::c_int) }).map(drop)
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog.min(i32::MAX as u32) as libc::c_int) })
+        .map(drop)
 }
 
 /// `accept4(2)` with `SOCK_CLOEXEC`.
 pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: null address pointers are allowed by accept4(2).
     let r = cvt(unsafe {
-        libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
     })?;
     // SAFETY: a fresh descriptor from accept4, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(r) })
@@ -247,13 +264,32 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
+/// `recv(2)` with `MSG_DONTWAIT`: a non-blocking read on a descriptor that
+/// is itself in blocking mode.
+pub(crate) fn recv_dontwait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of buf.len() bytes during the call.
+    cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })
+}
+
 /// `write(2)` (`send` with `MSG_NOSIGNAL` on sockets, so a dead peer is an
 /// `EPIPE` error rather than a `SIGPIPE`).
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8], socket: bool) -> io::Result<usize> {
     if socket {
         // SAFETY: `buf` is valid for reads of buf.len() bytes during the call.
         cvt_size(unsafe {
-            libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+            libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
         })
     } else {
         // SAFETY: as above.
@@ -271,7 +307,11 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // SAFETY: no pointers.
     let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    let new = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
     if new != flags {
         // SAFETY: no pointers.
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, new) })?;
@@ -280,8 +320,16 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 }
 
 /// `poll(2)` on one descriptor; returns the `revents`.
-pub(crate) fn poll_one(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+pub(crate) fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    timeout_ms: i32,
+) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd that lives across the call.
     cvt(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
     Ok(pfd.revents)
@@ -299,7 +347,8 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Grows a pipe's capacity (`F_SETPIPE_SZ`); returns the size it got.
 pub(crate) fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
     // SAFETY: no pointers.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) }).map(|n| n as usize)
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) })
+        .map(|n| n as usize)
 }
 
 /// `splice(2)` between two descriptors, one of which must be a pipe,

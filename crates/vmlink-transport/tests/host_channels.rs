@@ -68,7 +68,8 @@ fn unix_path_stream_half_closes_and_keeps_reading() {
     let a = addr(&format!("unix-listen:{}", d.path("s").display()));
     let l = Listener::bind(&a).expect("bind");
     let server = sha_server_once(l);
-    let mut c = Stream::connect(&addr(&format!("unix:{}", d.path("s").display()))).expect("connect");
+    let mut c =
+        Stream::connect(&addr(&format!("unix:{}", d.path("s").display()))).expect("connect");
     let data = payload(1, 3 << 20);
     c.write_all(&data).expect("write");
     c.shutdown_write().expect("half-close");
@@ -90,8 +91,12 @@ fn unix_listener_removes_its_socket_file_when_dropped() {
     let stale = UnixListener::bind(&p).expect("stale socket");
     std::mem::forget(stale);
     let e = Listener::bind(&addr(&format!("unix-listen:{}", p.display()))).expect_err("in use");
-    assert!(e.to_string().contains("cannot listen on unix-listen:"), "{e}");
-    Listener::bind(&addr(&format!("unix-listen:{},unlink", p.display()))).expect("bind with unlink");
+    assert!(
+        e.to_string().contains("cannot listen on unix-listen:"),
+        "{e}"
+    );
+    Listener::bind(&addr(&format!("unix-listen:{},unlink", p.display())))
+        .expect("bind with unlink");
 }
 
 #[test]
@@ -130,9 +135,13 @@ fn tcp_listen_on_port_zero_reports_the_port_it_got() {
 #[test]
 fn refused_and_missing_peers_are_one_line_errors_naming_the_address() {
     let d = TempDir::new("refused");
-    let e = Stream::connect(&addr(&format!("unix:{}", d.path("nobody").display()))).expect_err("no file");
+    let e = Stream::connect(&addr(&format!("unix:{}", d.path("nobody").display())))
+        .expect_err("no file");
     let msg = vmlink_transport::error_chain(&e);
-    assert!(msg.contains("cannot connect to unix:") && msg.contains("No such file"), "{msg}");
+    assert!(
+        msg.contains("cannot connect to unix:") && msg.contains("No such file"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'));
 
     // A socket file with no listener behind it: refused.
@@ -155,11 +164,16 @@ fn refused_and_missing_peers_are_one_line_errors_naming_the_address() {
 /// socket, read `CONNECT <port>\n` (in whatever pieces it comes), then
 /// answer `OK <n>\n` and relay to a backend. Here the "guest" is a Unix
 /// echo server keyed by port.
-fn fake_vmm(uds: PathBuf, reply_port: u32, first_data: &'static [u8]) -> std::thread::JoinHandle<u32> {
+fn fake_vmm(
+    uds: PathBuf,
+    reply_port: u32,
+    first_data: &'static [u8],
+) -> std::thread::JoinHandle<u32> {
     let l = UnixListener::bind(&uds).expect("bind vmm socket");
     std::thread::spawn(move || {
         let (mut s, _) = l.accept().expect("accept");
-        let mut hs: Handshake<ConnectRequest> = Handshake::new(Instant::now(), Duration::from_secs(5));
+        let mut hs: Handshake<ConnectRequest> =
+            Handshake::new(Instant::now(), Duration::from_secs(5));
         let mut b = [0u8; 7];
         let req = loop {
             let n = s.read(&mut b).expect("read");
@@ -184,7 +198,8 @@ fn hvsock_connect_sends_connect_line_and_keeps_bytes_after_ok() {
     let d = TempDir::new("hvsock");
     let uds = d.path("v.sock");
     let vmm = fake_vmm(uds.clone(), 1073741824, b"early");
-    let mut c = Stream::connect(&addr(&format!("hvsock:{}:5201", uds.display()))).expect("hvsock connect");
+    let mut c =
+        Stream::connect(&addr(&format!("hvsock:{}:5201", uds.display()))).expect("hvsock connect");
     let mut early = [0u8; 5];
     c.read_exact(&mut early).expect("early bytes");
     assert_eq!(&early, b"early");
@@ -202,11 +217,17 @@ fn hvsock_handshake_times_out_on_a_silent_vmm() {
     let uds = d.path("v.sock");
     let l = UnixListener::bind(&uds).expect("bind");
     let t = Instant::now();
-    let e = Stream::connect(&addr(&format!("hvsock:{}:1,connect-timeout=300ms", uds.display())))
-        .expect_err("silent VMM");
+    let e = Stream::connect(&addr(&format!(
+        "hvsock:{}:1,connect-timeout=300ms",
+        uds.display()
+    )))
+    .expect_err("silent VMM");
     assert!(t.elapsed() < Duration::from_secs(3));
     let msg = vmlink_transport::error_chain(&e);
-    assert!(msg.starts_with("hybrid vsock handshake with hvsock:"), "{msg}");
+    assert!(
+        msg.starts_with("hybrid vsock handshake with hvsock:"),
+        "{msg}"
+    );
     drop(l);
 }
 
@@ -260,7 +281,11 @@ fn hvsock_listen_binds_uds_path_underscore_port() {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// The relay engine over Unix sockets, with and without splice: bytes
@@ -271,20 +296,29 @@ fn relay_carries_half_close_both_with_and_without_splice() {
         let d = TempDir::new(if splice { "rsplice" } else { "rcopy" });
         let backend = d.path("backend");
         let front = d.path("front");
-        let server = sha_server_once(Listener::bind(&addr(&format!("unix-listen:{}", backend.display()))).expect("bind"));
+        let server = sha_server_once(
+            Listener::bind(&addr(&format!("unix-listen:{}", backend.display()))).expect("bind"),
+        );
         let front_addr = addr(&format!("unix-listen:{}", front.display()));
         let target = addr(&format!("unix:{}", backend.display()));
         let rt = rt();
         let data = payload(7, 8 << 20);
         let got = rt.block_on(async {
             let l = AsyncListener::bind(&front_addr).expect("bind front");
-            let opts = RelayOptions { splice, ..RelayOptions::default() };
+            let opts = RelayOptions {
+                splice,
+                ..RelayOptions::default()
+            };
             let relay_task = tokio::spawn(async move {
                 let a = l.accept().await.expect("accept");
-                let b = AsyncStream::connect(&target).await.expect("connect backend");
+                let b = AsyncStream::connect(&target)
+                    .await
+                    .expect("connect backend");
                 relay::relay(a, b, &opts).await.expect("relay")
             });
-            let mut c = AsyncStream::connect(&addr(&format!("unix:{}", front.display()))).await.expect("connect");
+            let mut c = AsyncStream::connect(&addr(&format!("unix:{}", front.display())))
+                .await
+                .expect("connect");
             c.write_all(&data).await.expect("write");
             c.shutdown().await.expect("half-close");
             let mut digest = Vec::new();

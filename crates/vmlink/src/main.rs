@@ -1,0 +1,122 @@
+//! `vmlink`: the host CLI. This file only parses flags, sets up logging and
+//! hands over to one module per verb; the work is in the library crates.
+//!
+//! Exit codes (documented in `--help` and the README):
+//! 0 success; 1 a runtime error (refused, timed out, dead peer, I/O);
+//! 2 a usage error (bad flag or bad address); `lab run` passes the guest
+//! command's status through (124 timeout, 125 the guest failed).
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod bench;
+mod demo;
+mod lab;
+mod relay;
+
+const AFTER_HELP: &str = "\
+ADDRESSES (see docs/addresses.md):
+  vsock:CID:PORT            vsock-listen:[CID:]PORT       CID: number, any, hypervisor, local, host
+  vsock-seqpacket:CID:PORT  vsock-seqpacket-listen:[CID:]PORT
+  vsock-dgram:CID:PORT      vsock-dgram-listen:[CID:]PORT
+  unix:PATH                 unix-listen:PATH
+  unix-abstract:NAME        unix-abstract-listen:NAME
+  hvsock:UDS_PATH:PORT      hvsock-listen:UDS_PATH:PORT   (Firecracker/Cloud Hypervisor hybrid vsock)
+  vport:NAME_OR_PATH        (virtio-serial port in a guest, e.g. vport:org.vmlink.ctl)
+  tcp:HOST:PORT             tcp-listen:[HOST:]PORT
+  stdio | -
+  options: ,connect-timeout=5s ,buffer-size=1M ,buffer-min-size=.. ,buffer-max-size=.. ,backlog=N ,unlink
+
+EXIT STATUS: 0 ok, 1 runtime error (refused, timeout, dead peer), 2 usage error or bad address;
+`lab run` exits with the guest command's status (124 timeout, 125 guest failure).
+Logs go to stderr; set RUST_LOG=debug (or info, trace) for more.";
+
+/// Fast host<->guest channels: relay, benchmark and test them on a real guest.
+#[derive(Parser, Debug)]
+#[command(name = "vmlink", version, about, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Relay bytes both ways between two addresses, like socat.
+    Relay(relay::Args),
+    /// Measure throughput and round-trip latency over any address.
+    #[command(subcommand)]
+    Bench(bench::Cmd),
+    /// Boot throwaway QEMU guests with every channel wired.
+    #[command(subcommand)]
+    Lab(lab::Cmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Relay(a) => relay::run(a),
+        Command::Bench(c) => bench::run(c),
+        Command::Lab(c) => lab::run(c),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmlink: error: {}", chain(&e));
+            if e.downcast_ref::<vmlink_transport::AddrError>().is_some()
+                || matches!(
+                    e.downcast_ref::<vmlink_transport::Error>(),
+                    Some(vmlink_transport::Error::Addr(_))
+                )
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// One line: the error and its causes, `: `-separated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        // thiserror's `transparent` and anyhow's context can repeat a message.
+        if parts.last() != Some(&s) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Parses an address for clap, so a bad one is a usage error (exit 2) that
+/// names the wrong part.
+pub(crate) fn parse_addr(s: &str) -> Result<vmlink_transport::Addr, String> {
+    s.parse::<vmlink_transport::Addr>()
+        .map_err(|e| e.to_string())
+}
+
+/// A tokio runtime for one verb.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

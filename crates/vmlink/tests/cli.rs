@@ -1,0 +1,151 @@
+//! The CLI as a user meets it on the host: bad addresses, dead peers,
+//! timeouts, clean shutdown, and bench over channels that need no guest.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = common::vmlink()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmlink");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vmlink-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+#[test]
+fn bad_address_is_a_usage_error_naming_the_part_and_the_form() {
+    let (code, _, err) = run(&["relay", "vsock:x:5", "stdio"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("CID `x`") && err.contains("expected vsock:CID:PORT"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["bench", "run", "hvsock:/tmp/only-a-path"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected hvsock:UDS_PATH:PORT"), "{err}");
+    let (code, _, err) = run(&["relay", "tcp-listen:1", "tcp-listen:2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("at most one address may listen"), "{err}");
+}
+
+#[test]
+fn dead_peer_is_a_one_line_error_and_status_1() {
+    let d = tmp("dead");
+    let p = d.join("none.sock");
+    let (code, _, err) = run(&["bench", "run", &format!("unix:{}", p.display())]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("vmlink: error: cannot connect to unix:"),
+        "{err}"
+    );
+    assert!(err.contains("No such file or directory"), "{err}");
+}
+
+#[test]
+fn hvsock_handshake_timeout_is_reported_and_bounded() {
+    let d = tmp("hvto");
+    let uds = d.join("vmm.sock");
+    let _l = UnixListener::bind(&uds).expect("silent VMM");
+    let t = Instant::now();
+    let (code, _, err) = run(&[
+        "bench",
+        "run",
+        &format!("hvsock:{}:52,connect-timeout=500ms", uds.display()),
+    ]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("hybrid vsock handshake with hvsock:") && err.contains("500ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_over_unix_reports_both_directions_and_latency_as_json() {
+    let d = tmp("bench");
+    let sock = d.join("b.sock");
+    let mut server = common::vmlink()
+        .args([
+            "bench",
+            "serve",
+            &format!("unix-listen:{}", sock.display()),
+            "--once",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench serve");
+    // The server prints its address once it listens.
+    let mut line = [0u8; 1];
+    let mut stderr = server.stderr.take().expect("stderr");
+    stderr.read_exact(&mut line).expect("server is listening");
+    let (code, out, err) = run(&[
+        "bench",
+        "run",
+        &format!("unix:{}", sock.display()),
+        "--bytes",
+        "8M",
+        "--round-trips",
+        "200",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["bytes"], 8 << 20);
+    assert!(v["upload_mib_s"].as_f64().expect("upload") > 0.0);
+    assert!(v["download_mib_s"].as_f64().expect("download") > 0.0);
+    let lat = &v["latency_us"];
+    assert_eq!(lat["round_trips"], 200);
+    assert!(lat["median"].as_f64().expect("median") <= lat["p99"].as_f64().expect("p99"));
+    assert!(server
+        .wait()
+        .expect("server exits after one session")
+        .success());
+}
+
+#[test]
+fn relay_shuts_down_cleanly_on_sigterm_and_removes_its_socket() {
+    let d = tmp("term");
+    let front = d.join("front.sock");
+    let relay = common::start_relay(&[
+        &format!("unix-listen:{}", front.display()),
+        "tcp:127.0.0.1:9",
+    ]);
+    assert!(front.exists());
+    let mut relay = relay;
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &relay.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let status = relay.child.wait().expect("relay exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(!front.exists(), "socket file left behind");
+}
+
+#[test]
+fn completions_are_generated_for_bash() {
+    let (code, out, _) = run(&["completions", "bash"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("vmlink") && out.contains("relay"));
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages vmlink's lab and tests need, as root (or
+# through sudo). Idempotent: installs only what is missing.
+#
+#   qemu-system-x86 qemu-system-data  the lab's QEMU (qboot.rom is in -data)
+#   busybox-static cpio xz-utils file kmod  the lab's initramfs and kernel unpacking
+#   linux-image-amd64 tiny-initramfs  the guest kernel (tiny-initramfs instead of
+#                                     initramfs-tools avoids a udev/systemd upgrade)
+#   socat                             the peer the relay is tested and measured against
+set -euo pipefail
+
+is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+
+pkgs=()
+for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat; do
+    is_installed "$p" || pkgs+=("$p")
+done
+if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+    pkgs+=(linux-image-amd64)
+    if ! is_installed initramfs-tools && ! is_installed dracut && ! is_installed tiny-initramfs; then
+        pkgs+=(tiny-initramfs)
+    fi
+fi
+[ ${#pkgs[@]} -eq 0 ] && { echo "install-deps: everything is installed"; exit 0; }
+
+sudo=()
+[ "$(id -u)" = 0 ] || sudo=(sudo)
+echo "install-deps: installing ${pkgs[*]}" >&2
+"${sudo[@]}" apt-get update -qq
+extra=()
+# bookworm-backports' qemu-utils (10.x) declares Breaks: qemu-system-common (<< 8.0);
+# pin it to qemu-system-x86's version so apt does not remove it.
+if [[ " ${pkgs[*]} " == *" qemu-system-x86 "* ]] && is_installed qemu-utils; then
+    want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+    have=$(dpkg-query -W -f='${Version}' qemu-utils)
+    if [ -n "$want" ] && [ "$want" != "$have" ] \
+        && apt-cache madison qemu-utils | awk '{ print $3 }' | grep -qxF -- "$want"; then
+        extra+=("qemu-utils=$want" --allow-downgrades)
+    fi
+fi
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    "${pkgs[@]}" "${extra[@]}"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests, and the integration
+# tests that boot real QEMU guests (vsock, virtio-serial, relays with socat).
+# Run as root on Debian 12; installs missing system packages first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (tests, and the binaries the guest tests run)"
+cargo build --workspace --all-targets --locked
+echo "== lab prepare (kernel and initramfs cache)"
+cargo run -q --locked -p vmlink -- lab prepare
+echo "== tests (unit, host, and real-guest integration tests)"
+if command -v cargo-nextest >/dev/null; then
+    # Each guest test boots its own QEMU guest (~5 s under TCG); two at a time
+    # fit 2 cores.
+    cargo nextest run --workspace --locked --test-threads 2 --no-fail-fast
+    cargo test --workspace --locked --doc
+else
+    cargo test --workspace --locked -- --test-threads 2
+fi
