@@ -363,7 +363,6 @@ impl IoThread {
         }
         self.out
     }
-
 }
 
 /// Opens the read end of a FIFO without waiting for a writer. QEMU's

@@ -28,7 +28,7 @@ pub enum Cmd {
     ///   vmlink lab run --vsock loopback -- vmlink bench run vsock:local:5000
     ///   vmlink lab run --serial org.vmlink.ctl=/tmp/ctl.sock -- cat /dev/virtio-ports/org.vmlink.ctl
     #[command(verbatim_doc_comment)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Install what the lab needs and build its kernel and initramfs cache.
     Prepare,
     /// Boot one guest and show every channel working, with a bench table:
@@ -98,6 +98,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(a) => {
+            let a = *a;
             let cfg = LabConfig {
                 mem: a.mem,
                 cpus: a.cpus,

@@ -95,6 +95,7 @@ guest_test! {
         assert_eq!(out.stdout.len(), data.len());
         assert_eq!(common::sha(&out.stdout), common::sha(&data));
         let _ = echo.kill();
+        let _ = echo.wait();
     }
 }
 
