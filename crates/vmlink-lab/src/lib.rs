@@ -183,6 +183,7 @@ mod error;
 mod guest;
 mod initramfs;
 mod shell;
+pub mod testing;
 mod vmlinux;
 
 use std::collections::HashSet;

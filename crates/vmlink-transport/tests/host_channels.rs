@@ -37,18 +37,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Pseudo-random bytes, reproducible per seed.
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use vmlink_lab::testing::payload;
 
 /// Serves one connection on `l`: reads to EOF, then writes back the SHA-256
 /// of what it read and closes. Proves half-close: the answer can only come

@@ -88,17 +88,8 @@ fn host_side(a: Args) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture)?;
     let serial_addr: Addr = format!("unix:{}", sock.display()).parse()?;
-    let host_report = crate::runtime()?.block_on(async {
-        bench::measure(&RunArgs {
-            addr: serial_addr,
-            bytes: a.bytes,
-            latency: false,
-            throughput: false,
-            round_trips: a.round_trips,
-            json: false,
-        })
-        .await
-    });
+    let host_report =
+        crate::runtime()?.block_on(async { bench::measure(&run_args(serial_addr, &a)).await });
     let out = guest.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
     if out.code != 0 {
@@ -242,17 +233,22 @@ fn spawn_hybrid_fixture(uds: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure_row(channel: &str, addr: Addr, a: &Args) -> anyhow::Result<Row> {
-    let report = bench::measure(&RunArgs {
+/// The full bench (both directions and latency) at the demo's sizes.
+fn run_args(addr: Addr, a: &Args) -> RunArgs {
+    RunArgs {
         addr,
         bytes: a.bytes,
         latency: false,
         throughput: false,
         round_trips: a.round_trips,
         json: false,
-    })
-    .await
-    .with_context(|| format!("benchmarking {channel}"))?;
+    }
+}
+
+async fn measure_row(channel: &str, addr: Addr, a: &Args) -> anyhow::Result<Row> {
+    let report = bench::measure(&run_args(addr, a))
+        .await
+        .with_context(|| format!("benchmarking {channel}"))?;
     Ok(Row {
         channel: channel.to_string(),
         report,

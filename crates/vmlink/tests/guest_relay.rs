@@ -4,6 +4,8 @@
 
 mod common;
 
+use vmlink_lab::guest_test;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};

@@ -48,7 +48,7 @@ fn virtio_serial_moves_data_both_ways_between_host_socket_and_guest_port() {
     let sock = dir.join("port.sock");
     let cfg = LabConfig {
         serials: vec![(PORT.into(), sock.clone())],
-        timeout: Some(common::GUEST_TIMEOUT),
+        timeout: Some(vmlink_lab::testing::GUEST_TIMEOUT),
         ..LabConfig::default()
     };
     let exe = std::env::current_exe().expect("test binary");

@@ -3,6 +3,8 @@
 
 mod common;
 
+use vmlink_lab::guest_test;
+
 use std::io::{Read, Write};
 
 use vmlink_transport::{local_cid, Addr, Endpoint, Error, Listener, Stream};

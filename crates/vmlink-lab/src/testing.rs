@@ -1,0 +1,91 @@
+//! Test fixtures for crates whose tests boot lab guests.
+//!
+//! The pattern: a `#[test]` runs on the host, boots a guest that runs the
+//! same test binary filtered to that one test, and asserts that it passed;
+//! inside the guest ([`in_guest`](crate::in_guest) is true) the body runs
+//! against the real kernel. [`guest_test!`](crate::guest_test) writes that
+//! for you. A guest that cannot boot fails the test; nothing is skipped.
+
+use std::ffi::OsString;
+
+use crate::{GuestIo, LabConfig};
+
+/// How long one guest test may run before the lab stops it (status 124
+/// fails the test): a hang costs minutes, not the whole CI budget.
+pub const GUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Boots a guest with `cfg` that runs test `name` of the current test
+/// binary, and panics (showing the guest's output) unless it passed.
+pub fn run_self_in_guest(cfg: LabConfig, name: &str) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => panic!("cannot find the current test binary: {e}"),
+    };
+    let argv: Vec<OsString> = vec![
+        exe.into(),
+        name.into(),
+        "--exact".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ];
+    let out = match crate::run(&cfg, &argv, GuestIo::Capture) {
+        Ok(o) => o,
+        Err(e) => panic!("the lab guest for {name} did not run: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.code, 0,
+        "guest test {name} failed with status {}\n--- guest stdout\n{stdout}\n--- guest stderr\n{stderr}",
+        out.code
+    );
+    // The harness in the guest must have run exactly this one test.
+    assert!(stdout.contains("1 passed"), "guest ran no test:\n{stdout}");
+}
+
+/// A config with `vsock_loopback` loaded and [`GUEST_TIMEOUT`].
+pub fn vsock_lab() -> LabConfig {
+    LabConfig {
+        vsock_loopback: true,
+        timeout: Some(GUEST_TIMEOUT),
+        ..LabConfig::default()
+    }
+}
+
+/// Reproducible pseudo-random bytes (xorshift), different per seed.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Defines a `#[test]` whose body runs inside a lab guest built by the
+/// `cfg` block:
+///
+/// ```ignore
+/// vmlink_lab::guest_test! {
+///     fn vsock_works() cfg { vmlink_lab::testing::vsock_lab() } {
+///         assert!(std::path::Path::new("/dev/vsock").exists());
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! guest_test {
+    ($(#[$m:meta])* fn $name:ident() cfg $cfg:block $body:block) => {
+        #[test]
+        $(#[$m])*
+        fn $name() {
+            if !$crate::in_guest() {
+                $crate::testing::run_self_in_guest($cfg, stringify!($name));
+                return;
+            }
+            $body
+        }
+    };
+}
