@@ -149,3 +149,100 @@ fn completions_are_generated_for_bash() {
     assert_eq!(code, Some(0));
     assert!(out.contains("vmlink") && out.contains("relay"));
 }
+
+#[test]
+fn lab_run_passes_stdout_stderr_and_status_through_separately() {
+    let out = common::vmlink()
+        .args([
+            "lab",
+            "run",
+            "--timeout",
+            "120s",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; exit 3",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmlink lab run");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "to-out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to-err\n"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("to-err"));
+}
+
+#[test]
+fn lab_run_reports_a_timeout_as_124() {
+    let out = common::vmlink()
+        .args(["lab", "run", "--timeout", "1s", "--", "sleep", "600"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmlink lab run");
+    assert_eq!(out.status.code(), Some(124));
+}
+
+#[test]
+fn relay_bounds_concurrent_connections_and_serves_the_next_when_one_ends() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let d = tmp("bound");
+    let backend = d.join("echo.sock");
+    let l = UnixListener::bind(&backend).expect("backend");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1024];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let front = d.join("front.sock");
+    let _relay = common::start_relay(&[
+        "--max-connections",
+        "2",
+        &format!("unix-listen:{}", front.display()),
+        &format!("unix:{}", backend.display()),
+    ]);
+    let echo = |s: &mut UnixStream, msg: &[u8]| {
+        s.write_all(msg).expect("write");
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).expect("echo");
+        assert_eq!(b, msg);
+    };
+    let mut c1 = UnixStream::connect(&front).expect("c1");
+    let mut c2 = UnixStream::connect(&front).expect("c2");
+    echo(&mut c1, b"one");
+    echo(&mut c2, b"two");
+    // The third waits in the backlog: nothing comes back while two are open.
+    let mut c3 = UnixStream::connect(&front).expect("c3 reaches the backlog");
+    c3.write_all(b"three").expect("write");
+    c3.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut b = [0u8; 5];
+    let e = c3.read(&mut b).expect_err("no relay for the third yet");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    // One ends: the third is served, with what it sent while waiting.
+    drop(c1);
+    c3.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c3.read_exact(&mut b).expect("served after a slot frees");
+    assert_eq!(&b, b"three");
+    echo(&mut c2, b"still");
+}
