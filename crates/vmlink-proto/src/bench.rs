@@ -77,11 +77,19 @@ impl Request {
     /// Parses a request from the start of `buf`: `Ok(None)` when fewer than
     /// [`REQUEST_LEN`] bytes are there yet.
     pub fn parse(buf: &[u8]) -> Result<Option<Request>, BenchError> {
-        let Some(frame) = buf.get(..REQUEST_LEN) else { return Ok(None) };
+        let Some(frame) = buf.get(..REQUEST_LEN) else {
+            return Ok(None);
+        };
         let mut n = [0u8; 8];
         n.copy_from_slice(&frame[1..]);
         let n = u64::from_le_bytes(n);
-        let check = |max: u64| if n > max { Err(BenchError::TooLarge { n, max }) } else { Ok(n) };
+        let check = |max: u64| {
+            if n > max {
+                Err(BenchError::TooLarge { n, max })
+            } else {
+                Ok(n)
+            }
+        };
         Ok(Some(match frame[0] {
             b'U' => Request::Upload(check(MAX_BYTES)?),
             b'D' => Request::Download(check(MAX_BYTES)?),
@@ -98,7 +106,12 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        for r in [Request::Upload(0), Request::Download(1 << 30), Request::Latency(1000), Request::Quit] {
+        for r in [
+            Request::Upload(0),
+            Request::Download(1 << 30),
+            Request::Latency(1000),
+            Request::Quit,
+        ] {
             assert_eq!(Request::parse(&r.encode()), Ok(Some(r)));
         }
     }
@@ -117,8 +130,14 @@ mod tests {
         b[0] = b'X';
         assert_eq!(Request::parse(&b), Err(BenchError::UnknownOp { op: b'X' }));
         let b = Request::Download(MAX_BYTES + 1).encode();
-        assert!(matches!(Request::parse(&b), Err(BenchError::TooLarge { .. })));
+        assert!(matches!(
+            Request::parse(&b),
+            Err(BenchError::TooLarge { .. })
+        ));
         let b = Request::Latency(MAX_ROUND_TRIPS + 1).encode();
-        assert!(matches!(Request::parse(&b), Err(BenchError::TooLarge { .. })));
+        assert!(matches!(
+            Request::parse(&b),
+            Err(BenchError::TooLarge { .. })
+        ));
     }
 }
