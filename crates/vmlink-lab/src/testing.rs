@@ -34,6 +34,13 @@ pub fn run_self_in_guest(cfg: LabConfig, name: &str) {
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Lines with "measured:" carry figures out of the guest into the
+    // host's test output.
+    for line in stdout.lines() {
+        if let Some(at) = line.find("measured:") {
+            println!("guest {}", &line[at..]);
+        }
+    }
     assert_eq!(
         out.code, 0,
         "guest test {name} failed with status {}\n--- guest stdout\n{stdout}\n--- guest stderr\n{stderr}",

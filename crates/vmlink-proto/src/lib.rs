@@ -12,9 +12,11 @@
 //!   Firecracker, Cloud Hypervisor and vhost-device-vsock to reach guest vsock ports through a
 //!   Unix socket. The normative description is `docs/hybrid-vsock.md`.
 //! - [`bench`]: the fixed 9-byte requests of `vmlink bench`.
+//! - [`agent`]: the guest agent's length-framed control protocol (`docs/agent-protocol.md`).
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 pub mod hybrid;
 

@@ -189,6 +189,11 @@ impl AsyncStream {
         &self.label
     }
 
+    /// The (CID, port) of a vsock peer; see [`ReadHalf::vsock_peer`].
+    pub fn vsock_peer(&self) -> io::Result<(u32, u32)> {
+        self.r.vsock_peer()
+    }
+
     /// Splits into halves that can move to different tasks.
     pub fn into_split(self) -> (ReadHalf, WriteHalf) {
         (self.r, self.w)
@@ -201,6 +206,18 @@ impl AsyncStream {
 }
 
 impl ReadHalf {
+    /// The (CID, port) of a vsock peer (stream or seqpacket); an error for
+    /// other kinds of channel.
+    pub fn vsock_peer(&self) -> io::Result<(u32, u32)> {
+        match &self.0 {
+            RInner::Fd { io, .. } => sys::vsock_name(io.afd.get_ref().as_fd(), true),
+            RInner::Stdin(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "stdin has no vsock peer",
+            )),
+        }
+    }
+
     /// The descriptor to `splice(2)` from, when there is one and no
     /// handshake bytes are still buffered in user space.
     pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod agent;
 mod bench;
 mod demo;
 mod lab;
@@ -50,6 +51,12 @@ enum Command {
     /// Boot throwaway QEMU guests with every channel wired.
     #[command(subcommand)]
     Lab(lab::Cmd),
+    /// Check that a vmlink-agent answers, and how fast.
+    Ping(agent::PingArgs),
+    /// Show a guest's hostname, OS, kernel, uptime and agent version.
+    Info(agent::InfoArgs),
+    /// Run a command in a guest through its vmlink-agent, output streamed.
+    Exec(agent::ExecArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -71,6 +78,9 @@ fn main() -> ExitCode {
         Command::Relay(a) => relay::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Lab(c) => lab::run(c),
+        Command::Ping(a) => agent::ping(a),
+        Command::Info(a) => agent::info(a),
+        Command::Exec(a) => agent::exec(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

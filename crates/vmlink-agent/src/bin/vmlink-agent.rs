@@ -1,0 +1,92 @@
+//! `vmlink-agent`: the guest agent. A thin shell over [`vmlink_agent::run`].
+
+use anyhow::Context;
+use clap::Parser;
+use vmlink_agent::{parse_allow_cids, Policy, DEFAULT_LISTEN, DEFAULT_MAX_SESSIONS};
+use vmlink_transport::{Addr, AsyncListener};
+
+/// The vmlink guest agent: answers ping, info and exec from the host over vsock (or any
+/// listening address of vmlink's transport).
+///
+/// Examples:
+///
+///   vmlink-agent                                  # vsock port 7878, host (CID 2) only
+///
+///   vmlink-agent --listen vsock-listen:7878 --listen unix-listen:/run/vmlink-agent.sock
+///
+///   vmlink-agent --allow-cid 1                    # also serve clients in this guest (vsock_loopback)
+#[derive(Debug, Parser)]
+#[command(name = "vmlink-agent", version, verbatim_doc_comment)]
+struct Args {
+    /// An address to listen on; repeatable. Default: vsock-listen:any:7878.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<Addr>,
+    /// A vsock CID that may connect (a number, host, local, or any); repeatable.
+    /// Default: 2 (the host). Unix sockets are protected by their file permissions instead.
+    #[arg(long = "allow-cid", value_name = "CID")]
+    allow_cid: Vec<String>,
+    /// How many connections are served at once; more get a "busy" error.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS, value_name = "N")]
+    max_sessions: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = real_main(args) {
+        eprintln!("vmlink-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let allow_cids = parse_allow_cids(&args.allow_cid).map_err(anyhow::Error::msg)?;
+    let policy = Policy {
+        allow_cids,
+        max_sessions: args.max_sessions,
+    };
+    let listen = if args.listen.is_empty() {
+        vec![DEFAULT_LISTEN.parse::<Addr>().context("default address")?]
+    } else {
+        args.listen
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let mut listeners = Vec::new();
+        for addr in &listen {
+            let l = AsyncListener::bind(addr)?;
+            eprintln!("vmlink-agent: listening on {}", l.local_addr());
+            listeners.push(l);
+        }
+        vmlink_agent::run(listeners, policy, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The host side of the agent protocol.
+//!
+//! A [`Client`] is an address and the agent's `Hello`; it holds no connection. Each request opens
+//! its own connection (`Hello`, request, answer, close), so requests never queue behind one
+//! another: a ping on one task is answered while an exec on another streams a gigabyte.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), vmlink_agent::client::ClientError> {
+//! use vmlink_agent::client::Client;
+//! use vmlink_agent::ExecRequest;
+//!
+//! let client = Client::connect(&"vsock:3:7878".parse().expect("address")).await?;
+//! println!("round trip {:?}", client.ping().await?);
+//! let req = ExecRequest { argv: vec!["uname".into(), "-a".into()], ..Default::default() };
+//! let status = client
+//!     .exec(req, None::<tokio::io::Empty>, tokio::io::stdout(), tokio::io::stderr())
+//!     .await?;
+//! std::process::exit(status.shell_status());
+//! # }
+//! ```
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use vmlink_proto::agent::{
+    ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, Signal, MAX_DATA_CHUNK,
+    PROTOCOL_VERSION,
+};
+use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
+
+use crate::framed::{write_message, FrameReader, WireError};
+
+/// How long the client waits for the agent's `Hello`, and for the answer to a ping or info.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The channel could not be opened.
+    #[error("cannot reach the agent at {addr}")]
+    Connect {
+        /// The agent's address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: vmlink_transport::Error,
+    },
+    /// The agent does not accept this peer (e.g. its vsock CID is not allowed).
+    #[error("the agent at {addr} refused the connection: {message}")]
+    Refused {
+        /// The agent's address.
+        addr: String,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The agent could not do what was asked.
+    #[error("the agent at {addr} reported {kind}: {message}")]
+    Agent {
+        /// The agent's address.
+        addr: String,
+        /// The category.
+        kind: ErrorKind,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The agent sent a message that has no place here.
+    #[error("the agent at {addr} sent {got} where {expected} was expected")]
+    Unexpected {
+        /// The agent's address.
+        addr: String,
+        /// What was expected.
+        expected: &'static str,
+        /// What came.
+        got: MessageType,
+    },
+    /// The agent speaks an older protocol.
+    #[error("the agent at {addr} speaks protocol version {version}; this client needs {PROTOCOL_VERSION}")]
+    Version {
+        /// The agent's address.
+        addr: String,
+        /// The agent's version.
+        version: u32,
+    },
+    /// The agent closed the connection before answering.
+    #[error("the agent at {addr} closed the connection before {waiting_for}")]
+    Closed {
+        /// The agent's address.
+        addr: String,
+        /// What was expected.
+        waiting_for: &'static str,
+    },
+    /// The agent did not answer in time.
+    #[error("the agent at {addr} sent no {waiting_for} within {REPLY_TIMEOUT:?}")]
+    Timeout {
+        /// The agent's address.
+        addr: String,
+        /// What was expected.
+        waiting_for: &'static str,
+    },
+    /// The connection failed.
+    #[error("the connection to the agent at {addr} failed")]
+    Wire {
+        /// The agent's address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: WireError,
+    },
+    /// Reading the local stdin or writing the local stdout/stderr failed.
+    #[error("local {what} failed")]
+    Local {
+        /// Which stream.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Sends signals to a running exec; see [`Client::exec_with_signals`].
+#[derive(Debug, Clone)]
+pub struct SignalSender(mpsc::UnboundedSender<i32>);
+
+impl SignalSender {
+    /// Asks for `signo` to be sent to the command's process group. Returns `false` when the exec
+    /// has already ended.
+    pub fn send(&self, signo: i32) -> bool {
+        self.0.send(signo).is_ok()
+    }
+}
+
+/// The receiving end of a [`SignalSender`].
+#[derive(Debug)]
+pub struct Signals(mpsc::UnboundedReceiver<i32>);
+
+/// A pair for forwarding signals (e.g. Ctrl-C) to an exec.
+pub fn signal_channel() -> (SignalSender, Signals) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (SignalSender(tx), Signals(rx))
+}
+
+/// A handle on an agent at one address.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: Addr,
+    agent: Hello,
+}
+
+/// One connection after the `Hello` exchange.
+struct Conn {
+    reader: FrameReader<ReadHalf>,
+    w: WriteHalf,
+}
+
+impl Client {
+    /// Checks that an agent answers at `addr` (one connection: `Hello` and close).
+    pub async fn connect(addr: &Addr) -> Result<Client, ClientError> {
+        let mut client = Client {
+            addr: addr.clone(),
+            agent: Hello {
+                version: 0,
+                software: String::new(),
+            },
+        };
+        let (_, hello) = client.open().await?;
+        client.agent = hello;
+        Ok(client)
+    }
+
+    /// The agent's `Hello`: its protocol version and software.
+    pub fn agent(&self) -> &Hello {
+        &self.agent
+    }
+
+    /// The agent's address.
+    pub fn addr(&self) -> &Addr {
+        &self.addr
+    }
+
+    /// One ping: opens a connection, exchanges `Hello`s and `Ping`/`Pong`. Returns the time the
+    /// whole request took, connection included.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        let (mut conn, _) = self.open().await?;
+        self.send(&mut conn.w, &Message::Ping).await?;
+        match self.reply(&mut conn, "Pong").await? {
+            Message::Pong => Ok(start.elapsed()),
+            other => Err(self.unexpected("Pong", &other)),
+        }
+    }
+
+    /// What the agent knows about its guest.
+    pub async fn info(&self) -> Result<Info, ClientError> {
+        let (mut conn, _) = self.open().await?;
+        self.send(&mut conn.w, &Message::InfoRequest).await?;
+        match self.reply(&mut conn, "Info").await? {
+            Message::Info(info) => Ok(info),
+            other => Err(self.unexpected("Info", &other)),
+        }
+    }
+
+    /// Runs a command and streams its output to `stdout` and `stderr` as it arrives (each chunk
+    /// is written and flushed before the next is read). With `stdin`, its bytes are forwarded and
+    /// its EOF closes the command's stdin; without, the command's stdin is `/dev/null`.
+    ///
+    /// Dropping the returned future closes the connection, and the agent kills the command's
+    /// process group.
+    pub async fn exec<I, O, E>(
+        &self,
+        req: Exec,
+        stdin: Option<I>,
+        stdout: O,
+        stderr: E,
+    ) -> Result<Exit, ClientError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        let (_keep, signals) = signal_channel();
+        self.exec_with_signals(req, stdin, stdout, stderr, signals)
+            .await
+    }
+
+    /// [`Client::exec`], also forwarding the signals sent on `signals`' [`SignalSender`].
+    pub async fn exec_with_signals<I, O, E>(
+        &self,
+        mut req: Exec,
+        stdin: Option<I>,
+        mut stdout: O,
+        mut stderr: E,
+        mut signals: Signals,
+    ) -> Result<Exit, ClientError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        req.stdin = stdin.is_some();
+        let (conn, _) = self.open().await?;
+        let Conn { mut reader, mut w } = conn;
+        self.send(&mut w, &Message::Exec(req)).await?;
+
+        // The uplink owns the write half: stdin data, its EOF, and signals, in the order they
+        // happen. It runs beside the downlink below, in this task, so neither waits for the other.
+        let uplink = async {
+            let mut input = stdin;
+            let mut buf = vec![0u8; MAX_DATA_CHUNK];
+            let mut signals_open = true;
+            while input.is_some() || signals_open {
+                tokio::select! {
+                    n = async {
+                        match &mut input {
+                            Some(i) => i.read(&mut buf).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if input.is_some() => {
+                        let n = n.map_err(|source| ClientError::Local { what: "stdin", source })?;
+                        if n == 0 {
+                            input = None;
+                            self.send(&mut w, &Message::StdinEof).await?;
+                        } else {
+                            self.send(&mut w, &Message::Stdin(buf[..n].to_vec())).await?;
+                        }
+                    }
+                    signo = signals.0.recv(), if signals_open => match signo {
+                        Some(signo) => self.send(&mut w, &Message::Signal(Signal { signo })).await?,
+                        None => signals_open = false,
+                    },
+                }
+            }
+            // Keep the connection open (the agent reads its end as "client gone").
+            std::future::pending::<()>().await;
+            Ok::<(), ClientError>(())
+        };
+        tokio::pin!(uplink);
+        loop {
+            tokio::select! {
+                r = &mut uplink => r?,
+                m = reader.next() => match m {
+                    Ok(Some(Message::Stdout(data))) => local_write(&mut stdout, &data, "stdout").await?,
+                    Ok(Some(Message::Stderr(data))) => local_write(&mut stderr, &data, "stderr").await?,
+                    Ok(Some(Message::Exit(exit))) => return Ok(exit),
+                    Ok(Some(other)) => return Err(self.unexpected("Stdout, Stderr or Exit", &other)),
+                    Ok(None) => return Err(ClientError::Closed {
+                        addr: self.addr.to_string(),
+                        waiting_for: "the command's exit status",
+                    }),
+                    Err(source) => return Err(self.wire(source)),
+                },
+            }
+        }
+    }
+
+    /// Opens a connection and exchanges `Hello`s.
+    async fn open(&self) -> Result<(Conn, Hello), ClientError> {
+        let stream =
+            AsyncStream::connect(&self.addr)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.addr.to_string(),
+                    source,
+                })?;
+        let (r, w) = stream.into_split();
+        let mut conn = Conn {
+            reader: FrameReader::new(r),
+            w,
+        };
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            software: concat!("vmlink/", env!("CARGO_PKG_VERSION")).to_string(),
+        });
+        // An agent that refuses us may have closed already; its Error frame is still readable,
+        // so a failed write is judged by what we read next.
+        let sent = self.send(&mut conn.w, &hello).await;
+        let reply = self.reply(&mut conn, "Hello").await;
+        match (reply, sent) {
+            (Ok(Message::Hello(h)), Ok(())) if h.version >= PROTOCOL_VERSION => Ok((conn, h)),
+            (Ok(Message::Hello(h)), Ok(())) => Err(ClientError::Version {
+                addr: self.addr.to_string(),
+                version: h.version,
+            }),
+            (Ok(Message::Hello(_)), Err(e)) => Err(e),
+            (Ok(other), _) => Err(self.unexpected("Hello", &other)),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    async fn send(&self, w: &mut WriteHalf, m: &Message) -> Result<(), ClientError> {
+        write_message(w, m).await.map_err(|e| self.wire(e))
+    }
+
+    /// The next message within [`REPLY_TIMEOUT`]; an `Error` frame becomes an error.
+    async fn reply(
+        &self,
+        conn: &mut Conn,
+        waiting_for: &'static str,
+    ) -> Result<Message, ClientError> {
+        let addr = || self.addr.to_string();
+        match tokio::time::timeout(REPLY_TIMEOUT, conn.reader.next()).await {
+            Err(_) => Err(ClientError::Timeout {
+                addr: addr(),
+                waiting_for,
+            }),
+            Ok(Ok(Some(Message::Error(e)))) if e.kind == ErrorKind::Refused => {
+                Err(ClientError::Refused {
+                    addr: addr(),
+                    message: e.message,
+                })
+            }
+            Ok(Ok(Some(Message::Error(e)))) => Err(ClientError::Agent {
+                addr: addr(),
+                kind: e.kind,
+                message: e.message,
+            }),
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(ClientError::Closed {
+                addr: addr(),
+                waiting_for,
+            }),
+            Ok(Err(source)) => Err(self.wire(source)),
+        }
+    }
+
+    fn unexpected(&self, expected: &'static str, got: &Message) -> ClientError {
+        match got {
+            Message::Error(e) if e.kind == ErrorKind::Refused => ClientError::Refused {
+                addr: self.addr.to_string(),
+                message: e.message.clone(),
+            },
+            Message::Error(e) => ClientError::Agent {
+                addr: self.addr.to_string(),
+                kind: e.kind,
+                message: e.message.clone(),
+            },
+            other => ClientError::Unexpected {
+                addr: self.addr.to_string(),
+                expected,
+                got: other.message_type(),
+            },
+        }
+    }
+
+    fn wire(&self, source: WireError) -> ClientError {
+        ClientError::Wire {
+            addr: self.addr.to_string(),
+            source,
+        }
+    }
+}
+
+async fn local_write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    what: &'static str,
+) -> Result<(), ClientError> {
+    let r = async {
+        w.write_all(data).await?;
+        w.flush().await
+    };
+    r.await
+        .map_err(|source| ClientError::Local { what, source })
+}

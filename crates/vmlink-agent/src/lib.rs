@@ -1,0 +1,214 @@
+//! # vmlink-agent
+//!
+//! The guest agent, as a library: [`run`] serves the agent protocol (`docs/agent-protocol.md`)
+//! on every listener it is given until `shutdown` completes; the `vmlink-agent` binary is a thin
+//! shell over it. [`client`] is the host side.
+//!
+//! ## One connection per request
+//!
+//! Every connection starts with a `Hello` exchange and then carries exactly one request: a ping,
+//! an info request or one exec. Nothing shares a queue, so a stalled exec (a client that stops
+//! reading 1 GiB of output) never delays a ping or a kill on another connection: each connection
+//! is its own tokio task, bounded by a semaphore ([`Policy::max_sessions`]).
+//!
+//! ## Exec
+//!
+//! The command runs in its own process group (`setpgid(0, 0)`). Its stdout and stderr are read
+//! in chunks of at most 64 KiB and each chunk is sent as soon as it is read: nothing waits for
+//! the process to exit. `Stdin` frames are written to its stdin and `StdinEof` closes it;
+//! `Signal` frames are sent to its process group. When the process has exited and both output
+//! pipes are at EOF, the agent sends `Exit` and closes. If the client disconnects (or the
+//! connection fails) first, the agent kills the process group with `SIGKILL`.
+//!
+//! ## Who may connect
+//!
+//! On a vsock listener the agent checks the peer's CID against [`Policy::allow_cids`] before it
+//! reads a byte: by default only the host (CID 2). A refused peer gets one `Error` frame of kind
+//! `refused` naming its CID, then the connection closes. Other listeners (Unix sockets) are
+//! accepted as they are: their filesystem permissions decide who may connect.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+use vmlink_transport::{Addr, AsyncListener};
+
+pub mod client;
+mod framed;
+mod server;
+
+pub use framed::WireError;
+pub use vmlink_proto::agent::{Exec as ExecRequest, Exit as ExitStatus, Info};
+
+/// The vsock port the agent listens on by default.
+pub const DEFAULT_PORT: u32 = 7878;
+/// The address the agent listens on when given none: every local CID, [`DEFAULT_PORT`].
+pub const DEFAULT_LISTEN: &str = "vsock-listen:any:7878";
+/// The vsock CID allowed by default: the host.
+pub const HOST_CID: u32 = 2;
+/// How many connections the agent serves at once by default.
+pub const DEFAULT_MAX_SESSIONS: usize = 64;
+/// How long a connection may take to send its `Hello`, and then its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which vsock peers may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowCids {
+    /// Any CID.
+    Any,
+    /// Only these CIDs.
+    Only(Vec<u32>),
+}
+
+impl AllowCids {
+    /// Whether `cid` may connect.
+    pub fn allows(&self, cid: u32) -> bool {
+        match self {
+            AllowCids::Any => true,
+            AllowCids::Only(cids) => cids.contains(&cid),
+        }
+    }
+}
+
+impl std::fmt::Display for AllowCids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllowCids::Any => f.write_str("any"),
+            AllowCids::Only(cids) => {
+                let list: Vec<String> = cids.iter().map(u32::to_string).collect();
+                f.write_str(&list.join(", "))
+            }
+        }
+    }
+}
+
+/// What the agent allows.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// vsock peers that may connect (default: the host, CID 2).
+    pub allow_cids: AllowCids,
+    /// Connections served at once (default 64); one more gets a `busy` error.
+    pub max_sessions: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            allow_cids: AllowCids::Only(vec![HOST_CID]),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+/// Why the agent could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// `run` was given no listener.
+    #[error("the agent was given no address to listen on")]
+    NoListeners,
+    /// `max_sessions` is zero.
+    #[error("the agent's session limit must be at least 1")]
+    NoSessions,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) policy: Policy,
+    pub(crate) channels: Vec<String>,
+    pub(crate) sessions: Arc<Semaphore>,
+}
+
+/// Serves the agent protocol on every listener until `shutdown` completes.
+///
+/// When it does, the accept loops stop and every connection task is aborted, which kills the
+/// process groups of running commands.
+pub async fn run(
+    listeners: Vec<AsyncListener>,
+    policy: Policy,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if listeners.is_empty() {
+        return Err(AgentError::NoListeners);
+    }
+    if policy.max_sessions == 0 {
+        return Err(AgentError::NoSessions);
+    }
+    let shared = Arc::new(Shared {
+        channels: listeners
+            .iter()
+            .map(|l| l.local_addr().to_string())
+            .collect(),
+        sessions: Arc::new(Semaphore::new(policy.max_sessions)),
+        policy,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_loop(listener, shared.clone()));
+    }
+    shutdown.await;
+    debug!("agent shutting down");
+    // Dropping the set aborts the accept loops; each loop's own set aborts its connections.
+    tasks.shutdown().await;
+    Ok(())
+}
+
+async fn accept_loop(listener: AsyncListener, shared: Arc<Shared>) {
+    let addr = listener.local_addr().clone();
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    let permit = shared.sessions.clone().try_acquire_owned().ok();
+                    connections.spawn(server::serve(stream, addr.clone(), shared.clone(), permit));
+                }
+                Err(e) => {
+                    // Local trouble (e.g. out of descriptors): say so, and do not spin.
+                    warn!("{}", vmlink_transport::error_chain(&e));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Parses `--allow-cid` values: numbers, `host` (2), `local` (1), or `any`.
+pub fn parse_allow_cids<S: AsRef<str>>(values: &[S]) -> Result<AllowCids, String> {
+    if values.is_empty() {
+        return Ok(AllowCids::Only(vec![HOST_CID]));
+    }
+    let mut cids = Vec::new();
+    for v in values {
+        match v.as_ref() {
+            "any" => return Ok(AllowCids::Any),
+            "host" => cids.push(HOST_CID),
+            "local" => cids.push(1),
+            s => cids.push(s.parse().map_err(|_| {
+                format!("invalid --allow-cid {s:?}: expected a CID number, host, local or any")
+            })?),
+        }
+    }
+    Ok(AllowCids::Only(cids))
+}
+
+/// `addr` as an agent would be reached on it: for the listen address `vsock-listen:any:P`
+/// seen from inside the same guest, `vsock:1:P`; `unix-listen:PATH` gives `unix:PATH`.
+pub fn connect_addr_for(listen: &Addr) -> Option<Addr> {
+    let s = listen.to_string();
+    let (kind, rest) = s.split_once(':')?;
+    let rest = rest.split(',').next()?;
+    let connect = match kind {
+        "vsock-listen" => {
+            let port = rest.rsplit(':').next()?;
+            format!("vsock:1:{port}")
+        }
+        "unix-listen" => format!("unix:{rest}"),
+        _ => return None,
+    };
+    connect.parse().ok()
+}

@@ -1,0 +1,428 @@
+//! One connection on the agent side: policy check, `Hello`, one request.
+//!
+//! States, in order: `Checking` (vsock peer CID against the policy), `Greeting` (waiting for the
+//! client's `Hello`, bounded by [`REQUEST_TIMEOUT`]), `Waiting` (for the one request, same bound),
+//! then `Serving` that request. Each state is a step of [`serve`]; any failure ends the
+//! connection. Events a peer causes are logged at `debug`, never `warn`.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use nix::sys::signal::{killpg, Signal as NixSignal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, Command};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::{debug, info};
+use vmlink_proto::agent::{
+    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, HEADER_LEN,
+    MAX_DATA_CHUNK, PROTOCOL_VERSION,
+};
+use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
+
+use crate::framed::{write_message, FrameReader, WireError};
+use crate::{Shared, REQUEST_TIMEOUT};
+
+/// Why a connection ended early. Logged, never sent (the peer gets an `Error` frame instead).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// Reading or writing frames failed (the client went away, or sent garbage).
+    #[error("connection failed")]
+    Wire(#[from] WireError),
+    /// The client sent nothing in time.
+    #[error("no {waiting_for} within {REQUEST_TIMEOUT:?}")]
+    Timeout {
+        /// What was expected.
+        waiting_for: &'static str,
+    },
+    /// The client closed before its request.
+    #[error("the client closed before sending {waiting_for}")]
+    Closed {
+        /// What was expected.
+        waiting_for: &'static str,
+    },
+    /// The client broke the protocol; it was told why.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The client went away while its command ran; the process group was killed.
+    #[error("the client went away while its command ran; killed process group {pgid}")]
+    Abandoned {
+        /// The killed group.
+        pgid: i32,
+    },
+}
+
+type Reader = FrameReader<ReadHalf>;
+
+/// Serves one accepted connection.
+pub(crate) async fn serve(
+    stream: AsyncStream,
+    listener: Addr,
+    shared: Arc<Shared>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let label = stream.label().to_string();
+    let (r, mut w) = stream.into_split();
+    let result = match permit {
+        None => {
+            let max = shared.policy.max_sessions;
+            refuse(
+                r,
+                &mut w,
+                ErrorKind::Busy,
+                format!("the agent is serving its limit of {max} sessions; try again"),
+            )
+            .await
+        }
+        Some(_permit) => session(r, &mut w, &listener, &shared).await,
+    };
+    match result {
+        Ok(()) => debug!("{label}: connection done"),
+        Err(e) => info!(
+            "{label}: {}",
+            vmlink_transport::error_chain(&e as &(dyn std::error::Error + 'static))
+        ),
+    }
+}
+
+async fn session(
+    r: ReadHalf,
+    w: &mut WriteHalf,
+    listener: &Addr,
+    shared: &Shared,
+) -> Result<(), SessionError> {
+    // Checking: before reading a byte from a vsock peer.
+    if listener.is_vsock() {
+        let allowed = &shared.policy.allow_cids;
+        match peer_cid(&r) {
+            Some(cid) if allowed.allows(cid) => {}
+            Some(cid) => {
+                let message = format!(
+                    "vsock CID {cid} is not allowed to use this agent (allowed: {allowed}); \
+                     start the agent with --allow-cid {cid} to allow it"
+                );
+                return refuse(r, w, ErrorKind::Refused, message).await;
+            }
+            None => {
+                let message = "cannot tell the vsock peer's CID, so it is not allowed".to_string();
+                return refuse(r, w, ErrorKind::Refused, message).await;
+            }
+        }
+    }
+    let mut reader = FrameReader::new(r);
+
+    // Greeting.
+    let hello = match next(&mut reader, "Hello").await? {
+        Message::Hello(h) => h,
+        other => {
+            return protocol_error(w, format!("expected Hello, got {}", other.message_type())).await
+        }
+    };
+    if hello.version < 1 {
+        let message = format!(
+            "client speaks agent protocol version {}, this agent speaks {PROTOCOL_VERSION}",
+            hello.version
+        );
+        write_message(w, &Message::error(ErrorKind::UnsupportedVersion, &message)).await?;
+        return Err(SessionError::Refused(message));
+    }
+    let ours = Hello {
+        version: PROTOCOL_VERSION,
+        software: concat!("vmlink-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    write_message(w, &Message::Hello(ours)).await?;
+
+    // Waiting, then Serving.
+    let request = match reader.next().await {
+        Ok(Some(m)) => m,
+        // A client that only wanted the Hello (e.g. `Client::connect`).
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match request {
+        Message::Ping => write_message(w, &Message::Pong).await?,
+        Message::InfoRequest => write_message(w, &Message::Info(info(shared).await)).await?,
+        Message::Exec(exec) if exec.tty => {
+            return protocol_error(w, "tty is not supported by this agent yet".to_string()).await
+        }
+        Message::Exec(exec) => return run_exec(exec, reader, w).await,
+        other => {
+            return protocol_error(
+                w,
+                format!(
+                    "expected a request (Ping, InfoRequest, Exec), got {}",
+                    other.message_type()
+                ),
+            )
+            .await
+        }
+    }
+    let _ = w.shutdown_write();
+    Ok(())
+}
+
+/// The next message within [`REQUEST_TIMEOUT`].
+async fn next(reader: &mut Reader, waiting_for: &'static str) -> Result<Message, SessionError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await {
+        Err(_) => Err(SessionError::Timeout { waiting_for }),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(SessionError::Closed { waiting_for }),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+async fn protocol_error(w: &mut WriteHalf, message: String) -> Result<(), SessionError> {
+    write_message(w, &Message::error(ErrorKind::BadRequest, &message)).await?;
+    Err(SessionError::Refused(message))
+}
+
+/// Sends one `Error` frame, half-closes, and reads (and drops) what the peer sends for a moment,
+/// so that closing with unread bytes does not reset the connection before the peer has read
+/// the error.
+async fn refuse(
+    mut r: ReadHalf,
+    w: &mut WriteHalf,
+    kind: ErrorKind,
+    message: String,
+) -> Result<(), SessionError> {
+    write_message(w, &Message::error(kind, &message)).await?;
+    let _ = w.shutdown_write();
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        // Bounded in bytes (64 KiB) and, below, in time.
+        while total < 64 * 1024 {
+            match r.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    Err(SessionError::Refused(message))
+}
+
+/// The CID of a vsock peer (stream or seqpacket).
+fn peer_cid(r: &ReadHalf) -> Option<u32> {
+    r.vsock_peer().ok().map(|(cid, _)| cid)
+}
+
+async fn info(shared: &Shared) -> Info {
+    let read = |path: &'static str| async move {
+        tokio::fs::read_to_string(path)
+            .await
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let os = read("/etc/os-release")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Linux".to_string());
+    let uptime_secs = read("/proc/uptime")
+        .await
+        .split('.')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Info {
+        hostname: read("/proc/sys/kernel/hostname").await,
+        os,
+        kernel: read("/proc/sys/kernel/osrelease").await,
+        uptime_secs,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        channels: shared.channels.clone(),
+    }
+}
+
+/// Kills a process group with `SIGKILL` when dropped, unless disarmed. Armed from spawn until the
+/// group leader has been reaped (until then its id cannot name another group).
+struct GroupKiller {
+    pgid: Option<Pid>,
+}
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _ = killpg(pgid, NixSignal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the incoming half of an exec connection reports to the main loop.
+enum Incoming {
+    Signal(i32),
+    /// The client closed or broke the connection.
+    Gone(Option<WireError>),
+    /// The client sent a message that has no place here.
+    Unexpected(MessageType),
+}
+
+async fn run_exec(exec: Exec, reader: Reader, w: &mut WriteHalf) -> Result<(), SessionError> {
+    let mut cmd = Command::new(&exec.argv[0]);
+    cmd.args(&exec.argv[1..])
+        .envs(exec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if exec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &exec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let message = match &exec.cwd {
+                Some(cwd) => format!("cannot run {:?} in {cwd:?}: {e}", exec.argv[0]),
+                None => format!("cannot run {:?}: {e}", exec.argv[0]),
+            };
+            write_message(w, &Message::error(ErrorKind::SpawnFailed, &message)).await?;
+            return Err(SessionError::Refused(message));
+        }
+    };
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    let mut killer = GroupKiller {
+        pgid: pid.map(Pid::from_raw),
+    };
+    debug!(?pid, argv = ?exec.argv, "exec started");
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return protocol_error(w, "the command's output pipes are missing".into()).await;
+    };
+
+    let (events_tx, mut events) = mpsc::channel(16);
+    let incoming = pump_incoming(reader, child.stdin.take(), events_tx);
+    tokio::pin!(incoming);
+    let mut incoming_done = false;
+    let mut events_open = true;
+
+    let mut out_buf = vec![0u8; HEADER_LEN + MAX_DATA_CHUNK];
+    let mut err_buf = vec![0u8; HEADER_LEN + MAX_DATA_CHUNK];
+    let (mut out_eof, mut err_eof) = (false, false);
+    let mut status = None;
+    loop {
+        if out_eof && err_eof && status.is_some() {
+            break;
+        }
+        tokio::select! {
+            () = &mut incoming, if !incoming_done => incoming_done = true,
+            event = events.recv(), if events_open => match event {
+                Some(Incoming::Signal(signo)) => {
+                    match (killer.pgid, NixSignal::try_from(signo)) {
+                        (Some(pgid), Ok(sig)) => {
+                            let _ = killpg(pgid, sig);
+                        }
+                        (None, _) => debug!(signo, "signal after the command exited: ignored"),
+                        (_, Err(_)) => debug!(signo, "invalid signal number: ignored"),
+                    }
+                }
+                Some(Incoming::Gone(error)) => {
+                    let pgid = killer.pgid.map_or(0, Pid::as_raw);
+                    killer.kill();
+                    if let Some(e) = error {
+                        debug!("exec connection failed: {e}");
+                    }
+                    return Err(SessionError::Abandoned { pgid });
+                }
+                Some(Incoming::Unexpected(ty)) => {
+                    killer.kill();
+                    return protocol_error(w, format!("{ty} is not allowed during an exec")).await;
+                }
+                None => events_open = false,
+            },
+            n = stdout.read(&mut out_buf[HEADER_LEN..]), if !out_eof => {
+                out_eof = send_chunk(w, MessageType::Stdout, &mut out_buf, n).await?;
+            }
+            n = stderr.read(&mut err_buf[HEADER_LEN..]), if !err_eof => {
+                err_eof = send_chunk(w, MessageType::Stderr, &mut err_buf, n).await?;
+            }
+            st = child.wait(), if status.is_none() => {
+                // Once reaped, the group id may be reused: never signal it again.
+                killer.pgid = None;
+                status = Some(st.map_err(WireError::Io)?);
+            }
+        }
+    }
+    let Some(status) = status else {
+        return Ok(());
+    };
+    let exit = Exit {
+        code: status.code(),
+        signal: status.signal(),
+    };
+    debug!(?pid, %exit, "exec finished");
+    write_message(w, &Message::Exit(exit)).await?;
+    let _ = w.shutdown_write();
+    Ok(())
+}
+
+/// Sends the `n` bytes read into `buf[HEADER_LEN..]` as one data frame, without copying them.
+/// Returns whether the pipe is at EOF.
+async fn send_chunk(
+    w: &mut WriteHalf,
+    ty: MessageType,
+    buf: &mut [u8],
+    n: std::io::Result<usize>,
+) -> Result<bool, SessionError> {
+    let n = match n {
+        Ok(0) => return Ok(true),
+        Ok(n) => n,
+        Err(e) => {
+            // A pipe read error: treat as EOF on that stream, after saying so in the log.
+            debug!("reading the command's {ty}: {e}");
+            return Ok(true);
+        }
+    };
+    let header = encode_header(ty, n).map_err(WireError::Frame)?;
+    buf[..HEADER_LEN].copy_from_slice(&header);
+    w.write_all(&buf[..HEADER_LEN + n])
+        .await
+        .map_err(WireError::Io)?;
+    Ok(false)
+}
+
+/// Reads the client's frames during an exec: stdin data to the process, signals and the end of
+/// the connection to the main loop.
+async fn pump_incoming(
+    mut reader: Reader,
+    mut stdin: Option<ChildStdin>,
+    events: mpsc::Sender<Incoming>,
+) {
+    loop {
+        let event = match reader.next().await {
+            Ok(Some(Message::Stdin(data))) => {
+                if let Some(s) = &mut stdin {
+                    if let Err(e) = s.write_all(&data).await {
+                        // The process closed its stdin: drop the rest, as a pipe would.
+                        debug!("writing the command's stdin: {e}");
+                        stdin = None;
+                    }
+                }
+                continue;
+            }
+            Ok(Some(Message::StdinEof)) => {
+                stdin = None;
+                continue;
+            }
+            Ok(Some(Message::Signal(s))) => Incoming::Signal(s.signo),
+            Ok(Some(other)) => Incoming::Unexpected(other.message_type()),
+            Ok(None) => Incoming::Gone(None),
+            Err(e) => Incoming::Gone(Some(e)),
+        };
+        let last = !matches!(event, Incoming::Signal(_));
+        if events.send(event).await.is_err() || last {
+            return;
+        }
+    }
+}

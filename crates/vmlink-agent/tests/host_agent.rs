@@ -1,0 +1,110 @@
+//! The agent over Unix sockets on the host: the same behaviours as the guest tests, without
+//! vsock, so they run in seconds.
+
+mod common;
+
+use std::time::Duration;
+
+use common::scenarios;
+use vmlink_agent::client::Client;
+use vmlink_agent::Policy;
+
+fn unix_agent() -> common::Agent {
+    // The default policy: Unix sockets are not subject to --allow-cid.
+    common::start_agent(
+        &format!("unix-listen:{}", common::socket_path("host")),
+        Policy::default(),
+    )
+}
+
+#[test]
+fn agent_over_unix_answers_ping_info_and_exec() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        scenarios::ping_and_info(&client, "unix-listen:").await;
+        scenarios::streaming_status_and_signals(&client).await;
+    });
+}
+
+#[test]
+fn agent_over_unix_forwards_stdin_and_carries_large_output() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        scenarios::stdin_round_trip(&client, 1 << 20).await;
+        scenarios::large_stdout(&client, 64 << 20).await;
+    });
+}
+
+#[test]
+fn agent_over_unix_answers_pings_during_a_flood_and_kills_abandoned_commands() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        scenarios::ping_during_flood_and_disconnect_kills(&client, Duration::from_millis(100))
+            .await;
+    });
+}
+
+#[test]
+fn agent_refuses_sessions_over_its_limit_and_garbage_frames() {
+    use vmlink_agent::client::ClientError;
+    use vmlink_proto::agent::ErrorKind;
+    use vmlink_transport::AsyncStream;
+
+    common::runtime().block_on(async {
+        let policy = Policy {
+            max_sessions: 1,
+            ..Policy::default()
+        };
+        let path = common::socket_path("busy");
+        let agent = common::start_agent(&format!("unix-listen:{path}"), policy);
+        // A connection that says nothing holds the only session.
+        let idle = AsyncStream::connect(&agent.addr).await.expect("connect");
+        match Client::connect(&agent.addr).await {
+            Err(ClientError::Agent {
+                kind: ErrorKind::Busy,
+                message,
+                ..
+            }) => {
+                assert!(message.contains("limit of 1 sessions"), "{message}");
+            }
+            other => panic!("a second session was not refused: {other:?}"),
+        }
+        drop(idle);
+        // The session is free again once the agent has seen each connection close; with a
+        // limit of 1 that can lag a client by a moment, so retry on `busy` (each attempt is
+        // answered at once).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ping = || async {
+            loop {
+                let attempt = async { Client::connect(&agent.addr).await?.ping().await }.await;
+                match attempt {
+                    Ok(rtt) => return rtt,
+                    Err(ClientError::Agent {
+                        kind: ErrorKind::Busy,
+                        ..
+                    }) => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the session was never released"
+                        );
+                        tokio::task::yield_now().await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        ping().await;
+
+        // Garbage instead of a Hello: the agent closes without serving.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = AsyncStream::connect(&agent.addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        ping().await;
+    });
+}

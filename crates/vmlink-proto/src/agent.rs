@@ -1,0 +1,1023 @@
+//! The guest agent's control protocol: length-framed messages, sans-IO.
+//!
+//! The normative description is `docs/agent-protocol.md`; this is its one implementation.
+//!
+//! # Frames
+//!
+//! Every message travels in one frame: a fixed [`HEADER_LEN`]-byte header, then `len` bytes of
+//! payload.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic    "VMLA"
+//!      4    1 version  FRAME_VERSION (1): the layout of this header
+//!      5    1 type     MessageType (1..=13)
+//!      6    2 flags    u16 LE, must be 0 (reserved)
+//!      8    4 len      u32 LE, payload length, at most MAX_FRAME_LEN
+//! ```
+//!
+//! Payloads are empty (`Ping`, `Pong`, `InfoRequest`, `StdinEof`), raw bytes (`Stdin`, `Stdout`,
+//! `Stderr`: bulk data is never re-encoded), or one JSON object (the other control messages).
+//!
+//! # Parsing: check, then parse
+//!
+//! Like mini-redis's frames, [`check`] looks at the header first. It judges the header as soon as
+//! its 12 bytes are there (bad magic, unknown version or type, reserved flags, a length over
+//! [`MAX_FRAME_LEN`]), so a peer that announces a 4 GiB frame is refused after 12 bytes, not after
+//! buffering them. Then it returns `Ok(None)` until the whole payload has arrived, and the frame's
+//! total length once it has. [`decode`] parses the payload of a checked frame. A frame is judged
+//! only from its own bytes, so the outcome never depends on how they were split into reads; the
+//! fuzz target (`fuzz/fuzz_targets/agent_frames.rs`) and the tests check that for every split.
+//! [`Decoder`] accumulates reads and hands out whole messages.
+//!
+//! # Bounds
+//!
+//! - a frame's payload: at most [`MAX_FRAME_LEN`] (1 MiB);
+//! - `Exec`: at most [`MAX_ARGS`] arguments and [`MAX_ENV`] variables, no NUL byte in any string,
+//!   `argv` not empty (their total size is bounded by the frame);
+//! - error messages this module produces are one line of at most a few hundred bytes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The four bytes every frame starts with.
+pub const MAGIC: [u8; 4] = *b"VMLA";
+/// The header layout version this module reads and writes.
+pub const FRAME_VERSION: u8 = 1;
+/// The protocol version (message set and semantics) exchanged in [`Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 12;
+/// The largest payload a frame may carry (1 MiB).
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// The largest payload a sender puts in one data frame (`Stdin`, `Stdout`, `Stderr`).
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+/// The most arguments an `Exec` may carry.
+pub const MAX_ARGS: usize = 4096;
+/// The most environment variables an `Exec` may carry.
+pub const MAX_ENV: usize = 4096;
+/// How much of a bad JSON payload an error message quotes.
+const QUOTE_LEN: usize = 48;
+
+/// The type byte of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageType {
+    /// [`Message::Hello`].
+    Hello = 1,
+    /// [`Message::Ping`].
+    Ping = 2,
+    /// [`Message::Pong`].
+    Pong = 3,
+    /// [`Message::InfoRequest`].
+    InfoRequest = 4,
+    /// [`Message::Info`].
+    Info = 5,
+    /// [`Message::Exec`].
+    Exec = 6,
+    /// [`Message::Stdin`].
+    Stdin = 7,
+    /// [`Message::StdinEof`].
+    StdinEof = 8,
+    /// [`Message::Stdout`].
+    Stdout = 9,
+    /// [`Message::Stderr`].
+    Stderr = 10,
+    /// [`Message::Exit`].
+    Exit = 11,
+    /// [`Message::Signal`].
+    Signal = 12,
+    /// [`Message::Error`].
+    Error = 13,
+}
+
+impl MessageType {
+    /// The type for a type byte, if it names one.
+    pub fn from_u8(b: u8) -> Option<MessageType> {
+        use MessageType::*;
+        Some(match b {
+            1 => Hello,
+            2 => Ping,
+            3 => Pong,
+            4 => InfoRequest,
+            5 => Info,
+            6 => Exec,
+            7 => Stdin,
+            8 => StdinEof,
+            9 => Stdout,
+            10 => Stderr,
+            11 => Exit,
+            12 => Signal,
+            13 => Error,
+            _ => return None,
+        })
+    }
+
+    fn payload(self) -> PayloadKind {
+        use MessageType::*;
+        match self {
+            Ping | Pong | InfoRequest | StdinEof => PayloadKind::Empty,
+            Stdin | Stdout | Stderr => PayloadKind::Bytes,
+            Hello | Info | Exec | Exit | Signal | Error => PayloadKind::Json,
+        }
+    }
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadKind {
+    Empty,
+    Bytes,
+    Json,
+}
+
+/// The first message each side sends on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's protocol version ([`PROTOCOL_VERSION`]).
+    pub version: u32,
+    /// Who is talking, for logs: `vmlink/0.1.0`, `vmlink-agent/0.1.0`.
+    #[serde(default)]
+    pub software: String,
+}
+
+/// What the agent knows about its guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// The guest's host name.
+    pub hostname: String,
+    /// The OS, from `/etc/os-release` (`PRETTY_NAME`), or `Linux`.
+    pub os: String,
+    /// The kernel release (`uname -r`).
+    pub kernel: String,
+    /// Seconds since the guest booted.
+    pub uptime_secs: u64,
+    /// The agent's version.
+    pub agent_version: String,
+    /// The addresses the agent listens on.
+    pub channels: Vec<String>,
+}
+
+/// Run a command.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Exec {
+    /// The program and its arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing in) the agent's environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The working directory; the agent's own when `None`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whether the client will send `Stdin` frames; otherwise stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Allocate a terminal. Not supported by protocol version 1 agents: must be `false`.
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// How a process ended: exactly one of the two fields is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Exit {
+    /// The exit code, when the process exited.
+    pub code: Option<i32>,
+    /// The signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    /// The status a shell would report: the code, or 128 + the signal number.
+    pub fn shell_status(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 255,
+        }
+    }
+
+    /// Whether the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit status {code}"),
+            (None, Some(signal)) => write!(f, "killed by signal {signal}"),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Send a signal to the running command's process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Signal {
+    /// The signal number (e.g. 2 for SIGINT).
+    pub signo: i32,
+}
+
+/// What went wrong, in an [`ErrorMessage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The peer is not allowed to use this agent (e.g. a vsock CID not in `--allow-cid`).
+    Refused,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// A frame or message the receiver cannot accept here.
+    BadRequest,
+    /// The command could not be started.
+    SpawnFailed,
+    /// Too many sessions at once.
+    Busy,
+    /// Anything else on the sender's side.
+    Internal,
+    /// A kind this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Refused => "refused",
+            ErrorKind::UnsupportedVersion => "unsupported version",
+            ErrorKind::BadRequest => "bad request",
+            ErrorKind::SpawnFailed => "spawn failed",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Internal => "internal error",
+            ErrorKind::Unknown => "unknown error",
+        })
+    }
+}
+
+/// The request failed; the sender closes the connection after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// The category, for programs.
+    pub kind: ErrorKind,
+    /// One sentence, for people.
+    pub message: String,
+}
+
+/// One message of the agent protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Version exchange; first on every connection, from both sides.
+    Hello(Hello),
+    /// Client: are you there?
+    Ping,
+    /// Agent: yes.
+    Pong,
+    /// Client: describe the guest.
+    InfoRequest,
+    /// Agent: the description.
+    Info(Info),
+    /// Client: run a command.
+    Exec(Exec),
+    /// Client: bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// Client: end of the command's stdin.
+    StdinEof,
+    /// Agent: bytes the command wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Agent: bytes the command wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Agent: the command ended (after all its output).
+    Exit(Exit),
+    /// Client: signal the command's process group.
+    Signal(Signal),
+    /// Either side: the request failed; the connection closes.
+    Error(ErrorMessage),
+}
+
+impl Message {
+    /// The type byte this message travels with.
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Message::Hello(_) => MessageType::Hello,
+            Message::Ping => MessageType::Ping,
+            Message::Pong => MessageType::Pong,
+            Message::InfoRequest => MessageType::InfoRequest,
+            Message::Info(_) => MessageType::Info,
+            Message::Exec(_) => MessageType::Exec,
+            Message::Stdin(_) => MessageType::Stdin,
+            Message::StdinEof => MessageType::StdinEof,
+            Message::Stdout(_) => MessageType::Stdout,
+            Message::Stderr(_) => MessageType::Stderr,
+            Message::Exit(_) => MessageType::Exit,
+            Message::Signal(_) => MessageType::Signal,
+            Message::Error(_) => MessageType::Error,
+        }
+    }
+
+    /// Appends this message's frame to `out`.
+    ///
+    /// Fails only when the payload would exceed [`MAX_FRAME_LEN`] (a data chunk or a string that
+    /// is too large): nothing is appended then.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let ty = self.message_type();
+        let json = |v: serde_json::Result<Vec<u8>>| {
+            // Serializing these plain structs to a Vec cannot fail; map it anyway.
+            v.map_err(|e| FrameError::Encode {
+                ty,
+                reason: e.to_string(),
+            })
+        };
+        let owned;
+        let payload: &[u8] = match self {
+            Message::Ping | Message::Pong | Message::InfoRequest | Message::StdinEof => &[],
+            Message::Stdin(b) | Message::Stdout(b) | Message::Stderr(b) => b,
+            Message::Hello(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Info(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Exec(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Exit(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Signal(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Error(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+        };
+        out.extend_from_slice(&encode_header(ty, payload.len())?);
+        out.extend_from_slice(payload);
+        Ok(())
+    }
+
+    /// This message's frame.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// An `Error` message.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Message {
+        Message::Error(ErrorMessage {
+            kind,
+            message: message.into(),
+        })
+    }
+}
+
+/// The header of a frame of type `ty` carrying `len` payload bytes.
+///
+/// With it a sender can write a data frame's header and then the data from its own buffer, without
+/// copying the data into a [`Message`].
+pub fn encode_header(ty: MessageType, len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong {
+            len: len as u64,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = FRAME_VERSION;
+    h[5] = ty as u8;
+    // Flags (6..8) stay 0. `len` fits in u32: it is at most MAX_FRAME_LEN.
+    h[8..].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(h)
+}
+
+/// A frame that cannot be accepted. The connection is unusable after any of these (the receiver
+/// cannot find the next frame boundary with confidence), except [`FrameError::Encode`] and
+/// [`FrameError::TooLong`] from an encoder, which mean nothing was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The first four bytes are not `VMLA`.
+    #[error("not a vmlink agent frame: it starts with {got:02x?}, expected \"VMLA\"")]
+    BadMagic {
+        /// The four bytes received.
+        got: [u8; 4],
+    },
+    /// A header layout this module does not know.
+    #[error("unsupported agent frame version {version} (this side speaks {FRAME_VERSION})")]
+    BadVersion {
+        /// The version byte received.
+        version: u8,
+    },
+    /// A type byte that names no message.
+    #[error("unknown agent message type {ty}")]
+    UnknownType {
+        /// The type byte received.
+        ty: u8,
+    },
+    /// Reserved flag bits set.
+    #[error("agent frame of type {ty} has reserved flags {flags:#06x} set")]
+    BadFlags {
+        /// The frame's type.
+        ty: MessageType,
+        /// The flags received.
+        flags: u16,
+    },
+    /// A payload over the bound.
+    #[error("agent frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLong {
+        /// The announced payload length.
+        len: u64,
+        /// The bound.
+        max: usize,
+    },
+    /// A message that carries nothing came with a payload.
+    #[error("agent message {ty} must be empty but has {len} bytes")]
+    UnexpectedPayload {
+        /// The frame's type.
+        ty: MessageType,
+        /// Its payload length.
+        len: usize,
+    },
+    /// The JSON payload does not describe the message.
+    #[error("agent message {ty} is malformed ({reason}): {quote}")]
+    BadPayload {
+        /// The frame's type.
+        ty: MessageType,
+        /// What serde said.
+        reason: String,
+        /// The start of the payload, escaped.
+        quote: String,
+    },
+    /// A well-formed message that breaks a bound or rule of its own.
+    #[error("agent message {ty} is invalid: {reason}")]
+    Invalid {
+        /// The frame's type.
+        ty: MessageType,
+        /// The rule broken.
+        reason: String,
+    },
+    /// The peer closed the stream in the middle of a frame.
+    #[error("the stream ended inside an agent frame ({partial_len} bytes of it received)")]
+    Truncated {
+        /// Bytes of the unfinished frame that had arrived.
+        partial_len: usize,
+    },
+    /// A message could not be serialized.
+    #[error("cannot encode agent message {ty}: {reason}")]
+    Encode {
+        /// The message's type.
+        ty: MessageType,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Checks the frame at the start of `buf`: `Ok(None)` until it is complete, then `Ok(Some(n))`
+/// with `n` its total length (header included). Header errors are reported as soon as the
+/// header has arrived.
+pub fn check(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut got = [0u8; 4];
+    got.copy_from_slice(&h[..4]);
+    if got != MAGIC {
+        return Err(FrameError::BadMagic { got });
+    }
+    if h[4] != FRAME_VERSION {
+        return Err(FrameError::BadVersion { version: h[4] });
+    }
+    let ty = MessageType::from_u8(h[5]).ok_or(FrameError::UnknownType { ty: h[5] })?;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    if flags != 0 {
+        return Err(FrameError::BadFlags { ty, flags });
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_FRAME_LEN)
+        .ok_or(FrameError::TooLong {
+            len: u64::from(len),
+            max: MAX_FRAME_LEN,
+        })?;
+    if ty.payload() == PayloadKind::Empty && len != 0 {
+        return Err(FrameError::UnexpectedPayload { ty, len });
+    }
+    let total = HEADER_LEN + len;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Decodes the frame at the start of `buf`: `Ok(None)` until it is complete, then the message
+/// and the number of bytes it took.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+    let Some(total) = check(buf)? else {
+        return Ok(None);
+    };
+    // `check` validated the type byte.
+    let ty = MessageType::from_u8(buf[5]).ok_or(FrameError::UnknownType { ty: buf[5] })?;
+    let payload = &buf[HEADER_LEN..total];
+    let message = match ty {
+        MessageType::Ping => Message::Ping,
+        MessageType::Pong => Message::Pong,
+        MessageType::InfoRequest => Message::InfoRequest,
+        MessageType::StdinEof => Message::StdinEof,
+        MessageType::Stdin => Message::Stdin(payload.to_vec()),
+        MessageType::Stdout => Message::Stdout(payload.to_vec()),
+        MessageType::Stderr => Message::Stderr(payload.to_vec()),
+        MessageType::Hello => Message::Hello(json(ty, payload)?),
+        MessageType::Info => Message::Info(json(ty, payload)?),
+        MessageType::Exec => {
+            let exec: Exec = json(ty, payload)?;
+            validate_exec(&exec).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            Message::Exec(exec)
+        }
+        MessageType::Exit => Message::Exit(json(ty, payload)?),
+        MessageType::Signal => Message::Signal(json(ty, payload)?),
+        MessageType::Error => Message::Error(json(ty, payload)?),
+    };
+    Ok(Some((message, total)))
+}
+
+fn json<T: serde::de::DeserializeOwned>(ty: MessageType, payload: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(|e| FrameError::BadPayload {
+        ty,
+        reason: e.to_string().replace('\n', " "),
+        quote: payload
+            .iter()
+            .take(QUOTE_LEN)
+            .flat_map(|b| std::ascii::escape_default(*b))
+            .map(char::from)
+            .collect(),
+    })
+}
+
+fn validate_exec(exec: &Exec) -> Result<(), String> {
+    if exec.argv.is_empty() {
+        return Err("argv is empty".into());
+    }
+    if exec.argv.len() > MAX_ARGS {
+        return Err(format!(
+            "{} arguments exceed the limit of {MAX_ARGS}",
+            exec.argv.len()
+        ));
+    }
+    if exec.env.len() > MAX_ENV {
+        return Err(format!(
+            "{} environment variables exceed the limit of {MAX_ENV}",
+            exec.env.len()
+        ));
+    }
+    let strings = exec
+        .argv
+        .iter()
+        .chain(exec.env.iter().flat_map(|(k, v)| [k, v]))
+        .chain(exec.cwd.iter());
+    for s in strings {
+        if s.contains('\0') {
+            return Err("a string contains a NUL byte".into());
+        }
+    }
+    for (k, _) in &exec.env {
+        if k.is_empty() || k.contains('=') {
+            return Err("an environment variable name is empty or contains '='".into());
+        }
+    }
+    Ok(())
+}
+
+/// Accumulates bytes as they are read and hands out whole messages.
+///
+/// ```
+/// use vmlink_proto::agent::{Decoder, Message};
+///
+/// let frame = Message::Ping.encode()?;
+/// let mut d = Decoder::new();
+/// d.extend(&frame[..5]);
+/// assert_eq!(d.next_message()?, None);
+/// d.extend(&frame[5..]);
+/// assert_eq!(d.next_message()?, Some(Message::Ping));
+/// d.eof()?;
+/// # Ok::<(), vmlink_proto::agent::FrameError>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    failed: Option<FrameError>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Adds bytes read from the peer.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start >= MAX_DATA_CHUNK && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, if one is buffered. After an error every call returns it again.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match decode(&self.buf[self.start..]) {
+            Ok(Some((message, n))) => {
+                self.start += n;
+                Ok(Some(message))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// How many bytes are buffered and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The peer closed the stream: fine between frames, an error inside one.
+    pub fn eof(&self) -> Result<(), FrameError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match self.buffered() {
+            0 => Ok(()),
+            partial_len => Err(FrameError::Truncated { partial_len }),
+        }
+    }
+}
+
+/// Invariant checks shared by the fuzz target `agent_frames` and the stable tests.
+///
+/// Not a public API: it panics when an invariant is broken, which is what a fuzzer needs.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Checks every frame-codec invariant on one fuzz input.
+    ///
+    /// Byte 0 (if any) is a chunk length (`% 64`, 0 meaning "one byte at a time") used to feed
+    /// the rest, the payload, to a [`Decoder`]; the payload also goes to the one-shot [`decode`].
+    pub fn check_agent_frames(data: &[u8]) {
+        let Some((&chunk, payload)) = data.split_first() else {
+            check_stream(&[], 1);
+            return;
+        };
+        check_stream(payload, usize::from(chunk % 64).max(1));
+    }
+
+    fn check_stream(payload: &[u8], chunk: usize) {
+        // One-shot: decode frames back to back.
+        let mut expected = Vec::new();
+        let mut rest = payload;
+        let end: Result<(), FrameError> = loop {
+            match decode(rest) {
+                Ok(Some((message, n))) => {
+                    assert!(n >= HEADER_LEN && n <= rest.len() && n <= HEADER_LEN + MAX_FRAME_LEN);
+                    check_prefixes(&rest[..n], &Ok(Some((message.clone(), n))));
+                    check_round_trip(&message);
+                    expected.push(message);
+                    rest = &rest[n..];
+                }
+                Ok(None) => {
+                    check_prefixes(rest, &Ok(None));
+                    break if rest.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(FrameError::Truncated {
+                            partial_len: rest.len(),
+                        })
+                    };
+                }
+                Err(e) => {
+                    check_message(&e);
+                    check_prefixes(rest, &Err(e.clone()));
+                    break Err(e);
+                }
+            }
+        };
+
+        // The accumulator, fed in chunks, gives the same messages and the same ending.
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        let mut error = None;
+        for piece in payload.chunks(chunk) {
+            d.extend(piece);
+            loop {
+                match d.next_message() {
+                    Ok(Some(m)) => got.push(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if error.is_some() {
+                break;
+            }
+        }
+        assert_eq!(got, expected);
+        match (error, &end) {
+            (None, _) => assert_eq!(d.eof(), end),
+            (Some(e), Err(first)) => {
+                assert_eq!(&e, first);
+                assert_eq!(d.eof(), Err(e));
+            }
+            (Some(e), Ok(())) => panic!("decoder failed with {e:?}, one-shot did not"),
+        }
+    }
+
+    /// The outcome is decided when the header (for header errors) or the whole frame has arrived,
+    /// never earlier, and every longer prefix gives the same outcome.
+    fn check_prefixes(buf: &[u8], whole: &Result<Option<(Message, usize)>, FrameError>) {
+        let header_error = matches!(
+            whole,
+            Err(FrameError::BadMagic { .. }
+                | FrameError::BadVersion { .. }
+                | FrameError::UnknownType { .. }
+                | FrameError::BadFlags { .. }
+                | FrameError::TooLong { .. }
+                | FrameError::UnexpectedPayload { .. })
+        );
+        let decided_at = match whole {
+            Ok(Some((_, n))) => *n,
+            Ok(None) => buf.len() + 1,
+            Err(_) if header_error => HEADER_LEN,
+            Err(_) => check(buf).ok().flatten().unwrap_or(buf.len()),
+        };
+        // Prefixes at and near the decision point, and a sample before it.
+        let step = (decided_at / 64).max(1);
+        let lens = (0..decided_at.min(buf.len() + 1))
+            .step_by(step)
+            .chain(decided_at.saturating_sub(2)..=buf.len().min(decided_at + 2));
+        for len in lens.filter(|&l| l <= buf.len()) {
+            let prefix = decode(&buf[..len]);
+            if len < decided_at {
+                assert_eq!(prefix, Ok(None), "prefix of {len} bytes");
+            } else {
+                assert_eq!(&prefix, whole, "prefix of {len} bytes");
+            }
+        }
+    }
+
+    /// A message encodes within the bound and decodes back to itself, consuming all of it.
+    pub fn check_round_trip(message: &Message) {
+        let bytes = match message.encode() {
+            Ok(b) => b,
+            Err(e) => panic!("{message:?} decoded but does not encode: {e}"),
+        };
+        assert!(bytes.len() <= HEADER_LEN + MAX_FRAME_LEN);
+        assert_eq!(check(&bytes), Ok(Some(bytes.len())));
+        assert_eq!(decode(&bytes), Ok(Some((message.clone(), bytes.len()))));
+    }
+
+    fn check_message(e: &FrameError) {
+        let m = e.to_string();
+        assert!(!m.is_empty() && !m.contains('\n'), "{m:?}");
+        assert!(m.len() <= 512, "{} bytes: {m}", m.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fuzzing::{check_agent_frames, check_round_trip};
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                software: "vmlink/0.1.0".into(),
+            }),
+            Message::Ping,
+            Message::Pong,
+            Message::InfoRequest,
+            Message::Info(Info {
+                hostname: "guest".into(),
+                os: "Debian GNU/Linux 12 (bookworm)".into(),
+                kernel: "6.1.0-18-amd64".into(),
+                uptime_secs: 42,
+                agent_version: "0.1.0".into(),
+                channels: vec!["vsock-listen:any:7878".into()],
+            }),
+            Message::Exec(Exec {
+                argv: vec!["sh".into(), "-c".into(), "echo \"hi\"".into()],
+                env: vec![("A".into(), "b=c".into())],
+                cwd: Some("/tmp".into()),
+                stdin: true,
+                tty: false,
+            }),
+            Message::Stdin(b"in\0put".to_vec()),
+            Message::StdinEof,
+            Message::Stdout(vec![0xff; 1000]),
+            Message::Stderr(Vec::new()),
+            Message::Exit(Exit {
+                code: Some(7),
+                signal: None,
+            }),
+            Message::Exit(Exit {
+                code: None,
+                signal: Some(15),
+            }),
+            Message::Signal(Signal { signo: 2 }),
+            Message::error(ErrorKind::Refused, "vsock CID 1 is not allowed"),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            check_round_trip(&m);
+        }
+    }
+
+    #[test]
+    fn a_stream_split_at_every_offset_gives_the_same_messages() {
+        let mut stream = Vec::new();
+        for m in samples() {
+            m.encode_into(&mut stream).expect("encodes");
+        }
+        for at in 0..=stream.len() {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for piece in [&stream[..at], &stream[at..]] {
+                d.extend(piece);
+                while let Some(m) = d.next_message().expect("valid stream") {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, samples(), "split at {at}");
+            assert_eq!(d.eof(), Ok(()));
+        }
+        check_agent_frames(&[[1u8].as_slice(), &stream].concat());
+        check_agent_frames(&[[7u8].as_slice(), &stream].concat());
+    }
+
+    #[test]
+    fn a_data_frame_is_raw_bytes_after_the_header() {
+        let frame = Message::Stdout(b"hello".to_vec())
+            .encode()
+            .expect("encodes");
+        assert_eq!(&frame[..4], b"VMLA");
+        assert_eq!(frame[4], FRAME_VERSION);
+        assert_eq!(frame[5], MessageType::Stdout as u8);
+        assert_eq!(&frame[6..12], &[0, 0, 5, 0, 0, 0]);
+        assert_eq!(&frame[12..], b"hello");
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_from_its_header_naming_the_length() {
+        let mut h = encode_header(MessageType::Stdout, 0).expect("header");
+        h[8..].copy_from_slice(&(MAX_FRAME_LEN as u32 + 1).to_le_bytes());
+        let e = check(&h).expect_err("too long");
+        assert_eq!(
+            e,
+            FrameError::TooLong {
+                len: MAX_FRAME_LEN as u64 + 1,
+                max: MAX_FRAME_LEN
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "agent frame of 1048577 bytes exceeds the limit of 1048576 bytes"
+        );
+        h[8..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(check(&h)
+            .expect_err("too long")
+            .to_string()
+            .contains("4294967295"));
+        // A maximal frame is fine, and an encoder refuses one byte more.
+        let big = Message::Stdin(vec![1; MAX_FRAME_LEN]);
+        check_round_trip(&big);
+        assert!(Message::Stdin(vec![1; MAX_FRAME_LEN + 1]).encode().is_err());
+    }
+
+    #[test]
+    fn garbage_headers_are_refused_with_what_was_wrong() {
+        let good = Message::Ping.encode().expect("encodes");
+        let with = |at: usize, b: u8| {
+            let mut f = good.clone();
+            f[at] = b;
+            decode(&f).expect_err("refused")
+        };
+        assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
+        assert_eq!(with(4, 2), FrameError::BadVersion { version: 2 });
+        assert_eq!(with(5, 0), FrameError::UnknownType { ty: 0 });
+        assert_eq!(with(5, 14), FrameError::UnknownType { ty: 14 });
+        assert!(matches!(
+            with(7, 1),
+            FrameError::BadFlags { flags: 0x100, .. }
+        ));
+        assert_eq!(
+            with(8, 1),
+            FrameError::UnexpectedPayload {
+                ty: MessageType::Ping,
+                len: 1
+            }
+        );
+        let e = decode(b"GET / HTTP/1.1\r\n").expect_err("not ours");
+        assert_eq!(
+            e.to_string(),
+            "not a vmlink agent frame: it starts with [47, 45, 54, 20], expected \"VMLA\""
+        );
+    }
+
+    #[test]
+    fn malformed_and_out_of_bounds_requests_are_refused() {
+        let frame = |ty: MessageType, payload: &[u8]| {
+            let mut f = encode_header(ty, payload.len()).expect("header").to_vec();
+            f.extend_from_slice(payload);
+            f
+        };
+        let e = decode(&frame(MessageType::Exec, b"{\"argv\": 5}")).expect_err("bad");
+        assert!(matches!(e, FrameError::BadPayload { .. }), "{e}");
+        assert!(!e.to_string().contains('\n'));
+        let e = decode(&frame(MessageType::Exec, b"{\"argv\": []}")).expect_err("empty");
+        assert_eq!(
+            e.to_string(),
+            "agent message Exec is invalid: argv is empty"
+        );
+        let many = Exec {
+            argv: vec!["x".into(); MAX_ARGS + 1],
+            ..Exec::default()
+        };
+        let e = decode(&Message::Exec(many).encode().expect("encodes")).expect_err("too many");
+        assert!(
+            e.to_string()
+                .contains("4097 arguments exceed the limit of 4096"),
+            "{e}"
+        );
+        let nul = Exec {
+            argv: vec!["a\0b".into()],
+            ..Exec::default()
+        };
+        assert!(decode(&Message::Exec(nul).encode().expect("encodes")).is_err());
+        // Unknown fields are ignored (a newer client), unknown error kinds are kept as Unknown.
+        let (m, _) = decode(&frame(MessageType::Hello, b"{\"version\":2,\"future\":1}"))
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            m,
+            Message::Hello(Hello {
+                version: 2,
+                software: String::new()
+            })
+        );
+        let (m, _) = decode(&frame(
+            MessageType::Error,
+            b"{\"kind\":\"quota\",\"message\":\"m\"}",
+        ))
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(m, Message::error(ErrorKind::Unknown, "m"));
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_a_frame_is_truncated() {
+        let frame = Message::Stdout(b"abc".to_vec()).encode().expect("encodes");
+        let mut d = Decoder::new();
+        d.extend(&frame[..frame.len() - 1]);
+        assert_eq!(d.next_message(), Ok(None));
+        assert_eq!(
+            d.eof(),
+            Err(FrameError::Truncated {
+                partial_len: frame.len() - 1
+            })
+        );
+    }
+
+    #[test]
+    fn exit_maps_signals_to_128_plus_n() {
+        let e = Exit {
+            code: None,
+            signal: Some(15),
+        };
+        assert_eq!(e.shell_status(), 143);
+        assert_eq!(e.to_string(), "killed by signal 15");
+    }
+}
