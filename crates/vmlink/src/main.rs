@@ -17,23 +17,26 @@ mod lab;
 mod relay;
 
 const AFTER_HELP: &str = "\
-ADDRESSES (see docs/addresses.md):
-  vsock:CID:PORT            vsock-listen:[CID:]PORT       CID: number, any, hypervisor, local, host
+ADDRESSES (docs/addresses.md):
+  vsock:CID:PORT            vsock-listen:[CID:]PORT
   vsock-seqpacket:CID:PORT  vsock-seqpacket-listen:[CID:]PORT
   vsock-dgram:CID:PORT      vsock-dgram-listen:[CID:]PORT
   unix:PATH                 unix-listen:PATH
   unix-abstract:NAME        unix-abstract-listen:NAME
-  hvsock:UDS_PATH:PORT      hvsock-listen:UDS_PATH:PORT   (Firecracker/Cloud Hypervisor hybrid vsock)
-  vport:NAME_OR_PATH        (virtio-serial port in a guest, e.g. vport:org.vmlink.ctl)
-  tcp:HOST:PORT             tcp-listen:[HOST:]PORT
-  stdio | -
-  options: ,connect-timeout=5s ,buffer-size=1M ,buffer-min-size=.. ,buffer-max-size=.. ,backlog=N ,unlink
+  hvsock:UDS_PATH:PORT      hvsock-listen:UDS_PATH:PORT
+  vport:NAME_OR_PATH        tcp:HOST:PORT    tcp-listen:[HOST:]PORT
+  stdio (or -)
+  CID: a number, any, hypervisor (0), local (1), host (2).
+  Options after commas: connect-timeout=5s buffer-size=1M
+  buffer-min-size=SIZE buffer-max-size=SIZE backlog=N unlink
 
-EXIT STATUS: 0 ok, 1 runtime error (refused, timeout, dead peer), 2 usage error or bad address;
-`lab run` exits with the guest command's status (124 timeout, 125 guest failure).
-Logs go to stderr; set RUST_LOG=debug (or info, trace) for more.";
+EXIT STATUS: 0 ok; 1 runtime error (refused, timeout, dead peer);
+2 usage error or bad address; exec: the command's status (128+N for
+signal N); lab run: the command's status (124 timeout, 125 guest failure).
+Logs go to stderr; RUST_LOG=debug (or info, trace) shows more.";
 
-/// Fast host<->guest channels: relay, benchmark and test them on a real guest.
+/// Fast host<->guest channels: relay, benchmark, drive a guest agent, and
+/// test it all on a real guest.
 #[derive(Parser, Debug)]
 #[command(name = "vmlink", version, about, after_help = AFTER_HELP, propagate_version = true)]
 struct Cli {
