@@ -12,7 +12,7 @@ set -euo pipefail
 is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
 pkgs=()
-for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat; do
+for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent; do
     is_installed "$p" || pkgs+=("$p")
 done
 if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then

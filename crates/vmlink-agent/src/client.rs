@@ -20,17 +20,55 @@
 //! ```
 
 use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmlink_proto::agent::{
-    ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, Signal, MAX_DATA_CHUNK,
+    ErrorKind, Exec, Exit, Get, Hello, Info, Message, MessageType, Put, Signal, MAX_DATA_CHUNK,
     PROTOCOL_VERSION,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
+use crate::files::{self, CopySummary, FilesError, Receiver, WriteDebug};
 use crate::framed::{write_message, FrameReader, WireError};
+
+/// What [`Client::put`] sends.
+#[derive(Debug)]
+pub enum PutSource {
+    /// A file, directory or symlink (not followed), sent under its own name.
+    Path(PathBuf),
+    /// One file's data, read to EOF (e.g. stdin); created as exactly the destination path.
+    Reader(Box<dyn ReadDebug>),
+}
+
+/// Where [`Client::get`] writes.
+#[derive(Debug)]
+pub enum GetDest {
+    /// A local path: into it when it is a directory, else as it.
+    Path(PathBuf),
+    /// One file's data (e.g. stdout); the source must be a regular file.
+    Writer(Box<dyn WriteDebug>),
+}
+
+/// A `Read` that can sit in a `Debug` enum.
+pub trait ReadDebug: std::io::Read + Send {}
+impl<R: std::io::Read + Send> ReadDebug for R {}
+impl std::fmt::Debug for dyn ReadDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Read")
+    }
+}
+
+/// What produces a `Put`'s frames, on a blocking thread.
+type Producer = Box<dyn FnOnce(&files::FrameSink) -> Result<CopySummary, FilesError> + Send>;
+
+/// How long the client waits for the agent's `Error` after a failed write, and for the agent's
+/// final `Done` after the last frame of a `Put` (the agent may still be writing what is queued).
+pub const COPY_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long the client waits for the agent's `Hello`, and for the answer to a ping or info.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,6 +145,15 @@ pub enum ClientError {
         /// Why.
         #[source]
         source: WireError,
+    },
+    /// A copy failed on this side (local files, checksum, sequence).
+    #[error("copying with the agent at {addr} failed")]
+    Copy {
+        /// The agent's address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: FilesError,
     },
     /// Reading the local stdin or writing the local stdout/stderr failed.
     #[error("local {what} failed")]
@@ -291,6 +338,144 @@ impl Client {
                     Err(source) => return Err(self.wire(source)),
                 },
             }
+        }
+    }
+
+    /// Copies `source` to `dest` (absolute) in the guest, on a connection of its own. `progress`
+    /// counts the file bytes sent. Returns once the agent has committed everything (every file
+    /// checksummed, `fsync`ed and renamed into place).
+    ///
+    /// `dest` as for `cp`: into it when it is an existing directory (unless the source is a
+    /// reader, which is written as exactly `dest`), else as it.
+    pub async fn put(
+        &self,
+        source: PutSource,
+        dest: &str,
+        progress: Arc<AtomicU64>,
+    ) -> Result<CopySummary, ClientError> {
+        let copy_err = |source| self.copy_error(source);
+        let (exact, produce): (bool, Producer) = match source {
+            PutSource::Path(path) => {
+                let named = if path.file_name().is_some() {
+                    path.clone()
+                } else {
+                    // `.`, `..`, `dir/..`: the directory's real name.
+                    std::fs::canonicalize(&path).map_err(|source| {
+                        copy_err(FilesError::Io {
+                            op: "resolve",
+                            path: path.clone(),
+                            error: source,
+                        })
+                    })?
+                };
+                let name = named
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        copy_err(FilesError::Unsupported(format!(
+                            "{path:?} names no file or directory"
+                        )))
+                    })?;
+                (
+                    false,
+                    Box::new(move |sink: &files::FrameSink| files::send_tree(sink, &path, &name)),
+                )
+            }
+            PutSource::Reader(mut r) => {
+                let name = std::path::Path::new(dest)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        copy_err(FilesError::Unsupported(format!(
+                            "{dest:?} names no file to write stdin to"
+                        )))
+                    })?;
+                (
+                    true,
+                    Box::new(move |sink: &files::FrameSink| {
+                        files::send_stream(sink, &mut r, &name)
+                    }),
+                )
+            }
+        };
+        let (conn, _) = self.open().await?;
+        let Conn { mut reader, mut w } = conn;
+        let put = Put {
+            path: dest.to_string(),
+            exact,
+        };
+        self.send(&mut w, &Message::Put(put)).await?;
+        let sending = files::send_frames(&mut w, progress, produce);
+        tokio::pin!(sending);
+        let mut sent: Option<CopySummary> = None;
+        loop {
+            tokio::select! {
+                r = &mut sending, if sent.is_none() => match r {
+                    Ok(summary) => sent = Some(summary),
+                    Err(FilesError::Wire(e)) => {
+                        // The agent may have failed and closed: its Error says why.
+                        return match tokio::time::timeout(COPY_REPLY_TIMEOUT, reader.next()).await {
+                            Ok(Ok(Some(m @ Message::Error(_)))) => Err(self.unexpected("Done", &m)),
+                            _ => Err(self.wire(e)),
+                        };
+                    }
+                    Err(e) => return Err(copy_err(e)),
+                },
+                m = reader.next() => return match m {
+                    Ok(Some(Message::Done)) => match sent {
+                        Some(s) => Ok(s),
+                        None => (&mut sending).await.map_err(copy_err),
+                    },
+                    Ok(Some(other)) => Err(self.unexpected("Done", &other)),
+                    Ok(None) => Err(ClientError::Closed {
+                        addr: self.addr.to_string(),
+                        waiting_for: "the end of the copy",
+                    }),
+                    Err(source) => Err(self.wire(source)),
+                },
+            }
+        }
+    }
+
+    /// Copies `src` (absolute) from the guest to `dest`, on a connection of its own. `progress`
+    /// counts the file bytes received. Files are written atomically and checksummed as by the
+    /// agent; symlinks are copied as symlinks.
+    pub async fn get(
+        &self,
+        src: &str,
+        dest: GetDest,
+        progress: Arc<AtomicU64>,
+    ) -> Result<CopySummary, ClientError> {
+        let receiver = match dest {
+            GetDest::Path(p) => {
+                Receiver::new(&p, false, progress).map_err(|e| self.copy_error(e))?
+            }
+            GetDest::Writer(w) => Receiver::to_writer(w, progress),
+        };
+        let (conn, _) = self.open().await?;
+        let Conn { mut reader, mut w } = conn;
+        let get = Get {
+            path: src.to_string(),
+        };
+        self.send(&mut w, &Message::Get(get)).await?;
+        files::receive_frames(&mut reader, receiver)
+            .await
+            .map_err(|e| self.copy_error(e))
+    }
+
+    fn copy_error(&self, e: FilesError) -> ClientError {
+        match e {
+            FilesError::Peer { kind, message } => self.unexpected(
+                "a copy",
+                &Message::Error(vmlink_proto::agent::ErrorMessage { kind, message }),
+            ),
+            FilesError::Wire(source) => self.wire(source),
+            source => ClientError::Copy {
+                addr: self.addr.to_string(),
+                source,
+            },
         }
     }
 

@@ -11,6 +11,11 @@
 //! reading 1 GiB of output) never delays a ping or a kill on another connection: each connection
 //! is its own tokio task, bounded by a semaphore ([`Policy::max_sessions`]).
 //!
+//! ## qemu-guest-agent's protocol
+//!
+//! [`serve_qga`] (`vmlink-agent --qga ADDR`) answers qemu-ga's JSON protocol on one more
+//! address, so hosts that speak only qemu-ga work unchanged; see [`qga`].
+//!
 //! ## Exec
 //!
 //! The command runs in its own process group (`setpgid(0, 0)`). Its stdout and stderr are read
@@ -36,10 +41,13 @@ use tracing::{debug, warn};
 use vmlink_transport::{Addr, AsyncListener};
 
 pub mod client;
+pub mod files;
 mod framed;
+pub mod qga;
 mod server;
 
 pub use framed::WireError;
+pub use qga::{serve_qga, serve_qga_stream, QgaChannel, QgaError, QgaPolicy, DEFAULT_QGA_ADDR};
 pub use vmlink_proto::agent::{Exec as ExecRequest, Exit as ExitStatus, Info};
 
 /// The vsock port the agent listens on by default.

@@ -147,11 +147,13 @@ async fn session(
             return protocol_error(w, "tty is not supported by this agent yet".to_string()).await
         }
         Message::Exec(exec) => return run_exec(exec, reader, w).await,
+        Message::Put(put) => return crate::files::serve_put(put, reader, w).await,
+        Message::Get(get) => return crate::files::serve_get(get, reader, w).await,
         other => {
             return protocol_error(
                 w,
                 format!(
-                    "expected a request (Ping, InfoRequest, Exec), got {}",
+                    "expected a request (Ping, InfoRequest, Exec, Put, Get), got {}",
                     other.message_type()
                 ),
             )

@@ -11,13 +11,14 @@
 //! offset size field
 //!      0    4 magic    "VMLA"
 //!      4    1 version  FRAME_VERSION (1): the layout of this header
-//!      5    1 type     MessageType (1..=13)
+//!      5    1 type     MessageType (1..=19)
 //!      6    2 flags    u16 LE, must be 0 (reserved)
 //!      8    4 len      u32 LE, payload length, at most MAX_FRAME_LEN
 //! ```
 //!
-//! Payloads are empty (`Ping`, `Pong`, `InfoRequest`, `StdinEof`), raw bytes (`Stdin`, `Stdout`,
-//! `Stderr`: bulk data is never re-encoded), or one JSON object (the other control messages).
+//! Payloads are empty (`Ping`, `Pong`, `InfoRequest`, `StdinEof`, `Done`), raw bytes (`Stdin`,
+//! `Stdout`, `Stderr`, `Data`: bulk data is never re-encoded), or one JSON object (the other
+//! control messages).
 //!
 //! # Parsing: check, then parse
 //!
@@ -35,6 +36,9 @@
 //! - a frame's payload: at most [`MAX_FRAME_LEN`] (1 MiB);
 //! - `Exec`: at most [`MAX_ARGS`] arguments and [`MAX_ENV`] variables, no NUL byte in any string,
 //!   `argv` not empty (their total size is bounded by the frame);
+//! - copies (`Put`, `Get`, `Entry`): paths at most [`MAX_PATH_LEN`] bytes, components at most
+//!   [`MAX_NAME_LEN`], entry paths relative with no `.`/`..`/empty component (checked here, once);
+//!   at most [`MAX_ENTRIES`] entries per copy (counted by the receiver);
 //! - error messages this module produces are one line of at most a few hundred bytes.
 
 use std::fmt;
@@ -90,6 +94,18 @@ pub enum MessageType {
     Signal = 12,
     /// [`Message::Error`].
     Error = 13,
+    /// [`Message::Put`].
+    Put = 14,
+    /// [`Message::Get`].
+    Get = 15,
+    /// [`Message::Entry`].
+    Entry = 16,
+    /// [`Message::Data`].
+    Data = 17,
+    /// [`Message::FileEnd`].
+    FileEnd = 18,
+    /// [`Message::Done`].
+    Done = 19,
 }
 
 impl MessageType {
@@ -110,6 +126,12 @@ impl MessageType {
             11 => Exit,
             12 => Signal,
             13 => Error,
+            14 => Put,
+            15 => Get,
+            16 => Entry,
+            17 => Data,
+            18 => FileEnd,
+            19 => Done,
             _ => return None,
         })
     }
@@ -117,9 +139,11 @@ impl MessageType {
     fn payload(self) -> PayloadKind {
         use MessageType::*;
         match self {
-            Ping | Pong | InfoRequest | StdinEof => PayloadKind::Empty,
-            Stdin | Stdout | Stderr => PayloadKind::Bytes,
-            Hello | Info | Exec | Exit | Signal | Error => PayloadKind::Json,
+            Ping | Pong | InfoRequest | StdinEof | Done => PayloadKind::Empty,
+            Stdin | Stdout | Stderr | Data => PayloadKind::Bytes,
+            Hello | Info | Exec | Exit | Signal | Error | Put | Get | Entry | FileEnd => {
+                PayloadKind::Json
+            }
         }
     }
 }
@@ -241,6 +265,12 @@ pub enum ErrorKind {
     Busy,
     /// Anything else on the sender's side.
     Internal,
+    /// A file operation failed (the message names the path and the cause, e.g. ENOSPC).
+    Io,
+    /// A copied entry's path would leave the destination, or is malformed.
+    UnsafePath,
+    /// A file's data does not match its checksum.
+    ChecksumMismatch,
     /// A kind this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -255,6 +285,9 @@ impl fmt::Display for ErrorKind {
             ErrorKind::SpawnFailed => "spawn failed",
             ErrorKind::Busy => "busy",
             ErrorKind::Internal => "internal error",
+            ErrorKind::Io => "an I/O error",
+            ErrorKind::UnsafePath => "an unsafe path",
+            ErrorKind::ChecksumMismatch => "a checksum mismatch",
             ErrorKind::Unknown => "unknown error",
         })
     }
@@ -267,6 +300,125 @@ pub struct ErrorMessage {
     pub kind: ErrorKind,
     /// One sentence, for people.
     pub message: String,
+}
+
+/// The longest path a copy accepts, in bytes (`PATH_MAX`): a `Put`/`Get` path, an entry's
+/// relative path, a symlink's target.
+pub const MAX_PATH_LEN: usize = 4096;
+/// The longest name of one path component, in bytes (`NAME_MAX`).
+pub const MAX_NAME_LEN: usize = 255;
+/// The most entries (files, directories, symlinks) one copy may carry.
+pub const MAX_ENTRIES: u64 = 1_000_000;
+
+/// Client: the agent receives a copy at `path`.
+///
+/// When `exact` is false and `path` is an existing directory, the copy's root entry is created
+/// inside it under its own name (`cp file dir/`); otherwise the root entry is created as `path`
+/// itself, whose parent must exist (`cp file dir/newname`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Put {
+    /// The destination, absolute.
+    pub path: String,
+    /// Create the root entry as `path` even when `path` is a directory.
+    #[serde(default)]
+    pub exact: bool,
+}
+
+/// Client: the agent sends a copy of `path` (symlinks are sent as symlinks, never followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Get {
+    /// The source, absolute.
+    pub path: String,
+}
+
+/// What an [`Entry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file: `Data` frames and one `FileEnd` follow.
+    File,
+    /// A directory: the entries inside it follow (pre-order).
+    Dir,
+    /// A symbolic link, with its target.
+    Symlink,
+}
+
+/// One file, directory or symlink of a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// What it is.
+    pub kind: EntryKind,
+    /// Its path relative to the copy, `/`-separated; the first component is the root entry's
+    /// name. No empty, `.` or `..` component, no leading `/`, no NUL.
+    pub path: String,
+    /// Permission bits (at most `0o7777`).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time (below 1e9).
+    #[serde(default)]
+    pub mtime_nsec: u32,
+    /// A file's size when the sender knows it (not when streaming stdin); the receiver checks it.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// A symlink's target (any string; never followed by the receiver).
+    #[serde(default)]
+    pub link_target: Option<String>,
+}
+
+impl Entry {
+    /// Checks the entry's own rules (those in the field docs).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.path.len() > MAX_PATH_LEN {
+            return Err(format!(
+                "entry path of {} bytes exceeds the limit of {MAX_PATH_LEN}",
+                self.path.len()
+            ));
+        }
+        for c in self.path.split('/') {
+            let quoted: String = self.path.chars().take(200).collect();
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(format!(
+                    "entry {quoted:?} has an empty, '.' or '..' component or is absolute"
+                ));
+            }
+            if c.len() > MAX_NAME_LEN {
+                return Err(format!(
+                    "entry {quoted:?} has a component over {MAX_NAME_LEN} bytes"
+                ));
+            }
+            if c.contains('\0') {
+                return Err(format!("entry {quoted:?} contains a NUL byte"));
+            }
+        }
+        if self.mode > 0o7777 {
+            return Err(format!("mode {:o} has bits above 0o7777", self.mode));
+        }
+        if self.mtime_nsec >= 1_000_000_000 {
+            return Err("mtime_nsec is not below 1e9".into());
+        }
+        match (self.kind, &self.link_target) {
+            (EntryKind::Symlink, Some(t)) => {
+                if t.is_empty() || t.len() > MAX_PATH_LEN || t.contains('\0') {
+                    return Err("a symlink target is empty, too long or contains NUL".into());
+                }
+            }
+            (EntryKind::Symlink, None) => return Err("a symlink without a target".into()),
+            (_, Some(_)) => return Err("a link target on an entry that is no symlink".into()),
+            (_, None) => {}
+        }
+        if self.kind != EntryKind::File && self.size.is_some() {
+            return Err("a size on an entry that is no file".into());
+        }
+        Ok(())
+    }
+}
+
+/// The current file of a copy is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEnd {
+    /// SHA-256 of the file's data, 64 lowercase hex digits.
+    pub sha256: String,
 }
 
 /// One message of the agent protocol.
@@ -298,6 +450,18 @@ pub enum Message {
     Signal(Signal),
     /// Either side: the request failed; the connection closes.
     Error(ErrorMessage),
+    /// Client: receive a copy (entries follow) at this destination.
+    Put(Put),
+    /// Client: send a copy of this path.
+    Get(Get),
+    /// The sender of a copy: the next file, directory or symlink.
+    Entry(Entry),
+    /// The sender of a copy: bytes of the current file.
+    Data(Vec<u8>),
+    /// The sender of a copy: the current file is complete; its checksum.
+    FileEnd(FileEnd),
+    /// The sender of a copy: no more entries. The agent, after a `Put`: all committed.
+    Done,
 }
 
 impl Message {
@@ -317,6 +481,12 @@ impl Message {
             Message::Exit(_) => MessageType::Exit,
             Message::Signal(_) => MessageType::Signal,
             Message::Error(_) => MessageType::Error,
+            Message::Put(_) => MessageType::Put,
+            Message::Get(_) => MessageType::Get,
+            Message::Entry(_) => MessageType::Entry,
+            Message::Data(_) => MessageType::Data,
+            Message::FileEnd(_) => MessageType::FileEnd,
+            Message::Done => MessageType::Done,
         }
     }
 
@@ -335,8 +505,28 @@ impl Message {
         };
         let owned;
         let payload: &[u8] = match self {
-            Message::Ping | Message::Pong | Message::InfoRequest | Message::StdinEof => &[],
-            Message::Stdin(b) | Message::Stdout(b) | Message::Stderr(b) => b,
+            Message::Ping
+            | Message::Pong
+            | Message::InfoRequest
+            | Message::StdinEof
+            | Message::Done => &[],
+            Message::Stdin(b) | Message::Stdout(b) | Message::Stderr(b) | Message::Data(b) => b,
+            Message::Put(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Get(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Entry(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::FileEnd(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
             Message::Hello(v) => {
                 owned = json(serde_json::to_vec(v))?;
                 &owned
@@ -546,6 +736,40 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
         MessageType::Exit => Message::Exit(json(ty, payload)?),
         MessageType::Signal => Message::Signal(json(ty, payload)?),
         MessageType::Error => Message::Error(json(ty, payload)?),
+        MessageType::Done => Message::Done,
+        MessageType::Data => Message::Data(payload.to_vec()),
+        MessageType::Put => {
+            let put: Put = json(ty, payload)?;
+            validate_abs_path(&put.path).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            Message::Put(put)
+        }
+        MessageType::Get => {
+            let get: Get = json(ty, payload)?;
+            validate_abs_path(&get.path).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            Message::Get(get)
+        }
+        MessageType::Entry => {
+            let entry: Entry = json(ty, payload)?;
+            entry
+                .validate()
+                .map_err(|reason| FrameError::Invalid { ty, reason })?;
+            Message::Entry(entry)
+        }
+        MessageType::FileEnd => {
+            let end: FileEnd = json(ty, payload)?;
+            if end.sha256.len() != 64
+                || !end
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(FrameError::Invalid {
+                    ty,
+                    reason: "sha256 is not 64 lowercase hex digits".into(),
+                });
+            }
+            Message::FileEnd(end)
+        }
     };
     Ok(Some((message, total)))
 }
@@ -593,6 +817,22 @@ fn validate_exec(exec: &Exec) -> Result<(), String> {
         if k.is_empty() || k.contains('=') {
             return Err("an environment variable name is empty or contains '='".into());
         }
+    }
+    Ok(())
+}
+
+fn validate_abs_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("the path is not absolute".into());
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(format!(
+            "a path of {} bytes exceeds the limit of {MAX_PATH_LEN}",
+            path.len()
+        ));
+    }
+    if path.contains('\0') {
+        return Err("the path contains a NUL byte".into());
     }
     Ok(())
 }
@@ -846,6 +1086,37 @@ mod tests {
             }),
             Message::Signal(Signal { signo: 2 }),
             Message::error(ErrorKind::Refused, "vsock CID 1 is not allowed"),
+            Message::Put(Put {
+                path: "/tmp/dest".into(),
+                exact: false,
+            }),
+            Message::Get(Get {
+                path: "/etc/hostname".into(),
+            }),
+            Message::Entry(Entry {
+                kind: EntryKind::File,
+                path: "tree/a b/file".into(),
+                mode: 0o644,
+                mtime: 1_700_000_000,
+                mtime_nsec: 5,
+                size: Some(3),
+                link_target: None,
+            }),
+            Message::Entry(Entry {
+                kind: EntryKind::Symlink,
+                path: "tree/link".into(),
+                mode: 0o777,
+                mtime: -1,
+                mtime_nsec: 0,
+                size: None,
+                link_target: Some("../elsewhere".into()),
+            }),
+            Message::Data(vec![0, 1, 2]),
+            Message::FileEnd(FileEnd {
+                sha256: "ab".repeat(32),
+            }),
+            Message::Done,
+            Message::error(ErrorKind::Io, "no space left on device (ENOSPC)"),
         ]
     }
 
@@ -928,7 +1199,7 @@ mod tests {
         assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
         assert_eq!(with(4, 2), FrameError::BadVersion { version: 2 });
         assert_eq!(with(5, 0), FrameError::UnknownType { ty: 0 });
-        assert_eq!(with(5, 14), FrameError::UnknownType { ty: 14 });
+        assert_eq!(with(5, 20), FrameError::UnknownType { ty: 20 });
         assert!(matches!(
             with(7, 1),
             FrameError::BadFlags { flags: 0x100, .. }
@@ -1007,6 +1278,90 @@ mod tests {
             d.eof(),
             Err(FrameError::Truncated {
                 partial_len: frame.len() - 1
+            })
+        );
+    }
+
+    #[test]
+    fn copy_messages_with_escaping_or_oversized_paths_are_refused() {
+        let entry = |path: &str| Entry {
+            kind: EntryKind::File,
+            path: path.into(),
+            mode: 0o644,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: None,
+            link_target: None,
+        };
+        for bad in [
+            "../x",
+            "a/../b",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "",
+            "a/",
+            "a\0b",
+        ] {
+            let e = decode(&Message::Entry(entry(bad)).encode().expect("encodes")).expect_err(bad);
+            assert!(
+                matches!(
+                    e,
+                    FrameError::Invalid {
+                        ty: MessageType::Entry,
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+        }
+        let long = "a/".repeat(MAX_PATH_LEN / 2) + "b";
+        let e = decode(&Message::Entry(entry(&long)).encode().expect("encodes")).expect_err("long");
+        assert!(e.to_string().contains("exceeds the limit of 4096"), "{e}");
+        let name = "n".repeat(MAX_NAME_LEN + 1);
+        assert!(decode(&Message::Entry(entry(&name)).encode().expect("encodes")).is_err());
+        let mut sym = entry("l");
+        sym.kind = EntryKind::Symlink;
+        assert!(decode(&Message::Entry(sym.clone()).encode().expect("encodes")).is_err());
+        sym.link_target = Some("/anywhere".into());
+        check_round_trip(&Message::Entry(sym));
+        let mut mode = entry("f");
+        mode.mode = 0o10000;
+        assert!(decode(&Message::Entry(mode).encode().expect("encodes")).is_err());
+        for (path, ok) in [("/tmp/x", true), ("tmp/x", false), ("", false)] {
+            let m = Message::Put(Put {
+                path: path.into(),
+                exact: false,
+            });
+            assert_eq!(
+                decode(&m.encode().expect("encodes")).is_ok(),
+                ok,
+                "{path:?}"
+            );
+            let m = Message::Get(Get { path: path.into() });
+            assert_eq!(
+                decode(&m.encode().expect("encodes")).is_ok(),
+                ok,
+                "{path:?}"
+            );
+        }
+        for sha in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
+            let m = Message::FileEnd(FileEnd {
+                sha256: sha.clone(),
+            });
+            assert!(decode(&m.encode().expect("encodes")).is_err(), "{sha}");
+        }
+        assert_eq!(
+            decode(
+                &[
+                    encode_header(MessageType::Done, 1).expect("h").as_slice(),
+                    b"x"
+                ]
+                .concat()
+            ),
+            Err(FrameError::UnexpectedPayload {
+                ty: MessageType::Done,
+                len: 1
             })
         );
     }

@@ -13,12 +13,15 @@
 //!   Unix socket. The normative description is `docs/hybrid-vsock.md`.
 //! - [`bench`]: the fixed 9-byte requests of `vmlink bench`.
 //! - [`agent`]: the guest agent's length-framed control protocol (`docs/agent-protocol.md`).
+//! - [`qga`]: qemu-guest-agent's QMP-style JSON stream: framing, the 0xFF resync, request
+//!   checks and answers (`docs/qga-compat.md`).
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod bench;
 pub mod hybrid;
+pub mod qga;
 
 #[doc(hidden)]
 pub mod fuzzing;

@@ -12,8 +12,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 mod bench;
+mod cp;
 mod demo;
 mod lab;
+mod qga;
 mod relay;
 
 const AFTER_HELP: &str = "\
@@ -60,6 +62,10 @@ enum Command {
     Info(agent::InfoArgs),
     /// Run a command in a guest through its vmlink-agent, output streamed.
     Exec(agent::ExecArgs),
+    /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
+    Cp(cp::Args),
+    /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
+    Qga(qga::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -84,6 +90,8 @@ fn main() -> ExitCode {
         Command::Ping(a) => agent::ping(a),
         Command::Info(a) => agent::info(a),
         Command::Exec(a) => agent::exec(a),
+        Command::Cp(a) => cp::run(a),
+        Command::Qga(a) => qga::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

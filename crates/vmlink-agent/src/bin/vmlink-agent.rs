@@ -28,6 +28,16 @@ struct Args {
     /// How many connections are served at once; more get a "busy" error.
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS, value_name = "N")]
     max_sessions: usize,
+    /// Also serve qemu-guest-agent's JSON protocol on ADDR (default: the virtio-serial port
+    /// org.qemu.guest_agent.0, as libvirt and Proxmox wire it). See docs/qga-compat.md.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = vmlink_agent::DEFAULT_QGA_ADDR)]
+    qga: Option<Addr>,
+    /// With --qga: enable only these commands (comma-separated), as qemu-ga's --allow-rpcs.
+    #[arg(long, value_name = "LIST")]
+    allow_rpcs: Option<String>,
+    /// With --qga: disable these commands (comma-separated), as qemu-ga's --block-rpcs.
+    #[arg(long, value_name = "LIST")]
+    block_rpcs: Option<String>,
 }
 
 fn main() {
@@ -54,7 +64,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     let listen = if args.listen.is_empty() {
         vec![DEFAULT_LISTEN.parse::<Addr>().context("default address")?]
     } else {
-        args.listen
+        args.listen.clone()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,6 +76,19 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             let l = AsyncListener::bind(addr)?;
             eprintln!("vmlink-agent: listening on {}", l.local_addr());
             listeners.push(l);
+        }
+        if let Some(addr) = &args.qga {
+            let channel = vmlink_agent::QgaChannel::open(addr).await?;
+            eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+            let rpcs = vmlink_agent::QgaPolicy::from_lists(
+                args.allow_rpcs.as_deref(),
+                args.block_rpcs.as_deref(),
+            );
+            tokio::spawn(vmlink_agent::serve_qga(
+                channel,
+                rpcs,
+                std::future::pending(),
+            ));
         }
         vmlink_agent::run(listeners, policy, shutdown_signal()).await?;
         Ok(())

@@ -1,0 +1,896 @@
+//! File copies (`vmlink cp`): the sending and receiving ends, shared by the agent (`Put`, `Get`)
+//! and the host client.
+//!
+//! # The stream
+//!
+//! A copy is a sequence of `Entry` messages in pre-order (a directory before what it holds),
+//! each regular file followed by its `Data` frames and one `FileEnd` carrying the SHA-256 of
+//! the data, and a final `Done`. The first entry is the copy's root; every later entry's path
+//! starts with the root's name.
+//!
+//! # Receiving: atomic, checksummed, confined
+//!
+//! - Every file is written to a temporary file `.NAME.vmlink-PID-N.tmp` created (`O_EXCL`,
+//!   mode 0600) in the directory it is going to, then checked (size, SHA-256), given its mode and
+//!   mtime, `fsync`ed and renamed over its name. A temporary file is removed when anything fails
+//!   and when the stream ends early ([`TempFile`] removes it on drop), so no partial file is ever
+//!   visible under a real name.
+//! - Symlinks are created under a temporary name and renamed likewise; they are never followed.
+//! - Directory modes and mtimes are applied after their contents, deepest first (a read-only
+//!   directory can still be filled).
+//! - Entry paths were checked by the decoder (no `..`, `.`, empty component or leading `/`).
+//!   Before each entry is created, every directory between the destination and the entry is
+//!   checked with `lstat`: it must be a real directory, not a symlink, so neither a symlink sent
+//!   earlier in the same copy nor one already in the destination can lead outside it. (A local
+//!   process racing the agent inside the destination directory is outside this model: whoever
+//!   can write there can already write there.)
+//! - At most [`MAX_ENTRIES`] entries per copy.
+//!
+//! # Sending
+//!
+//! The sender walks the tree with `lstat` (symlinks are sent as symlinks) on a blocking thread,
+//! hashing as it reads, and hands ready-made frames (header and data in one buffer) to the async
+//! side through a bounded channel, so disk, hashing and socket overlap.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::debug;
+use vmlink_proto::agent::{
+    encode_header, Entry, EntryKind, ErrorKind, FileEnd, Get, Message, MessageType, Put,
+    HEADER_LEN, MAX_ENTRIES,
+};
+use vmlink_transport::{ReadHalf, WriteHalf};
+
+use crate::framed::{write_message, FrameReader, WireError};
+use crate::server::SessionError;
+
+/// How many frames may wait between the disk thread and the socket (with [`COPY_CHUNK`], at
+/// most 8 MiB in flight per direction and connection).
+const QUEUE: usize = 32;
+/// The data per `Data` frame a copy sends: larger than exec's 64 KiB chunks (fewer frames,
+/// syscalls and wakeups per byte), well under the frame bound.
+pub const COPY_CHUNK: usize = 256 * 1024;
+
+/// A copy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// A file operation failed. The OS error is in the text, with its symbolic name (ENOSPC),
+    /// rather than a `#[source]`, because the peer gets the text only.
+    #[error("cannot {op} {path:?}: {}", describe(error))]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
+    /// An entry would leave the destination, or is out of place.
+    #[error("refusing entry {entry:?}: {reason}")]
+    UnsafePath {
+        /// The entry's path as sent.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
+    /// A file's data does not match the checksum its sender computed.
+    #[error("checksum mismatch for {entry:?}: sent {expected}, received data hashes to {got}; nothing was renamed")]
+    Checksum {
+        /// The entry.
+        entry: String,
+        /// The sender's SHA-256.
+        expected: String,
+        /// The receiver's.
+        got: String,
+    },
+    /// A file's data is not as long as its entry said.
+    #[error("{entry:?} was announced as {expected} bytes but {got} arrived")]
+    Size {
+        /// The entry.
+        entry: String,
+        /// Announced.
+        expected: u64,
+        /// Received.
+        got: u64,
+    },
+    /// The sender broke the copy's sequence.
+    #[error("{got} is out of place in a copy ({state})")]
+    Sequence {
+        /// What came.
+        got: MessageType,
+        /// Where the receiver was.
+        state: &'static str,
+    },
+    /// More entries than [`MAX_ENTRIES`].
+    #[error("the copy has more than {MAX_ENTRIES} entries")]
+    TooManyEntries,
+    /// A source or destination that cannot be copied as asked.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The peer reported an error.
+    #[error("the peer reported {kind}: {message}")]
+    Peer {
+        /// The category.
+        kind: ErrorKind,
+        /// The peer's sentence.
+        message: String,
+    },
+    /// The stream ended before the copy was complete.
+    #[error("the connection closed before the copy was complete")]
+    Closed,
+    /// The connection failed.
+    #[error("the connection failed")]
+    Wire(#[from] WireError),
+}
+
+impl FilesError {
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FilesError + 'a {
+        move |source| FilesError::Io {
+            op,
+            path: path.to_path_buf(),
+            error: source,
+        }
+    }
+
+    /// The error kind to report to the peer.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FilesError::Io { .. } | FilesError::Unsupported(_) => ErrorKind::Io,
+            FilesError::UnsafePath { .. } | FilesError::TooManyEntries => ErrorKind::UnsafePath,
+            FilesError::Checksum { .. } | FilesError::Size { .. } => ErrorKind::ChecksumMismatch,
+            FilesError::Peer { kind, .. } => *kind,
+            FilesError::Sequence { .. } | FilesError::Wire(WireError::Frame(_)) => {
+                ErrorKind::BadRequest
+            }
+            FilesError::Closed | FilesError::Wire(WireError::Io(_)) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The OS error with its symbolic name, so that a full disk reads "No space left on device
+/// (ENOSPC)".
+fn describe(e: &io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc_enospc) if libc_enospc == nix::libc::ENOSPC => "ENOSPC",
+        Some(c) if c == nix::libc::EDQUOT => "EDQUOT",
+        Some(c) if c == nix::libc::EACCES => "EACCES",
+        Some(c) if c == nix::libc::EPERM => "EPERM",
+        Some(c) if c == nix::libc::ENOENT => "ENOENT",
+        Some(c) if c == nix::libc::EEXIST => "EEXIST",
+        Some(c) if c == nix::libc::EISDIR => "EISDIR",
+        Some(c) if c == nix::libc::ENOTDIR => "ENOTDIR",
+        Some(c) if c == nix::libc::EROFS => "EROFS",
+        _ => return e.to_string(),
+    };
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+    format!("{text} ({name})")
+}
+
+/// What a copy moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopySummary {
+    /// Entries (files, directories, symlinks).
+    pub entries: u64,
+    /// File bytes.
+    pub bytes: u64,
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mtime_of(m: &fs::Metadata) -> (i64, u32) {
+    (m.mtime(), u32::try_from(m.mtime_nsec()).unwrap_or(0))
+}
+
+fn system_time(secs: i64, nsec: u32) -> SystemTime {
+    let base = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    base.and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nsec))))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// Sets the mtime of `path` itself (not a symlink's target).
+fn set_mtime_nofollow(path: &Path, secs: i64, nsec: u32) -> Result<(), FilesError> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let mtime = TimeSpec::new(secs, i64::from(nsec));
+    let atime = TimeSpec::from(nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: nix::libc::UTIME_OMIT,
+    });
+    utimensat(None, path, &atime, &mtime, UtimensatFlags::NoFollowSymlink).map_err(|e| {
+        FilesError::Io {
+            op: "set the mtime of",
+            path: path.to_path_buf(),
+            error: io::Error::from(e),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving
+
+/// A temporary file that is removed on drop unless it was renamed into place.
+#[derive(Debug)]
+struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        self.file = None;
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let short: String = name.chars().take(100).collect();
+    dir.join(format!(".{short}.vmlink-{}-{n}.tmp", std::process::id()))
+}
+
+/// The file being received.
+#[derive(Debug)]
+struct Current {
+    entry: Entry,
+    target: PathBuf,
+    temp: TempFile,
+    sha: Sha256,
+    len: u64,
+}
+
+/// Where a received file's data goes.
+#[derive(Debug)]
+enum Dest {
+    /// A tree under `base`; the root entry is named `rename` (or its own name).
+    Tree {
+        base: PathBuf,
+        rename: Option<String>,
+    },
+    /// One file to a writer (`-` as the destination).
+    Stream,
+}
+
+/// The receiving end of a copy, synchronous: feed it messages with [`Receiver::handle`].
+///
+/// Dropping it before `Done` removes the file in progress.
+#[derive(Debug)]
+pub struct Receiver {
+    dest: Dest,
+    root: Option<String>,
+    current: Option<Current>,
+    /// Directories to finish (mode, mtime), in creation order.
+    dirs: Vec<(PathBuf, u32, i64, u32)>,
+    stream_out: Option<Box<dyn WriteDebug>>,
+    summary: CopySummary,
+    progress: Arc<AtomicU64>,
+}
+
+/// A `Write` that can sit in a `Debug` struct.
+pub trait WriteDebug: Write + Send {}
+impl<W: Write + Send> WriteDebug for W {}
+impl std::fmt::Debug for dyn WriteDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Write")
+    }
+}
+
+/// What the receiver wants next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// More messages.
+    More,
+    /// The copy is complete and committed.
+    Done(CopySummary),
+}
+
+impl Receiver {
+    /// A receiver that writes a tree at `dest` (see `Put` for `exact`). `dest` must exist as a
+    /// directory (then the root goes inside it, unless `exact`), or its parent must.
+    pub fn new(dest: &Path, exact: bool, progress: Arc<AtomicU64>) -> Result<Receiver, FilesError> {
+        let is_dir = fs::metadata(dest).map(|m| m.is_dir()).unwrap_or(false);
+        let dest = if is_dir && !exact {
+            Dest::Tree {
+                base: dest.to_path_buf(),
+                rename: None,
+            }
+        } else {
+            let name = dest
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| FilesError::Unsupported(format!("{dest:?} names no file")))?;
+            let parent = match dest.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                None => return Err(FilesError::Unsupported(format!("{dest:?} has no parent"))),
+            };
+            let m = fs::metadata(parent).map_err(FilesError::io("open the directory", parent))?;
+            if !m.is_dir() {
+                return Err(FilesError::Unsupported(format!(
+                    "{parent:?} is not a directory"
+                )));
+            }
+            Dest::Tree {
+                base: parent.to_path_buf(),
+                rename: Some(name.to_string()),
+            }
+        };
+        Ok(Receiver::with(dest, None, progress))
+    }
+
+    /// A receiver that writes one file's data to `out` (`-` as the destination).
+    pub fn to_writer(out: Box<dyn WriteDebug>, progress: Arc<AtomicU64>) -> Receiver {
+        Receiver::with(Dest::Stream, Some(out), progress)
+    }
+
+    fn with(dest: Dest, out: Option<Box<dyn WriteDebug>>, progress: Arc<AtomicU64>) -> Receiver {
+        Receiver {
+            dest,
+            root: None,
+            current: None,
+            dirs: Vec::new(),
+            stream_out: out,
+            summary: CopySummary::default(),
+            progress,
+        }
+    }
+
+    /// Handles one message of the copy.
+    pub fn handle(&mut self, m: Message) -> Result<Flow, FilesError> {
+        match (m, self.current.is_some()) {
+            (Message::Entry(e), false) => self.entry(e).map(|()| Flow::More),
+            (Message::Data(d), true) => self.data(&d).map(|()| Flow::More),
+            (Message::FileEnd(end), true) => self.file_end(&end).map(|()| Flow::More),
+            (Message::Done, false) => self.done().map(Flow::Done),
+            (Message::Error(e), _) => Err(FilesError::Peer {
+                kind: e.kind,
+                message: e.message,
+            }),
+            (other, inside) => Err(FilesError::Sequence {
+                got: other.message_type(),
+                state: if inside {
+                    "inside a file"
+                } else {
+                    "between entries"
+                },
+            }),
+        }
+    }
+
+    /// Maps an entry to its target path, checking every directory on the way.
+    fn target(&mut self, e: &Entry) -> Result<PathBuf, FilesError> {
+        let unsafe_path = |reason: String| FilesError::UnsafePath {
+            entry: e.path.clone(),
+            reason,
+        };
+        // Decoded entries are already validated; checked again for entries built locally.
+        e.validate().map_err(unsafe_path)?;
+        let mut parts = e.path.split('/');
+        let first = parts.next().unwrap_or_default();
+        match &self.root {
+            None => {
+                if e.path.contains('/') {
+                    return Err(unsafe_path(
+                        "the first entry must be the copy's root".into(),
+                    ));
+                }
+                self.root = Some(first.to_string());
+            }
+            Some(root) if root == first && e.path.contains('/') => {}
+            Some(root) => {
+                return Err(unsafe_path(format!(
+                    "every entry must be inside the copy's root {root:?}"
+                )))
+            }
+        }
+        let Dest::Tree { base, rename } = &self.dest else {
+            return Ok(PathBuf::new());
+        };
+        let mut target = base.clone();
+        target.push(rename.as_deref().unwrap_or(first));
+        let rest: Vec<&str> = parts.collect();
+        for c in rest {
+            // `target` is a directory this entry goes through: a real one, not a symlink.
+            match fs::symlink_metadata(&target) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(unsafe_path(format!(
+                        "{target:?} is a symlink; entries are never written through one"
+                    )))
+                }
+                Ok(_) => return Err(unsafe_path(format!("{target:?} is not a directory"))),
+                Err(source) => {
+                    return Err(FilesError::Io {
+                        op: "find the directory",
+                        path: target,
+                        error: source,
+                    })
+                }
+            }
+            target.push(c);
+        }
+        // Belt and braces: the result has only normal components below `base`.
+        if target
+            .strip_prefix(base)
+            .map(|r| r.components().any(|c| !matches!(c, Component::Normal(_))))
+            .unwrap_or(true)
+        {
+            return Err(unsafe_path("it resolves outside the destination".into()));
+        }
+        Ok(target)
+    }
+
+    fn entry(&mut self, e: Entry) -> Result<(), FilesError> {
+        self.summary.entries += 1;
+        if self.summary.entries > MAX_ENTRIES {
+            return Err(FilesError::TooManyEntries);
+        }
+        let target = self.target(&e)?;
+        if matches!(self.dest, Dest::Stream) {
+            if e.kind != EntryKind::File || self.summary.entries > 1 {
+                return Err(FilesError::Unsupported(format!(
+                    "{:?} is not a regular file; only one file can be copied to stdout",
+                    e.path
+                )));
+            }
+            self.current = Some(Current {
+                entry: e,
+                target,
+                temp: TempFile {
+                    path: PathBuf::new(),
+                    file: None,
+                },
+                sha: Sha256::new(),
+                len: 0,
+            });
+            return Ok(());
+        }
+        let parent = target.parent().unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("entry");
+        match e.kind {
+            EntryKind::Dir => {
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        return Err(FilesError::UnsafePath {
+                            entry: e.path,
+                            reason: format!("{target:?} exists and is not a directory"),
+                        })
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        fs::DirBuilder::new()
+                            .mode(0o700)
+                            .create(&target)
+                            .map_err(FilesError::io("create the directory", &target))?;
+                    }
+                    Err(source) => {
+                        return Err(FilesError::Io {
+                            op: "inspect",
+                            path: target,
+                            error: source,
+                        })
+                    }
+                }
+                // Writable for us until the end, when its own mode is applied.
+                fs::set_permissions(&target, fs::Permissions::from_mode(e.mode | 0o700))
+                    .map_err(FilesError::io("set the mode of", &target))?;
+                self.dirs.push((target, e.mode, e.mtime, e.mtime_nsec));
+            }
+            EntryKind::Symlink => {
+                let link = e.link_target.clone().unwrap_or_default();
+                let temp = temp_name(parent, name);
+                std::os::unix::fs::symlink(&link, &temp)
+                    .map_err(FilesError::io("create the symlink", &temp))?;
+                let guard = TempFile {
+                    path: temp,
+                    file: None,
+                };
+                set_mtime_nofollow(&guard.path, e.mtime, e.mtime_nsec)?;
+                fs::rename(&guard.path, &target).map_err(FilesError::io("rename onto", &target))?;
+                std::mem::forget(guard);
+            }
+            EntryKind::File => {
+                let temp = temp_name(parent, name);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&temp)
+                    .map_err(FilesError::io("create the temporary file", &temp))?;
+                self.current = Some(Current {
+                    entry: e,
+                    target,
+                    temp: TempFile {
+                        path: temp,
+                        file: Some(file),
+                    },
+                    sha: Sha256::new(),
+                    len: 0,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, d: &[u8]) -> Result<(), FilesError> {
+        let Some(cur) = &mut self.current else {
+            return Ok(());
+        };
+        cur.sha.update(d);
+        cur.len += d.len() as u64;
+        self.progress.fetch_add(d.len() as u64, Ordering::Relaxed);
+        if let Some(out) = &mut self.stream_out {
+            return out
+                .write_all(d)
+                .map_err(FilesError::io("write", Path::new("stdout")));
+        }
+        if let Some(f) = &mut cur.temp.file {
+            f.write_all(d)
+                .map_err(FilesError::io("write", &cur.temp.path))?;
+        }
+        Ok(())
+    }
+
+    fn file_end(&mut self, end: &FileEnd) -> Result<(), FilesError> {
+        let Some(mut cur) = self.current.take() else {
+            return Ok(());
+        };
+        let got = hex(&std::mem::take(&mut cur.sha).finalize());
+        if let Some(expected) = cur.entry.size {
+            if expected != cur.len {
+                return Err(FilesError::Size {
+                    entry: cur.entry.path,
+                    expected,
+                    got: cur.len,
+                });
+            }
+        }
+        if got != end.sha256 {
+            return Err(FilesError::Checksum {
+                entry: cur.entry.path,
+                expected: end.sha256.clone(),
+                got,
+            });
+        }
+        self.summary.bytes += cur.len;
+        if let Some(out) = &mut self.stream_out {
+            return out
+                .flush()
+                .map_err(FilesError::io("flush", Path::new("stdout")));
+        }
+        let path = cur.temp.path.clone();
+        if let Some(f) = &cur.temp.file {
+            f.set_permissions(fs::Permissions::from_mode(cur.entry.mode))
+                .map_err(FilesError::io("set the mode of", &path))?;
+            f.set_times(
+                fs::FileTimes::new()
+                    .set_modified(system_time(cur.entry.mtime, cur.entry.mtime_nsec)),
+            )
+            .map_err(FilesError::io("set the mtime of", &path))?;
+            f.sync_all().map_err(FilesError::io("fsync", &path))?;
+        }
+        fs::rename(&path, &cur.target).map_err(FilesError::io("rename onto", &cur.target))?;
+        // Renamed: nothing to remove any more.
+        cur.temp.path = PathBuf::new();
+        Ok(())
+    }
+
+    fn done(&mut self) -> Result<CopySummary, FilesError> {
+        if self.root.is_none() {
+            return Err(FilesError::Sequence {
+                got: MessageType::Done,
+                state: "before any entry",
+            });
+        }
+        for (dir, mode, secs, nsec) in self.dirs.iter().rev() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(*mode))
+                .map_err(FilesError::io("set the mode of", dir))?;
+            set_mtime_nofollow(dir, *secs, *nsec)?;
+        }
+        Ok(self.summary)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending
+
+/// Where a sender's frames go: a bounded channel to the socket writer.
+#[derive(Debug)]
+pub struct FrameSink {
+    tx: mpsc::Sender<Vec<u8>>,
+    progress: Arc<AtomicU64>,
+}
+
+impl FrameSink {
+    fn frame(&self, frame: Vec<u8>) -> Result<(), FilesError> {
+        self.tx.blocking_send(frame).map_err(|_| FilesError::Closed)
+    }
+
+    fn message(&self, m: &Message) -> Result<(), FilesError> {
+        let frame = m.encode().map_err(WireError::Frame)?;
+        self.frame(frame)
+    }
+
+    /// Sends a file's data from `r`, then its `FileEnd`. Returns its length.
+    fn data_from(&self, r: &mut dyn Read, path: &Path) -> Result<u64, FilesError> {
+        let mut sha = Sha256::new();
+        let mut len = 0u64;
+        loop {
+            let mut buf = vec![0u8; HEADER_LEN + COPY_CHUNK];
+            let n = loop {
+                match r.read(&mut buf[HEADER_LEN..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(FilesError::io("read", path)(e)),
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[HEADER_LEN..HEADER_LEN + n]);
+            len += n as u64;
+            let header = encode_header(MessageType::Data, n).map_err(WireError::Frame)?;
+            buf[..HEADER_LEN].copy_from_slice(&header);
+            buf.truncate(HEADER_LEN + n);
+            self.frame(buf)?;
+            self.progress.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        self.message(&Message::FileEnd(FileEnd {
+            sha256: hex(&sha.finalize()),
+        }))?;
+        Ok(len)
+    }
+}
+
+fn utf8(path: &Path) -> Result<&str, FilesError> {
+    path.to_str().ok_or_else(|| {
+        FilesError::Unsupported(format!(
+            "{path:?} is not UTF-8; this version copies UTF-8 names only"
+        ))
+    })
+}
+
+/// Sends the tree at `root` (not following symlinks) under the name `name`, then `Done`.
+pub fn send_tree(sink: &FrameSink, root: &Path, name: &str) -> Result<CopySummary, FilesError> {
+    let mut summary = CopySummary::default();
+    send_one(sink, root, name, &mut summary)?;
+    sink.message(&Message::Done)?;
+    Ok(summary)
+}
+
+fn send_one(
+    sink: &FrameSink,
+    path: &Path,
+    rel: &str,
+    summary: &mut CopySummary,
+) -> Result<(), FilesError> {
+    summary.entries += 1;
+    if summary.entries > MAX_ENTRIES {
+        return Err(FilesError::TooManyEntries);
+    }
+    let m = fs::symlink_metadata(path).map_err(FilesError::io("inspect", path))?;
+    let (mtime, mtime_nsec) = mtime_of(&m);
+    let mut entry = Entry {
+        kind: EntryKind::File,
+        path: rel.to_string(),
+        mode: m.mode() & 0o7777,
+        mtime,
+        mtime_nsec,
+        size: None,
+        link_target: None,
+    };
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        let t = fs::read_link(path).map_err(FilesError::io("read the symlink", path))?;
+        entry.kind = EntryKind::Symlink;
+        entry.link_target = Some(utf8(&t)?.to_string());
+        sink.message(&Message::Entry(entry))?;
+    } else if ft.is_dir() {
+        entry.kind = EntryKind::Dir;
+        sink.message(&Message::Entry(entry))?;
+        let mut names = Vec::new();
+        for d in fs::read_dir(path).map_err(FilesError::io("list", path))? {
+            let d = d.map_err(FilesError::io("list", path))?;
+            names.push(d.file_name());
+        }
+        names.sort();
+        for n in names {
+            let child = path.join(&n);
+            let n = utf8(Path::new(&n))?;
+            send_one(sink, &child, &format!("{rel}/{n}"), summary)?;
+        }
+    } else if ft.is_file() {
+        let mut f = File::open(path).map_err(FilesError::io("open", path))?;
+        entry.size = Some(m.len());
+        sink.message(&Message::Entry(entry))?;
+        summary.bytes += sink.data_from(&mut f, path)?;
+    } else {
+        return Err(FilesError::Unsupported(format!(
+            "{path:?} is not a regular file, directory or symlink"
+        )));
+    }
+    Ok(())
+}
+
+/// Sends one file named `name` whose data is read from `r` (e.g. stdin), then `Done`.
+pub fn send_stream(
+    sink: &FrameSink,
+    r: &mut dyn Read,
+    name: &str,
+) -> Result<CopySummary, FilesError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let entry = Entry {
+        kind: EntryKind::File,
+        path: name.to_string(),
+        mode: 0o644,
+        mtime: i64::try_from(now.as_secs()).unwrap_or(0),
+        mtime_nsec: now.subsec_nanos(),
+        size: None,
+        link_target: None,
+    };
+    sink.message(&Message::Entry(entry))?;
+    let bytes = sink.data_from(r, Path::new("stdin"))?;
+    sink.message(&Message::Done)?;
+    Ok(CopySummary { entries: 1, bytes })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Async glue: one side of a connection.
+
+/// Runs `produce` on a blocking thread and writes its frames to `w` in order.
+pub(crate) async fn send_frames<F>(
+    w: &mut WriteHalf,
+    progress: Arc<AtomicU64>,
+    produce: F,
+) -> Result<CopySummary, FilesError>
+where
+    F: FnOnce(&FrameSink) -> Result<CopySummary, FilesError> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let producer = tokio::task::spawn_blocking(move || produce(&FrameSink { tx, progress }));
+    let mut write_error = None;
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = w.write_all(&frame).await {
+            write_error = Some(e);
+            break;
+        }
+    }
+    // Stops the producer at its next frame if the write failed.
+    drop(rx);
+    let produced = producer
+        .await
+        .map_err(|e| FilesError::Unsupported(format!("the copy's sending thread failed: {e}")))?;
+    match (produced, write_error) {
+        (_, Some(e)) => Err(WireError::Io(e).into()),
+        (r, None) => r,
+    }
+}
+
+/// Reads the copy from `reader` and feeds it to `receiver` on a blocking thread until `Done`.
+pub(crate) async fn receive_frames(
+    reader: &mut FrameReader<ReadHalf>,
+    receiver: Receiver,
+) -> Result<CopySummary, FilesError> {
+    let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+    let mut consumer = tokio::task::spawn_blocking(move || {
+        let mut receiver = receiver;
+        while let Some(m) = rx.blocking_recv() {
+            if let Flow::Done(s) = receiver.handle(m)? {
+                return Ok(s);
+            }
+        }
+        // Dropping `receiver` here removes the file in progress.
+        Err(FilesError::Closed)
+    });
+    let mut tx = Some(tx);
+    loop {
+        tokio::select! {
+            r = &mut consumer => {
+                return r.map_err(|e| FilesError::Unsupported(format!("the copy's receiving thread failed: {e}")))?;
+            }
+            m = reader.next(), if tx.is_some() => {
+                let m = match m {
+                    Ok(Some(m)) => m,
+                    // Closing the channel makes the consumer clean up and end.
+                    Ok(None) => { tx = None; continue; }
+                    // Returning drops `tx`: the consumer cleans up on its own.
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(t) = &tx {
+                    if t.send(m).await.is_err() {
+                        tx = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's requests.
+
+/// Serves a `Put`: receives the copy, answers `Done` once it is committed.
+pub(crate) async fn serve_put(
+    put: Put,
+    mut reader: FrameReader<ReadHalf>,
+    w: &mut WriteHalf,
+) -> Result<(), SessionError> {
+    let result = match Receiver::new(Path::new(&put.path), put.exact, Arc::default()) {
+        Ok(receiver) => receive_frames(&mut reader, receiver).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(summary) => {
+            debug!(path = put.path, ?summary, "put done");
+            write_message(w, &Message::Done).await?;
+            let _ = w.shutdown_write();
+            Ok(())
+        }
+        Err(e) => fail(reader, w, e).await,
+    }
+}
+
+/// Serves a `Get`: sends the copy of `get.path`.
+pub(crate) async fn serve_get(
+    get: Get,
+    reader: FrameReader<ReadHalf>,
+    w: &mut WriteHalf,
+) -> Result<(), SessionError> {
+    let path = PathBuf::from(&get.path);
+    let name = match path.file_name().and_then(|n| n.to_str()) {
+        Some(n) => n.to_string(),
+        None => {
+            let e = FilesError::Unsupported(format!("{:?} names no file or directory", get.path));
+            return fail(reader, w, e).await;
+        }
+    };
+    match send_frames(w, Arc::default(), move |sink| send_tree(sink, &path, &name)).await {
+        Ok(summary) => {
+            debug!(path = get.path, ?summary, "get done");
+            let _ = w.shutdown_write();
+            Ok(())
+        }
+        Err(FilesError::Wire(e)) => Err(SessionError::Wire(e)),
+        Err(e) => fail(reader, w, e).await,
+    }
+}
+
+/// Sends an `Error` for `e`, half-closes, and drops what the client still sends (until it
+/// closes, at most 2 s) so that the error is read rather than reset away.
+async fn fail(
+    reader: FrameReader<ReadHalf>,
+    w: &mut WriteHalf,
+    e: FilesError,
+) -> Result<(), SessionError> {
+    let message = vmlink_transport::error_chain(&e as &(dyn std::error::Error + 'static));
+    write_message(w, &Message::error(e.kind(), &message)).await?;
+    let _ = w.shutdown_write();
+    let mut reader = reader;
+    let drain = async { while let Ok(Some(_)) = reader.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    Err(SessionError::Refused(message))
+}

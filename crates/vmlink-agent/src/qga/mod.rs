@@ -1,0 +1,278 @@
+//! # qemu-guest-agent's protocol, served by vmlink-agent
+//!
+//! `vmlink-agent --qga ADDR` answers the QMP-style JSON protocol of qemu-ga (framing and request
+//! checks in `vmlink_proto::qga`), so libvirt (`virsh qemu-agent-command`, `virsh
+//! domifaddr --source agent`), Proxmox and other hosts that speak only qemu-ga work unchanged.
+//! Differences from qemu-ga that a host could notice are listed in `docs/qga-compat.md`.
+//!
+//! ## Channels
+//!
+//! - A listening address (`unix-listen:`, `vsock-listen:`) serves every accepted connection,
+//!   each as its own task.
+//! - Any other address (the default, `vport:org.qemu.guest_agent.0`) is one stream, opened,
+//!   served until it reports EOF (the host side closed), and opened again. A virtio-serial port
+//!   whose host side is not connected reads as EOF at once and offers no event for "connected",
+//!   so the re-open after an EOF that carried no data waits [`REOPEN_BACKOFF`].
+//!
+//! Requests on one connection are answered in order, one at a time, as qemu-ga does. State that
+//! outlives a connection (open file handles, started processes) is shared by all of them, also
+//! as in qemu-ga: a host may open a file on one connection and read it on the next.
+//!
+//! ## Bounds
+//!
+//! - A message: 64 MiB and 1024 levels of nesting (`vmlink_proto::qga`).
+//! - `guest-exec` output: [`MAX_EXEC_OUTPUT`] (16 MiB) per stream is kept; the rest is read and
+//!   dropped, and `out-truncated`/`err-truncated` say so. At most [`MAX_EXECS`] finished or
+//!   running processes are tracked; a finished one is forgotten once `guest-exec-status` has
+//!   reported it.
+//! - `guest-file-read`: at most [`MAX_READ_COUNT`] (48 MiB) per call, default 4096;
+//!   at most [`MAX_FILE_HANDLES`] open handles.
+
+mod commands;
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+use vmlink_proto::qga::{
+    encode_error, encode_return, parse_request, Decoder, ErrorReply, Frame, COMMAND_NOT_FOUND,
+};
+use vmlink_transport::{Addr, AsyncListener, AsyncStream};
+
+pub use commands::COMMANDS;
+
+/// The address qemu-ga uses, and libvirt and Proxmox wire: the virtio-serial port.
+pub const DEFAULT_QGA_ADDR: &str = "vport:org.qemu.guest_agent.0";
+/// Output kept per stream of one `guest-exec` (qemu-ga's bound too).
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// Processes tracked at once by `guest-exec`.
+pub const MAX_EXECS: usize = 1024;
+/// Largest `count` of one `guest-file-read`.
+pub const MAX_READ_COUNT: i64 = 48 << 20;
+/// Open `guest-file-open` handles at once.
+pub const MAX_FILE_HANDLES: usize = 1024;
+/// Wait before re-opening a stream address that reported EOF without data.
+pub const REOPEN_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Which commands are served.
+#[derive(Debug, Clone, Default)]
+pub struct QgaPolicy {
+    /// `--allow-rpcs`: when set, only these commands are enabled.
+    pub allow: Option<BTreeSet<String>>,
+    /// `--block-rpcs`: these commands are disabled.
+    pub block: BTreeSet<String>,
+}
+
+impl QgaPolicy {
+    /// Whether `command` is enabled. Unknown names are irrelevant: they are not found anyway.
+    pub fn enabled(&self, command: &str) -> bool {
+        !self.block.contains(command) && self.allow.as_ref().map_or(true, |a| a.contains(command))
+    }
+
+    /// Parses qemu-ga's comma lists (`--allow-rpcs`, `--block-rpcs`).
+    pub fn from_lists(allow: Option<&str>, block: Option<&str>) -> QgaPolicy {
+        let split = |s: &str| {
+            s.split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+        };
+        QgaPolicy {
+            allow: allow.map(split),
+            block: block.map(split).unwrap_or_default(),
+        }
+    }
+}
+
+/// Why the qga server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum QgaError {
+    /// The address could not be bound or opened.
+    #[error("cannot serve the qemu-guest-agent protocol on {addr}")]
+    Transport {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: vmlink_transport::Error,
+    },
+}
+
+/// State shared by every connection of one server.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) policy: QgaPolicy,
+    pub(crate) files: Mutex<commands::Files>,
+    pub(crate) execs: Mutex<HashMap<u32, commands::ExecSlot>>,
+}
+
+/// Where the qga protocol is served: a listener, or one stream that is re-opened.
+#[derive(Debug)]
+pub enum QgaChannel {
+    /// A listening address: every connection is served.
+    Listener(AsyncListener),
+    /// A stream address (a vport): served, and re-opened after EOF.
+    Stream(Addr, AsyncStream),
+}
+
+impl QgaChannel {
+    /// Binds (listening addresses) or opens (the others) `addr`.
+    pub async fn open(addr: &Addr) -> Result<QgaChannel, QgaError> {
+        let transport = |source| QgaError::Transport {
+            addr: addr.to_string(),
+            source,
+        };
+        if addr.is_listen() {
+            Ok(QgaChannel::Listener(
+                AsyncListener::bind(addr).map_err(transport)?,
+            ))
+        } else {
+            let stream = AsyncStream::connect(addr).await.map_err(transport)?;
+            Ok(QgaChannel::Stream(addr.clone(), stream))
+        }
+    }
+
+    /// The address served (for a listener, as bound).
+    pub fn local_addr(&self) -> &Addr {
+        match self {
+            QgaChannel::Listener(l) => l.local_addr(),
+            QgaChannel::Stream(a, _) => a,
+        }
+    }
+}
+
+/// Serves qemu-ga's protocol on `channel` until `shutdown` completes (see the module docs for
+/// how listeners and streams differ). Failures to re-open a stream are logged and retried.
+pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Future<Output = ()>) {
+    let state = Arc::new(State {
+        policy,
+        files: Mutex::new(commands::Files::default()),
+        execs: Mutex::new(HashMap::new()),
+    });
+    match channel {
+        QgaChannel::Listener(listener) => tokio::select! {
+            () = accept_loop(listener, state) => {}
+            () = shutdown => {}
+        },
+        QgaChannel::Stream(addr, first) => tokio::select! {
+            () = reopen_loop(addr, first, state) => {}
+            () = shutdown => {}
+        },
+    }
+}
+
+/// Serves an already-open stream until EOF; for tests and embedding.
+pub async fn serve_qga_stream(stream: AsyncStream, policy: QgaPolicy) {
+    let state = Arc::new(State {
+        policy,
+        files: Mutex::new(commands::Files::default()),
+        execs: Mutex::new(HashMap::new()),
+    });
+    serve_stream(stream, &state).await;
+}
+
+async fn accept_loop(listener: AsyncListener, state: Arc<State>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    let state = state.clone();
+                    connections.spawn(async move { serve_stream(stream, &state).await; });
+                }
+                Err(e) => {
+                    warn!("{}", vmlink_transport::error_chain(&e));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn reopen_loop(addr: Addr, first: AsyncStream, state: Arc<State>) {
+    let mut stream = Some(first);
+    loop {
+        let s = match stream.take() {
+            Some(s) => s,
+            None => match AsyncStream::connect(&addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("re-opening {addr}: {}", vmlink_transport::error_chain(&e));
+                    tokio::time::sleep(REOPEN_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        if !serve_stream(s, &state).await {
+            tokio::time::sleep(REOPEN_BACKOFF).await;
+        }
+    }
+}
+
+/// Serves one stream until EOF or an I/O error; returns whether any byte arrived.
+async fn serve_stream(mut stream: AsyncStream, state: &Arc<State>) -> bool {
+    let mut decoder = Decoder::new();
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got_data = false;
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => return got_data,
+            Ok(n) => n,
+            Err(e) => {
+                debug!("qga connection: {e}");
+                return got_data;
+            }
+        };
+        got_data = true;
+        decoder.push(&buf[..n], &mut frames);
+        for frame in frames.drain(..) {
+            if let Some(answer) = answer(frame, state).await {
+                if let Err(e) = stream.write_all(&answer).await {
+                    debug!("qga connection: {e}");
+                    return got_data;
+                }
+            }
+        }
+    }
+}
+
+/// The bytes to send for one frame, or `None` (a command with no success response).
+async fn answer(frame: Frame, state: &Arc<State>) -> Option<Vec<u8>> {
+    let msg = match frame {
+        Frame::Error(e) => return Some(encode_error(&ErrorReply::generic(e.to_string()), None)),
+        Frame::Message(m) => m,
+    };
+    let request = match parse_request(&msg) {
+        Ok(r) => r,
+        Err(rejected) => return Some(encode_error(&rejected.error, rejected.id.as_ref())),
+    };
+    let id = request.id.as_ref();
+    let Some(spec) = COMMANDS.iter().find(|c| c.name == request.execute) else {
+        let error = ErrorReply {
+            class: COMMAND_NOT_FOUND.into(),
+            desc: format!("The command {} has not been found", request.execute),
+        };
+        return Some(encode_error(&error, id));
+    };
+    if !state.policy.enabled(spec.name) {
+        let error = ErrorReply {
+            class: COMMAND_NOT_FOUND.into(),
+            desc: format!("Command {} has been disabled", spec.name),
+        };
+        return Some(encode_error(&error, id));
+    }
+    match commands::dispatch(spec.name, request.arguments, state).await {
+        Ok(value) if spec.success_response => Some(encode_return(
+            &value,
+            id,
+            spec.name == "guest-sync-delimited",
+        )),
+        Ok(_) => None,
+        Err(error) => Some(encode_error(&error, id)),
+    }
+}

@@ -1,0 +1,315 @@
+//! Copies through the agent over Unix sockets on the host: the behaviours of `vmlink cp` that do
+//! not depend on vsock, in seconds (the guest tests repeat the main ones over vsock).
+
+mod common;
+mod cp_fixtures;
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use cp_fixtures::{describe, eventually, fresh_dir, make_tree, temp_files, Raw};
+use vmlink_agent::client::{Client, ClientError, GetDest, PutSource};
+use vmlink_agent::Policy;
+use vmlink_proto::agent::{Entry, EntryKind, ErrorKind, FileEnd, Message, Put};
+
+fn unix_agent() -> common::Agent {
+    common::start_agent(
+        &format!("unix-listen:{}", common::socket_path("cp")),
+        Policy::default(),
+    )
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn file_entry(path: &str, size: Option<u64>) -> Entry {
+    Entry {
+        kind: EntryKind::File,
+        path: path.into(),
+        mode: 0o644,
+        mtime: 0,
+        mtime_nsec: 0,
+        size,
+        link_target: None,
+    }
+}
+
+fn agent_error(m: Option<Message>) -> (ErrorKind, String) {
+    match m {
+        Some(Message::Error(e)) => (e.kind, e.message),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tree_copies_both_ways_with_modes_mtimes_symlinks_and_empty_dirs() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let src = fresh_dir("src");
+        let tree = make_tree(&src, 3 << 20);
+        let up = fresh_dir("up");
+        let progress = Arc::default();
+        let sent = client
+            .put(
+                PutSource::Path(tree.clone()),
+                &s(&up),
+                Arc::clone(&progress),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put: {}", vmlink_transport::error_chain(&e)));
+        assert_eq!(sent.bytes, (3 << 20) + 6 + 18);
+        assert_eq!(
+            progress.load(std::sync::atomic::Ordering::Relaxed),
+            sent.bytes
+        );
+        assert_eq!(describe(&tree), describe(&up.join("tree")));
+        assert!(temp_files(&up).is_empty());
+
+        // Back again, to a new name (the destination does not exist: created as it).
+        let down = fresh_dir("down");
+        client
+            .get(
+                &s(&up.join("tree")),
+                GetDest::Path(down.join("copy")),
+                Arc::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("get: {}", vmlink_transport::error_chain(&e)));
+        assert_eq!(describe(&tree), describe(&down.join("copy")));
+
+        // A single file over an existing one, and into an existing directory.
+        let one = src.join("one.txt");
+        fs::write(&one, b"new").expect("write");
+        fs::write(up.join("existing"), b"old contents").expect("write");
+        client
+            .put(
+                PutSource::Path(one.clone()),
+                &s(&up.join("existing")),
+                Arc::default(),
+            )
+            .await
+            .expect("put over a file");
+        assert_eq!(fs::read(up.join("existing")).expect("read"), b"new");
+        client
+            .put(
+                PutSource::Path(one),
+                &s(&up.join("tree/empty")),
+                Arc::default(),
+            )
+            .await
+            .expect("put into a dir");
+        assert_eq!(
+            fs::read(up.join("tree/empty/one.txt")).expect("read"),
+            b"new"
+        );
+
+        // `-`: a reader into exactly the named file, and a file to a writer.
+        let data = common::payload(3, 200_000);
+        client
+            .put(
+                PutSource::Reader(Box::new(std::io::Cursor::new(data.clone()))),
+                &s(&up.join("from-stdin")),
+                Arc::default(),
+            )
+            .await
+            .expect("put a stream");
+        assert_eq!(fs::read(up.join("from-stdin")).expect("read"), data);
+        let out = src.join("stdout.bin");
+        let w = fs::File::create(&out).expect("create");
+        client
+            .get(
+                &s(&up.join("from-stdin")),
+                GetDest::Writer(Box::new(w)),
+                Arc::default(),
+            )
+            .await
+            .expect("get to a writer");
+        assert_eq!(fs::read(&out).expect("read"), data);
+
+        // A directory cannot go to a writer; a missing source is named with its errno.
+        let e = client
+            .get(
+                &s(&up.join("tree")),
+                GetDest::Writer(Box::new(std::io::sink())),
+                Arc::default(),
+            )
+            .await
+            .expect_err("a dir to stdout");
+        assert!(matches!(e, ClientError::Copy { .. }), "{e:?}");
+        let e = client
+            .get(
+                &s(&up.join("nope")),
+                GetDest::Path(down.clone()),
+                Arc::default(),
+            )
+            .await
+            .expect_err("missing");
+        let text = vmlink_transport::error_chain(&e);
+        assert!(text.contains("ENOENT") && text.contains("nope"), "{text}");
+        assert!(!down.join("nope").exists());
+    });
+}
+
+#[test]
+fn entries_that_would_escape_the_destination_are_refused_naming_the_entry() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let dest = fresh_dir("escape");
+        let outside = fresh_dir("outside");
+
+        // `..` never gets past the decoder.
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        let mut frame = Message::Entry(file_entry("xx/evil", None))
+            .encode()
+            .expect("encodes");
+        let at = frame.windows(2).position(|w| w == b"xx").expect("the path");
+        frame[at..at + 2].copy_from_slice(b"..");
+        raw.send_bytes(&frame).await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::BadRequest, "{message}");
+        assert!(message.contains("../evil"), "{message}");
+
+        // A symlink sent in the copy, then an entry through it.
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        let dir = Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            ..file_entry("d", None)
+        };
+        raw.send(&Message::Entry(dir)).await;
+        let link = Entry {
+            kind: EntryKind::Symlink,
+            link_target: Some(s(&outside)),
+            ..file_entry("d/l", None)
+        };
+        raw.send(&Message::Entry(link)).await;
+        raw.send(&Message::Entry(file_entry("d/l/planted", Some(1))))
+            .await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::UnsafePath, "{message}");
+        assert!(
+            message.contains("d/l/planted") && message.contains("symlink"),
+            "{message}"
+        );
+        assert!(!outside.join("planted").exists());
+
+        // A symlink already in the destination is not followed either.
+        std::os::unix::fs::symlink(&outside, dest.join("pre")).expect("symlink");
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        let dir = Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            ..file_entry("pre", None)
+        };
+        raw.send(&Message::Entry(dir)).await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::UnsafePath, "{message}");
+        assert!(message.contains("\"pre\""), "{message}");
+
+        // Entries outside the copy's root are refused.
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        let dir = Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            ..file_entry("r", None)
+        };
+        raw.send(&Message::Entry(dir)).await;
+        raw.send(&Message::Entry(file_entry("other/x", Some(0))))
+            .await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::UnsafePath, "{message}");
+        assert!(message.contains("other/x"), "{message}");
+        assert_eq!(fs::read_dir(&outside).expect("readdir").count(), 0);
+    });
+}
+
+#[test]
+fn a_bad_checksum_or_a_dropped_connection_leaves_no_file_and_no_temp_file() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let dest = fresh_dir("atomic");
+
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        raw.send(&Message::Entry(file_entry("f", Some(3)))).await;
+        raw.send(&Message::Data(b"abc".to_vec())).await;
+        raw.send(&Message::FileEnd(FileEnd {
+            sha256: "00".repeat(32),
+        }))
+        .await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::ChecksumMismatch, "{message}");
+        assert!(message.contains("checksum mismatch for \"f\""), "{message}");
+        assert!(!dest.join("f").exists());
+        eventually("the temp file is removed after a mismatch", || {
+            temp_files(&dest).is_empty()
+        });
+
+        // The client goes away mid-file: the temp file appears, then is removed.
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        raw.send(&Message::Entry(file_entry("g", Some(1 << 20))))
+            .await;
+        raw.send(&Message::Data(vec![1; 4096])).await;
+        eventually("the temp file exists", || !temp_files(&dest).is_empty());
+        drop(raw);
+        eventually("the temp file is removed after a disconnect", || {
+            temp_files(&dest).is_empty()
+        });
+        assert!(!dest.join("g").exists());
+
+        // A file shorter than announced is refused too.
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let mut raw = Raw::open(&agent.addr).await;
+        raw.send(&Message::Put(Put {
+            path: s(&dest),
+            exact: false,
+        }))
+        .await;
+        raw.send(&Message::Entry(file_entry("h", Some(10)))).await;
+        raw.send(&Message::Data(b"abc".to_vec())).await;
+        raw.send(&Message::FileEnd(FileEnd {
+            sha256: "00".repeat(32),
+        }))
+        .await;
+        let (kind, message) = agent_error(raw.recv().await);
+        assert_eq!(kind, ErrorKind::ChecksumMismatch, "{message}");
+        assert!(
+            message.contains("announced as 10 bytes but 3 arrived"),
+            "{message}"
+        );
+        client.ping().await.expect("the agent still answers");
+        assert_eq!(fs::read_dir(&dest).expect("readdir").count(), 0);
+    });
+}

@@ -1,0 +1,290 @@
+//! `vmlink cp SRC DST`: copy files, directories and symlinks to or from a guest through its
+//! `vmlink-agent`, like scp and docker cp. The work is in `vmlink_agent::client` (`put`, `get`)
+//! and `vmlink_agent::files`; this module parses the two operands and draws the progress bar.
+//!
+//! # Operands
+//!
+//! Exactly one of SRC and DST is remote, `TARGET:PATH`; the other is a local path, or `-`
+//! (stdin as SRC, stdout as DST). Since addresses contain colons, the rule is: **TARGET is the
+//! shortest prefix, ending right before a `:/`, that parses as a connecting address; PATH is
+//! the rest, from that `/`**, so PATH is always absolute:
+//!
+//! ```text
+//! vsock:3:7878:/tmp/x            -> vsock:3:7878            /tmp/x
+//! unix:/run/agent.sock:/etc/a:b  -> unix:/run/agent.sock    /etc/a:b
+//! vsock:3:7878,connect-timeout=2s:/x -> vsock:3:7878,connect-timeout=2s  /x
+//! ```
+//!
+//! An operand with no such prefix is local (write `./name` for a local file whose name would
+//! parse as `TARGET:/...`).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use vmlink_agent::client::{Client, GetDest, PutSource};
+use vmlink_transport::Addr;
+
+/// Copy files and directories to or from a guest through its vmlink-agent.
+///
+/// One side is TARGET:PATH (PATH absolute; TARGET is the shortest prefix
+/// before a ":/" that is a connecting address), the other a local path or
+/// "-" (stdin as SRC: one file written as exactly PATH; stdout as DST: one
+/// regular file). Directories copy recursively; modes and mtimes are kept;
+/// symlinks are copied as symlinks, never followed. Every file is written to
+/// a temporary file beside its destination, checked against a SHA-256 sent
+/// with the data, fsynced and renamed into place: a failed or interrupted
+/// copy leaves no partial file. Like cp: when DST is an existing directory,
+/// SRC goes inside it under its own name; otherwise it is created as DST.
+///
+/// Examples:
+///   vmlink cp ./build vsock:3:7878:/opt/app          # -> /opt/app/build (if /opt/app exists)
+///   vmlink cp vsock:3:7878:/var/log/syslog .
+///   tar c dir | vmlink cp - vsock:3:7878:/tmp/dir.tar
+///   vmlink cp vsock:3:7878:/etc/os-release - | head
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// What to copy: a local path, TARGET:PATH, or - for stdin.
+    src: String,
+    /// Where to: a local path, TARGET:PATH, or - for stdout.
+    dst: String,
+    /// No progress bar (there is none anyway unless stderr is a terminal).
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// An operand that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CpError {
+    /// Neither side is remote, or both are.
+    #[error("exactly one of SRC and DST must be TARGET:PATH (e.g. vsock:3:7878:/tmp/x); got {src:?} and {dst:?}")]
+    Sides {
+        /// SRC as given.
+        src: String,
+        /// DST as given.
+        dst: String,
+    },
+    /// The address part is a listening address.
+    #[error("{addr} is a listening address; cp needs the agent's connecting address")]
+    Listening {
+        /// The address.
+        addr: String,
+    },
+}
+
+/// One operand.
+#[derive(Debug, Clone, PartialEq)]
+enum Side {
+    /// `-`.
+    Std,
+    /// A local path.
+    Local(PathBuf),
+    /// An agent's address and an absolute path there.
+    Remote(Addr, String),
+}
+
+fn parse_side(s: &str) -> Result<Side, CpError> {
+    if s == "-" {
+        return Ok(Side::Std);
+    }
+    for (i, _) in s.match_indices(":/") {
+        if let Ok(addr) = s[..i].parse::<Addr>() {
+            if addr.is_listen() {
+                return Err(CpError::Listening {
+                    addr: addr.to_string(),
+                });
+            }
+            return Ok(Side::Remote(addr, s[i + 1..].to_string()));
+        }
+    }
+    Ok(Side::Local(PathBuf::from(s)))
+}
+
+fn total_size(p: &Path) -> u64 {
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if m.is_dir() {
+        std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| total_size(&e.path())).sum())
+            .unwrap_or(0)
+    } else if m.is_file() {
+        m.len()
+    } else {
+        0
+    }
+}
+
+/// A progress bar on stderr when it is a terminal, fed from `counter` until dropped.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(quiet: bool, total: Option<u64>, counter: Arc<AtomicU64>) -> Progress {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress {
+                bar: None,
+                task: None,
+            };
+        }
+        let bar = match total {
+            Some(t) => indicatif::ProgressBar::new(t).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            ),
+            None => indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {bytes} {binary_bytes_per_sec} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            ),
+        };
+        let b = bar.clone();
+        // Redraws from the shared counter; the copy itself never waits for the bar.
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                b.set_position(counter.load(Ordering::Relaxed));
+            }
+        });
+        Progress {
+            bar: Some(bar),
+            task: Some(task),
+        }
+    }
+
+    fn finish(mut self, bytes: u64) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Some(b) = self.bar.take() {
+            b.set_position(bytes);
+            b.finish();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Some(b) = self.bar.take() {
+            b.abandon();
+        }
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (src, dst) = match (parse_side(&a.src), parse_side(&a.dst)) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => return usage(e),
+    };
+    crate::runtime()?.block_on(async {
+        let counter = Arc::new(AtomicU64::new(0));
+        match (src, dst) {
+            (local @ (Side::Local(_) | Side::Std), Side::Remote(addr, path)) => {
+                let client = Client::connect(&addr)
+                    .await
+                    .with_context(|| format!("agent at {addr}"))?;
+                let (source, total) = match local {
+                    Side::Local(p) => {
+                        let total = total_size(&p);
+                        (PutSource::Path(p), Some(total))
+                    }
+                    _ => (PutSource::Reader(Box::new(std::io::stdin())), None),
+                };
+                let progress = Progress::start(a.quiet, total, counter.clone());
+                let Some(summary) = interruptible(client.put(source, &path, counter)).await? else {
+                    return Ok(ExitCode::from(130));
+                };
+                progress.finish(summary.bytes);
+            }
+            (Side::Remote(addr, path), local @ (Side::Local(_) | Side::Std)) => {
+                let client = Client::connect(&addr)
+                    .await
+                    .with_context(|| format!("agent at {addr}"))?;
+                let dest = match local {
+                    Side::Local(p) => GetDest::Path(p),
+                    _ => GetDest::Writer(Box::new(std::io::stdout())),
+                };
+                let progress = Progress::start(a.quiet, None, counter.clone());
+                let Some(summary) = interruptible(client.get(&path, dest, counter)).await? else {
+                    return Ok(ExitCode::from(130));
+                };
+                progress.finish(summary.bytes);
+            }
+            _ => {
+                return usage(CpError::Sides {
+                    src: a.src.clone(),
+                    dst: a.dst.clone(),
+                })
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Runs a copy until it ends or Ctrl-C: then the copy is dropped, which closes the connection
+/// (the agent removes its temporary file) and removes ours (the receiver's drop), and the
+/// runtime's shutdown waits for that. `None` when interrupted.
+async fn interruptible<T>(
+    copy: impl std::future::Future<Output = Result<T, vmlink_agent::client::ClientError>>,
+) -> anyhow::Result<Option<T>> {
+    tokio::select! {
+        r = copy => Ok(Some(r?)),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("vmlink: cp interrupted; nothing partial was left");
+            Ok(None)
+        }
+    }
+}
+
+fn usage(e: CpError) -> anyhow::Result<ExitCode> {
+    eprintln!("vmlink: error: {e}");
+    Ok(ExitCode::from(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(s: &str) -> (String, String) {
+        match parse_side(s) {
+            Ok(Side::Remote(a, p)) => (a.to_string(), p),
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_target_is_the_shortest_address_prefix_before_a_colon_slash() {
+        assert_eq!(remote("vsock:3:7878:/tmp/x").1, "/tmp/x");
+        assert_eq!(remote("vsock:3:7878:/tmp/a:/b").1, "/tmp/a:/b");
+        let (addr, path) = remote("unix:/run/agent.sock:/etc/a:b");
+        assert!(addr.contains("/run/agent.sock"), "{addr}");
+        assert_eq!(path, "/etc/a:b");
+        assert_eq!(parse_side("-").ok(), Some(Side::Std));
+        assert_eq!(
+            parse_side("./vsock:3:7878:/x").ok(),
+            Some(Side::Local("./vsock:3:7878:/x".into()))
+        );
+        assert_eq!(
+            parse_side("dir/file").ok(),
+            Some(Side::Local("dir/file".into()))
+        );
+        assert!(matches!(
+            parse_side("vsock-listen:7878:/x"),
+            Err(CpError::Listening { .. })
+        ));
+    }
+}
