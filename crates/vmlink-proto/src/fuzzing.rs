@@ -165,3 +165,36 @@ pub fn check_round_trip<T: HandshakeLine>(value: T) {
     );
     assert_eq!(T::from_port(value.port()), value);
 }
+
+/// xorshift64: a tiny deterministic generator, so the stable-Rust tests
+/// that run the fuzz invariants spread their inputs the same way every run.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next 64 pseudo-random bits.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number below `n` (> 0); the modulo bias does not matter here.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// One pseudo-random byte.
+    pub fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+
+    /// One of `items`.
+    pub fn pick<'a>(&mut self, items: &[&'a [u8]]) -> &'a [u8] {
+        items[self.below(items.len())]
+    }
+}

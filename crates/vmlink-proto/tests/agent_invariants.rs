@@ -6,27 +6,7 @@ use vmlink_proto::agent::{
     decode, encode_header, Exec, Exit, FrameError, Hello, Message, MessageType, Signal, HEADER_LEN,
 };
 
-/// xorshift64: tiny, deterministic, good enough to spread inputs.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-}
+use vmlink_proto::fuzzing::XorShift;
 
 /// Valid frames, so most inputs get past the header.
 fn seeds() -> Vec<Vec<u8>> {

@@ -4,32 +4,7 @@
 use vmlink_proto::fuzzing::check_hybrid;
 use vmlink_proto::hybrid::{parse_reply, parse_request, HandshakeError, Parsed, MAX_LINE_LEN};
 
-/// xorshift64: tiny, deterministic, good enough to spread inputs.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        // n is small; the modulo bias does not matter here.
-        (self.next() % n as u64) as usize
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a [u8]]) -> &'a [u8] {
-        items[self.below(items.len())]
-    }
-}
+use vmlink_proto::fuzzing::XorShift;
 
 /// Lines near the grammar, so most inputs reach the port parser rather than failing at byte 0.
 const SEEDS: &[&[u8]] = &[

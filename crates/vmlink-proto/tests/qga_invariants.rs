@@ -3,23 +3,7 @@
 
 use vmlink_proto::qga::fuzzing::check_qga_stream;
 
-/// xorshift64: tiny, deterministic, good enough to spread inputs.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use vmlink_proto::fuzzing::XorShift;
 
 /// Requests and near-requests, so most inputs reach the request checks.
 const SEEDS: &[&[u8]] = &[

@@ -208,18 +208,7 @@ impl AsyncWrite for Pattern {
     }
 }
 
-/// Reproducible pseudo-random bytes.
-pub fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use vmlink_lab::testing::payload;
 
 pub fn sha(b: &[u8]) -> Vec<u8> {
     Sha256::digest(b).to_vec()
