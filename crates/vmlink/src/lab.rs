@@ -94,7 +94,12 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Demo(a) => crate::demo::run(a),
         Cmd::Prepare => {
             let p = vmlink_lab::prepare(&LabConfig::default())?;
-            eprintln!("vmlink: lab ready: {p:?}");
+            eprintln!(
+                "vmlink: lab ready: kernel {} ({}), initramfs {}",
+                p.kernel_version(),
+                p.kernel().display(),
+                p.initramfs().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(a) => {

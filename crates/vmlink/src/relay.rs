@@ -68,6 +68,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_connections: a.max_connections,
     };
     crate::runtime()?.block_on(async move {
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
         if a.addr1.is_listen() && !a.once {
             let listener = AsyncListener::bind(&a.addr1)?;
             tracing::info!(listen = %listener.local_addr(), target = %a.addr2, "relaying");
@@ -102,7 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             );
             let accepted = tokio::select! {
                 c = listener.accept() => c?,
-                _ = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+                _ = &mut stop => return Ok(ExitCode::SUCCESS),
             };
             let o = AsyncStream::connect(other).await?;
             if listen_first {
@@ -120,24 +122,30 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 let st = r.context("relay failed")?;
                 tracing::info!(forward = st.forward, backward = st.backward, "done");
             }
-            _ = shutdown_signal() => {}
+            _ = &mut stop => {}
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
+/// Installs SIGINT and SIGTERM handlers now, and returns a future that
+/// completes when either arrives. Installing before anything is printed or
+/// bound matters: a signal that arrives between "listening" and the first
+/// poll of a lazily installed handler would kill the process instead.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handling, never complete: the default action ends us.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {},
-        _ = term.recv() => {},
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without handlers, never complete: the default action ends us.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
     }
 }
