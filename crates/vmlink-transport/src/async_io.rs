@@ -41,6 +41,11 @@ fn register<T: std::os::fd::AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
 struct FdIo {
     afd: AsyncFd<OwnedFd>,
     kind: StreamKind,
+    /// Whether `splice(2)` into this socket is worth it. Not for vsock:
+    /// there it takes the generic page-by-page path, which measured ~1.5x
+    /// slower than a 256 KiB buffered copy in a lab guest
+    /// (docs/benchmarks.md).
+    splice_in: bool,
 }
 
 impl FdIo {
@@ -154,7 +159,16 @@ impl AsyncStream {
             // writes a blocking send off the runtime threads.
             sys::set_nonblocking(fd.as_fd(), kind != StreamKind::Seqpacket)
                 .and_then(|()| register(fd))
-                .map(|afd| Arc::new(FdIo { afd, kind }))
+                .map(|afd| {
+                    let splice_in = kind == StreamKind::Socket
+                        && sys::socket_domain(afd.get_ref().as_fd())
+                            .is_ok_and(|d| d != libc::AF_VSOCK);
+                    Arc::new(FdIo {
+                        afd,
+                        kind,
+                        splice_in,
+                    })
+                })
                 .map_err(|source| Error::Io {
                     context: format!("registering {label} with the reactor"),
                     source,
@@ -254,10 +268,11 @@ impl ReadHalf {
 }
 
 impl WriteHalf {
-    /// The descriptor to `splice(2)` into, when there is one.
+    /// The descriptor to `splice(2)` into, when there is one and splicing
+    /// into it pays (not for vsock sockets).
     pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.0 {
-            WInner::Fd(io) if io.kind == StreamKind::Socket => Some(io.afd.get_ref().as_fd()),
+            WInner::Fd(io) if io.splice_in => Some(io.afd.get_ref().as_fd()),
             _ => None,
         }
     }
