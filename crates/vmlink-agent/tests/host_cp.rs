@@ -36,6 +36,23 @@ fn file_entry(path: &str, size: Option<u64>) -> Entry {
     }
 }
 
+/// Opens a raw `Put` into `dest` and sends a directory entry `dir` in it.
+async fn put_with_dir(agent: &vmlink_transport::Addr, dest: &Path, dir: &str) -> Raw {
+    let mut raw = Raw::open(agent).await;
+    raw.send(&Message::Put(Put {
+        path: s(dest),
+        exact: false,
+    }))
+    .await;
+    let entry = Entry {
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        ..file_entry(dir, None)
+    };
+    raw.send(&Message::Entry(entry)).await;
+    raw
+}
+
 fn agent_error(m: Option<Message>) -> (ErrorKind, String) {
     match m {
         Some(Message::Error(e)) => (e.kind, e.message),
@@ -178,18 +195,7 @@ fn entries_that_would_escape_the_destination_are_refused_naming_the_entry() {
         assert!(message.contains("../evil"), "{message}");
 
         // A symlink sent in the copy, then an entry through it.
-        let mut raw = Raw::open(&agent.addr).await;
-        raw.send(&Message::Put(Put {
-            path: s(&dest),
-            exact: false,
-        }))
-        .await;
-        let dir = Entry {
-            kind: EntryKind::Dir,
-            mode: 0o755,
-            ..file_entry("d", None)
-        };
-        raw.send(&Message::Entry(dir)).await;
+        let mut raw = put_with_dir(&agent.addr, &dest, "d").await;
         let link = Entry {
             kind: EntryKind::Symlink,
             link_target: Some(s(&outside)),
@@ -208,35 +214,13 @@ fn entries_that_would_escape_the_destination_are_refused_naming_the_entry() {
 
         // A symlink already in the destination is not followed either.
         std::os::unix::fs::symlink(&outside, dest.join("pre")).expect("symlink");
-        let mut raw = Raw::open(&agent.addr).await;
-        raw.send(&Message::Put(Put {
-            path: s(&dest),
-            exact: false,
-        }))
-        .await;
-        let dir = Entry {
-            kind: EntryKind::Dir,
-            mode: 0o755,
-            ..file_entry("pre", None)
-        };
-        raw.send(&Message::Entry(dir)).await;
+        let mut raw = put_with_dir(&agent.addr, &dest, "pre").await;
         let (kind, message) = agent_error(raw.recv().await);
         assert_eq!(kind, ErrorKind::UnsafePath, "{message}");
         assert!(message.contains("\"pre\""), "{message}");
 
         // Entries outside the copy's root are refused.
-        let mut raw = Raw::open(&agent.addr).await;
-        raw.send(&Message::Put(Put {
-            path: s(&dest),
-            exact: false,
-        }))
-        .await;
-        let dir = Entry {
-            kind: EntryKind::Dir,
-            mode: 0o755,
-            ..file_entry("r", None)
-        };
-        raw.send(&Message::Entry(dir)).await;
+        let mut raw = put_with_dir(&agent.addr, &dest, "r").await;
         raw.send(&Message::Entry(file_entry("other/x", Some(0))))
             .await;
         let (kind, message) = agent_error(raw.recv().await);
