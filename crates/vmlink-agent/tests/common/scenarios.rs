@@ -311,12 +311,16 @@ pub async fn ping_during_flood_and_disconnect_kills(client: &Client, bound: Dura
     });
     // The first line names the processes; the rest is counted.
     let (pids_tx, pids_rx) = tokio::sync::oneshot::channel::<Vec<u32>>();
+    // Fires once the flood is really flowing: `cat` starts after the first line, and under
+    // TCG starting it can take longer than the pings below.
+    let (flowing_tx, flowing_rx) = tokio::sync::oneshot::channel::<()>();
     let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = counted.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         let mut head = Vec::new();
         let mut pids_tx = Some(pids_tx);
+        let mut flowing_tx = Some(flowing_tx);
         loop {
             let n = match pipe_r.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -335,7 +339,13 @@ pub async fn ping_during_flood_and_disconnect_kills(client: &Client, bound: Dura
                     None => pids_tx = Some(tx),
                 }
             }
-            counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            let total =
+                counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed) + n as u64;
+            if total > 256 * 1024 {
+                if let Some(tx) = flowing_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
         }
     });
     // Warm the ping path first (under TCG its first run pays for code translation).
@@ -347,6 +357,7 @@ pub async fn ping_during_flood_and_disconnect_kills(client: &Client, bound: Dura
         "{pids:?} should be running"
     );
 
+    flowing_rx.await.expect("the flood starts flowing");
     let before = counted.load(std::sync::atomic::Ordering::Relaxed);
     let mut pings = Vec::new();
     for _ in 0..20 {
