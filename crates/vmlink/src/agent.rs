@@ -4,16 +4,16 @@
 
 use std::process::ExitCode;
 
+use crate::target::Target;
 use anyhow::{bail, Context};
 use vmlink_agent::client::{signal_channel, Client};
 use vmlink_agent::ExecRequest;
-use vmlink_transport::Addr;
 
 #[derive(clap::Args, Debug)]
 pub struct PingArgs {
-    /// The agent's address, e.g. vsock:3:7878.
-    #[arg(value_parser = crate::parse_addr)]
-    target: Addr,
+    /// The agent: an address (vsock:3:7878, unix:PATH, hvsock:UDS:PORT), lab:NAME, or qga+ADDR.
+    #[arg(value_parser = crate::target::parse_target)]
+    target: Target,
     /// Ping this many times (one connection each), printing each round trip.
     #[arg(short, long, default_value_t = 1)]
     count: u32,
@@ -21,9 +21,9 @@ pub struct PingArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
-    /// The agent's address, e.g. vsock:3:7878.
-    #[arg(value_parser = crate::parse_addr)]
-    target: Addr,
+    /// The agent: an address (vsock:3:7878, unix:PATH, hvsock:UDS:PORT), lab:NAME, or qga+ADDR.
+    #[arg(value_parser = crate::target::parse_target)]
+    target: Target,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -41,9 +41,9 @@ pub struct InfoArgs {
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
-    /// The agent's address, e.g. vsock:3:7878.
-    #[arg(value_parser = crate::parse_addr)]
-    target: Addr,
+    /// The agent: an address (vsock:3:7878, unix:PATH, hvsock:UDS:PORT), lab:NAME, or qga+ADDR.
+    #[arg(value_parser = crate::target::parse_target)]
+    target: Target,
     /// Set an environment variable for the command (repeatable).
     #[arg(long, value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -67,7 +67,8 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let c = Client::connect(&a.target)
+        let addr = a.target.resolve()?.agent("ping")?;
+        let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
         for _ in 0..a.count.max(1) {
@@ -80,7 +81,8 @@ pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
 
 pub fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let c = Client::connect(&a.target)
+        let addr = a.target.resolve()?.agent("info")?;
+        let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
         let i = c.info().await?;
@@ -103,7 +105,8 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
         bail!("exec needs a command after --");
     }
     crate::runtime()?.block_on(async {
-        let c = Client::connect(&a.target)
+        let addr = a.target.resolve()?.agent("exec")?;
+        let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
         let (tx, signals) = signal_channel();

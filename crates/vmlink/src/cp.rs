@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::target::{Target, TargetError};
 use anyhow::Context;
 use vmlink_agent::client::{Client, GetDest, PutSource};
-use vmlink_transport::Addr;
 
 /// Copy files and directories to or from a guest through its vmlink-agent.
 ///
@@ -84,8 +84,8 @@ enum Side {
     Std,
     /// A local path.
     Local(PathBuf),
-    /// An agent's address and an absolute path there.
-    Remote(Addr, String),
+    /// An agent (TARGET) and an absolute path there.
+    Remote(Target, String),
 }
 
 fn parse_side(s: &str) -> Result<Side, CpError> {
@@ -93,13 +93,10 @@ fn parse_side(s: &str) -> Result<Side, CpError> {
         return Ok(Side::Std);
     }
     for (i, _) in s.match_indices(":/") {
-        if let Ok(addr) = s[..i].parse::<Addr>() {
-            if addr.is_listen() {
-                return Err(CpError::Listening {
-                    addr: addr.to_string(),
-                });
-            }
-            return Ok(Side::Remote(addr, s[i + 1..].to_string()));
+        match s[..i].parse::<Target>() {
+            Ok(t) => return Ok(Side::Remote(t, s[i + 1..].to_string())),
+            Err(TargetError::Listening(addr)) => return Err(CpError::Listening { addr }),
+            Err(_) => {}
         }
     }
     Ok(Side::Local(PathBuf::from(s)))
@@ -193,10 +190,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
         let counter = Arc::new(AtomicU64::new(0));
         match (src, dst) {
-            (local @ (Side::Local(_) | Side::Std), Side::Remote(addr, path)) => {
+            (local @ (Side::Local(_) | Side::Std), Side::Remote(target, path)) => {
+                let addr = target.resolve()?.agent("cp")?;
                 let client = Client::connect(&addr)
                     .await
-                    .with_context(|| format!("agent at {addr}"))?;
+                    .with_context(|| format!("agent at {target}"))?;
                 let (source, total) = match local {
                     Side::Local(p) => {
                         let total = total_size(&p);
@@ -210,10 +208,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 };
                 progress.finish(summary.bytes);
             }
-            (Side::Remote(addr, path), local @ (Side::Local(_) | Side::Std)) => {
+            (Side::Remote(target, path), local @ (Side::Local(_) | Side::Std)) => {
+                let addr = target.resolve()?.agent("cp")?;
                 let client = Client::connect(&addr)
                     .await
-                    .with_context(|| format!("agent at {addr}"))?;
+                    .with_context(|| format!("agent at {target}"))?;
                 let dest = match local {
                     Side::Local(p) => GetDest::Path(p),
                     _ => GetDest::Writer(Box::new(std::io::stdout())),

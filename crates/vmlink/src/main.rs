@@ -15,8 +15,10 @@ mod bench;
 mod cp;
 mod demo;
 mod lab;
+mod lab_up;
 mod qga;
 mod relay;
+mod target;
 
 const AFTER_HELP: &str = "\
 ADDRESSES (docs/addresses.md):
