@@ -132,15 +132,18 @@ mod tests {
     #[test]
     fn forms() {
         assert_eq!(
-            "vsock:3:7878".parse::<Target>().unwrap().to_string(),
+            "vsock:3:7878"
+                .parse::<Target>()
+                .expect("parses")
+                .to_string(),
             "vsock:3:7878"
         );
         assert!(matches!(
-            "qga+unix:/run/q.sock".parse::<Target>().unwrap(),
+            "qga+unix:/run/q.sock".parse::<Target>().expect("parses"),
             Target::Qga(_)
         ));
         assert_eq!(
-            "lab:dev-1".parse::<Target>().unwrap(),
+            "lab:dev-1".parse::<Target>().expect("parses"),
             Target::Lab("dev-1".into())
         );
         for bad in [
@@ -155,7 +158,7 @@ mod tests {
         }
         let e = "vsock-listen:7878"
             .parse::<Target>()
-            .unwrap_err()
+            .expect_err("listening")
             .to_string();
         assert!(e.contains("listening address"), "{e}");
     }
