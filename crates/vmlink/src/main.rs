@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 mod bench;
+mod bridge;
 mod cp;
 mod demo;
 mod lab;
@@ -68,6 +69,8 @@ enum Command {
     Cp(cp::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
+    /// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket.
+    SerialBridge(bridge::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Exec(a) => agent::exec(a),
         Command::Cp(a) => cp::run(a),
         Command::Qga(a) => qga::run(a),
+        Command::SerialBridge(a) => bridge::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
