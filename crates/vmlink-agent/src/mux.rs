@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 use vmlink_proto::mux::{find_hello, frame, Header, Kind, HEADER_LEN, MAX_DATA, WINDOW};
 
 /// Streams open at once per session; one more is refused with RST.
-pub const MAX_STREAMS: usize = 256;
+pub const MAX_STREAMS: usize = 128;
 /// DATA payloads up to this size stay on the control lane.
 pub const SMALL_DATA: usize = 1024;
 /// How long `open` waits for the peer's HELLO, and then for its ACCEPT.
@@ -229,22 +229,26 @@ impl Mux {
         let (tx, rx) = oneshot::channel();
         lock(&s.pending).insert(id, tx);
         let parts = s.register(id);
+        let accepted = parts.accepted.clone();
         s.send(false, Header::new(Kind::Open, id, 0, 0), &[]);
+        // Pump at once: until ACCEPT, DATA stays on the control lane behind the OPEN, so a
+        // request costs no extra round trip. A refusal (RST) ends the pumps and the client
+        // sees its connection close.
+        s.clone().pump(id, local, parts);
         let answer = tokio::select! {
             r = tokio::time::timeout(OPEN_TIMEOUT, rx) => match r {
                 Ok(Ok(a)) => Some(a),
                 Ok(Err(_)) => None,
                 Err(_) => {
                     lock(&s.pending).remove(&id);
-                    lock(&s.streams).remove(&id);
-                    s.send(false, Header::new(Kind::Rst, id, 0, 0), &[]);
+                    s.reset(id, "no ACCEPT in time");
                     return Err(MuxError::Timeout(OPEN_TIMEOUT));
                 }
             },
             _ = closed.wait_for(|c| *c) => None,
         };
         match answer {
-            Some(Ok(())) => {}
+            Some(Ok(())) => accepted.store(true, Ordering::Release),
             Some(Err(reason)) => {
                 lock(&s.streams).remove(&id);
                 return Err(MuxError::Refused(reason));
@@ -255,7 +259,6 @@ impl Mux {
             }
         }
         s.counters.opened.fetch_add(1, Ordering::Relaxed);
-        s.clone().pump(id, local, parts);
         Ok(())
     }
 }
@@ -266,6 +269,8 @@ struct Parts {
     credit: watch::Receiver<u64>,
     limit: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
+    /// Whether DATA may take the data lane: the peer knows the stream (host: ACCEPT seen).
+    accepted: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -298,6 +303,7 @@ impl Session {
             credit: credit_rx,
             limit,
             halves,
+            accepted: Arc::new(AtomicBool::new(self.role == Role::Guest)),
         }
     }
 
@@ -334,6 +340,7 @@ impl Session {
             rd,
             parts.credit,
             parts.halves.clone(),
+            parts.accepted,
         ));
         tokio::spawn(inbound(
             self,
@@ -572,6 +579,7 @@ async fn outbound(
     mut rd: OwnedReadHalf,
     mut credit: watch::Receiver<u64>,
     halves: Arc<AtomicU32>,
+    accepted: Arc<AtomicBool>,
 ) {
     let mut sent = 0u64;
     let mut buf = vec![0u8; MAX_DATA];
@@ -592,7 +600,9 @@ async fn outbound(
                     return;
                 }
                 Ok(n) => {
-                    let big = n > SMALL_DATA && s.data_ok.load(Ordering::Acquire);
+                    let big = n > SMALL_DATA
+                        && s.data_ok.load(Ordering::Acquire)
+                        && accepted.load(Ordering::Acquire);
                     s.send(big, Header::new(Kind::Data, id, n as u32, sent), &buf[..n]);
                     sent += n as u64;
                 }

@@ -24,7 +24,7 @@ pub const MAX_DATA: usize = 32 * 1024;
 /// The largest RST payload (a UTF-8 reason).
 pub const MAX_REASON: usize = 256;
 /// Bytes a sender may have unconsumed per stream and direction (the credit window).
-pub const WINDOW: u64 = 256 * 1024;
+pub const WINDOW: u64 = 1024 * 1024;
 /// HELLO's `arg`.
 pub const MAGIC: [u8; 8] = *b"VMLKMUX1";
 

@@ -115,18 +115,28 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                  {DEFAULT_CTL_PORT}; give --listen ADDR"
             );
         }
-        if let Some(addr) = &args.qga {
-            let channel = vmlink_agent::QgaChannel::open(addr).await?;
-            eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+        if let Some(addr) = args.qga.clone() {
+            // Opening a virtio-serial port waits for the host side to connect, which may be
+            // never: open it in the background so the other channels serve meanwhile. A
+            // port that does not exist is still an error at startup.
+            if let Endpoint::Vport(name) = &addr.endpoint {
+                if !Addr::vport_path(name).exists() {
+                    anyhow::bail!("--qga {addr}: this guest has no such virtio-serial port");
+                }
+            }
             let rpcs = vmlink_agent::QgaPolicy::from_lists(
                 args.allow_rpcs.as_deref(),
                 args.block_rpcs.as_deref(),
             );
-            tokio::spawn(vmlink_agent::serve_qga(
-                channel,
-                rpcs,
-                std::future::pending(),
-            ));
+            tokio::spawn(async move {
+                match vmlink_agent::QgaChannel::open(&addr).await {
+                    Ok(channel) => {
+                        eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+                        vmlink_agent::serve_qga(channel, rpcs, std::future::pending()).await
+                    }
+                    Err(e) => eprintln!("vmlink-agent: qga: {e}"),
+                }
+            });
         }
         vmlink_agent::run_all(listeners, serial, policy, shutdown_signal()).await?;
         Ok(())
