@@ -32,7 +32,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
-use vmlink_proto::mux::{find_hello, frame, Header, Kind, HEADER_LEN, MAX_DATA, WINDOW};
+use vmlink_proto::mux::{frame, Event, Header, Kind, LaneDecoder, MAX_DATA, WINDOW};
 
 /// Streams open at once per session; one more is refused with RST.
 pub const MAX_STREAMS: usize = 128;
@@ -498,69 +498,27 @@ async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
 /// Reads one lane: resynchronises on HELLO, decodes frames, dispatches them.
 async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     let lane = if data_lane { "data" } else { "control" };
-    let mut buf = vec![0u8; READ_BUF + HEADER_LEN + MAX_DATA];
-    let (mut start, mut end) = (0usize, 0usize);
-    let mut synced = false;
+    let mut buf = vec![0u8; READ_BUF];
+    let mut decoder = LaneDecoder::new();
     loop {
-        // Take every complete frame in the buffer.
-        loop {
-            let avail = &buf[start..end];
-            if !synced {
-                match find_hello(avail) {
-                    Some(at) => {
-                        if at > 0 {
-                            debug!("mux {lane} lane: skipped {at} bytes before HELLO");
-                        }
-                        start += at;
-                        synced = true;
-                        continue;
-                    }
-                    None => {
-                        // Keep a possible HELLO prefix.
-                        start = end.saturating_sub(HEADER_LEN - 1).max(start);
-                        break;
-                    }
-                }
-            }
-            if avail.len() < HEADER_LEN {
-                break;
-            }
-            let mut hb = [0u8; HEADER_LEN];
-            hb.copy_from_slice(&avail[..HEADER_LEN]);
-            let h = match Header::decode(&hb) {
-                Ok(h) => h,
-                Err(e) => {
+        while let Some(event) = decoder.next() {
+            match event {
+                Event::Frame(h, payload) => s.dispatch(data_lane, h, payload),
+                Event::Skipped(n) => debug!("mux {lane} lane: skipped {n} bytes before HELLO"),
+                Event::Malformed(e) => {
                     s.counters.malformed.fetch_add(1, Ordering::Relaxed);
                     warn!("mux {lane} lane: {e}; resetting every stream and resynchronising");
                     s.reset_all(&format!("malformed frame on the {lane} lane"));
                     s.send(data_lane, Header::hello(false), &[]);
-                    synced = false;
-                    start += 1;
-                    continue;
                 }
-            };
-            let total = HEADER_LEN + h.len as usize;
-            if avail.len() < total {
-                break;
             }
-            let payload = avail[HEADER_LEN..total].to_vec();
-            start += total;
-            s.dispatch(data_lane, h, payload);
         }
-        if start == end {
-            start = 0;
-            end = 0;
-        } else if start > READ_BUF / 2 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        match r.read(&mut buf[end..]).await {
+        match r.read(&mut buf).await {
             Ok(0) => {
                 debug!("mux {lane} lane: end of file");
                 break;
             }
-            Ok(n) => end += n,
+            Ok(n) => decoder.push(&buf[..n]),
             Err(e) => {
                 debug!("mux {lane} lane: {e}");
                 break;

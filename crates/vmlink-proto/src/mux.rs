@@ -216,6 +216,165 @@ pub fn frame(h: Header, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// What a lane's byte stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// One frame.
+    Frame(Header, Vec<u8>),
+    /// A header that breaks the format: the lane is unsynchronised again (resync on HELLO),
+    /// and every stream must be reset, since any of their frames may have been lost.
+    Malformed(HeaderError),
+    /// Bytes discarded while looking for a HELLO.
+    Skipped(usize),
+}
+
+/// Splits one lane's bytes into frames (sans-IO): [`push`](LaneDecoder::push) what was read,
+/// then take [`next`](LaneDecoder::next) until it returns `None`. It starts unsynchronised:
+/// bytes before the first HELLO header are skipped. It buffers at most one partial frame plus
+/// the last push.
+#[derive(Debug, Default)]
+pub struct LaneDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    synced: bool,
+}
+
+impl LaneDecoder {
+    /// A decoder looking for its first HELLO.
+    pub fn new() -> LaneDecoder {
+        LaneDecoder::default()
+    }
+
+    /// Appends bytes read from the lane.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Whether the decoder has found frame alignment.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Bytes held that are not yet a whole frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next event, or `None` when more bytes are needed.
+    pub fn next(&mut self) -> Option<Event> {
+        let avail = &self.buf[self.start..];
+        if !self.synced {
+            return match find_hello(avail) {
+                Some(0) => {
+                    self.synced = true;
+                    self.next()
+                }
+                Some(at) => {
+                    self.start += at;
+                    self.synced = true;
+                    Some(Event::Skipped(at))
+                }
+                None => {
+                    // Keep what could be the start of a HELLO.
+                    let skip = avail.len().saturating_sub(HEADER_LEN - 1);
+                    if skip == 0 {
+                        return None;
+                    }
+                    self.start += skip;
+                    Some(Event::Skipped(skip))
+                }
+            };
+        }
+        if avail.len() < HEADER_LEN {
+            return None;
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&avail[..HEADER_LEN]);
+        match Header::decode(&hb) {
+            Err(e) => {
+                self.synced = false;
+                self.start += 1;
+                Some(Event::Malformed(e))
+            }
+            Ok(h) => {
+                let total = HEADER_LEN + h.len as usize;
+                if avail.len() < total {
+                    return None;
+                }
+                let payload = avail[HEADER_LEN..total].to_vec();
+                self.start += total;
+                Some(Event::Frame(h, payload))
+            }
+        }
+    }
+}
+
+/// Invariant checks shared by the `mux_frames` fuzz target and the stable test
+/// `tests/mux_invariants.rs`.
+pub mod fuzzing {
+    use super::*;
+
+    fn events(data: &[u8], chunk: usize) -> (Vec<Event>, usize) {
+        let mut d = LaneDecoder::new();
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            d.push(piece);
+            while let Some(e) = d.next() {
+                out.push(e);
+            }
+            // Bounded: at most one partial frame plus the last push.
+            assert!(d.pending() <= HEADER_LEN + MAX_DATA + chunk.max(1));
+        }
+        // How skipped bytes are reported depends on the split; merge neighbours.
+        let mut merged: Vec<Event> = Vec::new();
+        for e in out {
+            match (merged.last_mut(), e) {
+                (Some(Event::Skipped(a)), Event::Skipped(b)) => *a += b,
+                (_, e) => merged.push(e),
+            }
+        }
+        (merged, d.pending())
+    }
+
+    /// Feeds `data` whole, in 1-byte pieces and in pieces of its first byte's size: no panic;
+    /// the same events however it is split (neighbouring skips merged); every byte is accounted for (skipped, malformed
+    /// by one byte, a whole frame, or pending); frames respect their kind's bounds and
+    /// re-encode to the bytes they came from.
+    pub fn check_mux_frames(data: &[u8]) {
+        let (whole, pending) = events(data, data.len());
+        let (bytes, pending1) = events(data, 1);
+        let (odd, pending2) = events(data, usize::from(data.first().copied().unwrap_or(1)));
+        assert_eq!(whole, bytes);
+        assert_eq!(whole, odd);
+        assert_eq!(pending, pending1);
+        assert_eq!(pending, pending2);
+        let mut at = 0usize;
+        for e in &whole {
+            match e {
+                Event::Skipped(n) => {
+                    assert!(*n > 0);
+                    at += n;
+                }
+                Event::Malformed(err) => {
+                    assert!(!err.to_string().contains('\n'));
+                    at += 1;
+                }
+                Event::Frame(h, p) => {
+                    assert!(p.len() <= h.kind.max_len());
+                    assert_eq!(&data[at..at + HEADER_LEN], &h.encode());
+                    assert_eq!(&data[at + HEADER_LEN..at + HEADER_LEN + p.len()], &p[..]);
+                    at += HEADER_LEN + p.len();
+                }
+            }
+        }
+        assert_eq!(at + pending, data.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +415,12 @@ mod tests {
         buf.extend_from_slice(b"rest");
         assert_eq!(find_hello(&buf), Some(at));
         assert_eq!(find_hello(&buf[..at + HEADER_LEN - 1]), None);
+        let mut d = LaneDecoder::new();
+        d.push(&buf);
+        assert_eq!(d.next(), Some(Event::Skipped(at)));
+        assert!(matches!(d.next(), Some(Event::Frame(h, _)) if h.kind == Kind::Hello));
+        assert_eq!(d.next(), None, "'rest' is not a whole header");
+        assert_eq!(d.pending(), 4);
+        fuzzing::check_mux_frames(&buf);
     }
 }
