@@ -501,7 +501,7 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     let mut buf = vec![0u8; READ_BUF];
     let mut decoder = LaneDecoder::new();
     loop {
-        while let Some(event) = decoder.next() {
+        while let Some(event) = decoder.next_event() {
             match event {
                 Event::Frame(h, payload) => s.dispatch(data_lane, h, payload),
                 Event::Skipped(n) => debug!("mux {lane} lane: skipped {n} bytes before HELLO"),

@@ -229,7 +229,7 @@ pub enum Event {
 }
 
 /// Splits one lane's bytes into frames (sans-IO): [`push`](LaneDecoder::push) what was read,
-/// then take [`next`](LaneDecoder::next) until it returns `None`. It starts unsynchronised:
+/// then take [`next_event`](LaneDecoder::next_event) until it returns `None`. It starts unsynchronised:
 /// bytes before the first HELLO header are skipped. It buffers at most one partial frame plus
 /// the last push.
 #[derive(Debug, Default)]
@@ -265,13 +265,13 @@ impl LaneDecoder {
     }
 
     /// The next event, or `None` when more bytes are needed.
-    pub fn next(&mut self) -> Option<Event> {
+    pub fn next_event(&mut self) -> Option<Event> {
         let avail = &self.buf[self.start..];
         if !self.synced {
             return match find_hello(avail) {
                 Some(0) => {
                     self.synced = true;
-                    self.next()
+                    self.next_event()
                 }
                 Some(at) => {
                     self.start += at;
@@ -323,7 +323,7 @@ pub mod fuzzing {
         let mut out = Vec::new();
         for piece in data.chunks(chunk.max(1)) {
             d.push(piece);
-            while let Some(e) = d.next() {
+            while let Some(e) = d.next_event() {
                 out.push(e);
             }
             // Bounded: at most one partial frame plus the last push.
@@ -417,9 +417,9 @@ mod tests {
         assert_eq!(find_hello(&buf[..at + HEADER_LEN - 1]), None);
         let mut d = LaneDecoder::new();
         d.push(&buf);
-        assert_eq!(d.next(), Some(Event::Skipped(at)));
-        assert!(matches!(d.next(), Some(Event::Frame(h, _)) if h.kind == Kind::Hello));
-        assert_eq!(d.next(), None, "'rest' is not a whole header");
+        assert_eq!(d.next_event(), Some(Event::Skipped(at)));
+        assert!(matches!(d.next_event(), Some(Event::Frame(h, _)) if h.kind == Kind::Hello));
+        assert_eq!(d.next_event(), None, "'rest' is not a whole header");
         assert_eq!(d.pending(), 4);
         fuzzing::check_mux_frames(&buf);
     }
