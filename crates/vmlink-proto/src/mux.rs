@@ -20,7 +20,7 @@
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 20;
 /// The largest DATA payload.
-pub const MAX_DATA: usize = 32 * 1024;
+pub const MAX_DATA: usize = 64 * 1024;
 /// The largest RST payload (a UTF-8 reason).
 pub const MAX_REASON: usize = 256;
 /// Bytes a sender may have unconsumed per stream and direction (the credit window).
