@@ -27,12 +27,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
-use vmlink_proto::mux::{frame, Event, Header, Kind, LaneDecoder, MAX_DATA, WINDOW};
+use vmlink_proto::mux::{frame, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, WINDOW};
 
 /// Streams open at once per session; one more is refused with RST.
 pub const MAX_STREAMS: usize = 128;
@@ -276,7 +277,11 @@ struct Parts {
 impl Session {
     /// Queues one frame on the control lane, or on the data lane when asked and possible.
     fn send(&self, data_lane: bool, h: Header, payload: &[u8]) {
-        let f = frame(h, payload);
+        self.send_frame(data_lane, frame(h, payload));
+    }
+
+    /// Queues one encoded frame.
+    fn send_frame(&self, data_lane: bool, f: Vec<u8>) {
         let lane = match &self.data {
             Some(d) if data_lane => d,
             _ => &self.ctl,
@@ -480,6 +485,14 @@ impl Session {
 async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut batch = Vec::with_capacity(READ_BUF);
     while let Some(f) = rx.recv().await {
+        if f.len() >= READ_BUF / 8 {
+            // Big enough on its own: write it without copying it into the batch.
+            if let Err(e) = w.write_all(&f).await {
+                debug!("mux lane write failed: {e}");
+                return;
+            }
+            continue;
+        }
         batch.extend_from_slice(&f);
         while batch.len() < READ_BUF {
             match rx.try_recv() {
@@ -498,8 +511,10 @@ async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
 /// Reads one lane: resynchronises on HELLO, decodes frames, dispatches them.
 async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     let lane = if data_lane { "data" } else { "control" };
-    let mut buf = vec![0u8; READ_BUF];
     let mut decoder = LaneDecoder::new();
+    // An initialised buffer: reading into uninitialised spare capacity makes some readers
+    // zero it first, every read, which costs more than the copy into the decoder.
+    let mut buf = vec![0u8; READ_BUF];
     loop {
         while let Some(event) = decoder.next_event() {
             match event {
@@ -540,7 +555,6 @@ async fn outbound(
     accepted: Arc<AtomicBool>,
 ) {
     let mut sent = 0u64;
-    let mut buf = vec![0u8; MAX_DATA];
     loop {
         let window = (*credit.borrow_and_update() + WINDOW).saturating_sub(sent);
         if window == 0 {
@@ -550,8 +564,22 @@ async fn outbound(
             continue;
         }
         let want = (window as usize).min(MAX_DATA);
-        tokio::select! {
-            r = rd.read(&mut buf[..want]) => match r {
+        // Read straight into the frame, after room for its header: no copy.
+        let mut f = Vec::with_capacity(HEADER_LEN + want);
+        f.extend_from_slice(&[0u8; HEADER_LEN]);
+        let read = {
+            let mut room = (&mut f).limit(want);
+            tokio::select! {
+                r = rd.read_buf(&mut room) => Some(r),
+                c = credit.changed() => match c {
+                    Err(_) => return, // reset
+                    Ok(()) => None,
+                },
+            }
+        };
+        let Some(r) = read else { continue };
+        {
+            match r {
                 Ok(0) => {
                     s.send(false, Header::new(Kind::Fin, id, 0, sent), &[]);
                     s.half_done(id, &halves);
@@ -561,17 +589,16 @@ async fn outbound(
                     let big = n > SMALL_DATA
                         && s.data_ok.load(Ordering::Acquire)
                         && accepted.load(Ordering::Acquire);
-                    s.send(big, Header::new(Kind::Data, id, n as u32, sent), &buf[..n]);
+                    f[..HEADER_LEN]
+                        .copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
+                    s.send_frame(big, f);
                     sent += n as u64;
                 }
                 Err(e) => {
                     s.reset(id, &format!("local read: {e}"));
                     return;
                 }
-            },
-            c = credit.changed() => if c.is_err() {
-                return; // reset
-            },
+            }
         }
     }
 }

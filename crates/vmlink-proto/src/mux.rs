@@ -247,11 +247,19 @@ impl LaneDecoder {
 
     /// Appends bytes read from the lane.
     pub fn push(&mut self, data: &[u8]) {
+        self.spare(data.len()).extend_from_slice(data);
+    }
+
+    /// The buffer, with room for `more` bytes: append what is read from the lane to it
+    /// directly (e.g. tokio's `read_buf`), which saves the copy [`push`](Self::push) makes.
+    /// Appending is the only allowed change.
+    pub fn spare(&mut self, more: usize) -> &mut Vec<u8> {
         if self.start > 0 && self.start >= self.buf.len() / 2 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.buf.extend_from_slice(data);
+        self.buf.reserve(more);
+        &mut self.buf
     }
 
     /// Whether the decoder has found frame alignment.

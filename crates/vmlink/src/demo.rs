@@ -429,7 +429,7 @@ async fn guest_side(a: Args) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    agent.abort();
+    // The agent stays up (idle) so the exec that created the file can still report its exit.
 
     // Not the temp dir: it may be the shared (9p) working directory, where Unix sockets cannot
     // be created.
