@@ -42,6 +42,9 @@ pub enum Cmd {
     Down(crate::lab_up::DownArgs),
     /// List lab guests started with `lab up`.
     Ls(crate::lab_up::LsArgs),
+    /// The agent built into vmlink, for lab guests (serial ports and qga; not for direct use).
+    #[command(hide = true)]
+    Agent,
     /// The background process behind `lab up` (not for direct use).
     #[command(hide = true)]
     Supervise(crate::lab_up::UpArgs),
@@ -112,6 +115,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Down(a) => crate::lab_up::down(a),
         Cmd::Ls(a) => crate::lab_up::ls(a),
         Cmd::Supervise(a) => crate::lab_up::supervise(a),
+        Cmd::Agent => crate::lab_up::builtin_agent(),
         Cmd::Prepare => {
             let p = vmlink_lab::prepare(&LabConfig::default())?;
             eprintln!(

@@ -53,7 +53,8 @@ pub struct UpArgs {
     /// org.vmlink.data through a bridge (works everywhere, no vsock needed on the host).
     #[arg(long, value_parser = ["serial"], default_value = "serial")]
     channel: String,
-    /// The vmlink-agent binary to run in the guest (default: next to this vmlink).
+    /// The vmlink-agent binary to run in the guest (default: the one next to this vmlink,
+    /// else the agent built into vmlink).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
     /// Guest memory, QEMU syntax.
@@ -109,19 +110,64 @@ fn live_pid(dir: &Path) -> Option<i32> {
     (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-fn agent_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// The agent command for the guest: `--agent PATH`, else the `vmlink-agent` beside this
+/// program, else this program's built-in agent (`vmlink lab agent`, serial ports and qga only).
+fn agent_command(given: Option<PathBuf>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let sibling = exe.with_file_name("vmlink-agent");
     let p = match given {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .context("finding this executable")?
-            .with_file_name("vmlink-agent"),
+        Some(p) => {
+            anyhow::ensure!(p.is_file(), "--agent {}: no such file", p.display());
+            p
+        }
+        None if sibling.is_file() => sibling,
+        None => return Ok(vec![exe.into(), "lab".into(), "agent".into()]),
     };
-    anyhow::ensure!(
-        p.is_file(),
-        "no vmlink-agent at {} (build it with `cargo build --release -p vmlink-agent`, or pass --agent PATH)",
-        p.display()
-    );
-    Ok(std::fs::canonicalize(&p)?)
+    Ok(vec![
+        std::fs::canonicalize(&p)?.into(),
+        "--listen".into(),
+        format!("vport:{}", vmlink_agent::DEFAULT_CTL_PORT).into(),
+        "--qga".into(),
+    ])
+}
+
+/// `vmlink lab agent`: the agent built into `vmlink`, for lab guests when no `vmlink-agent`
+/// binary is at hand: the serial ports org.vmlink.ctl + org.vmlink.data, and qemu-ga's
+/// protocol on org.qemu.guest_agent.0.
+pub fn builtin_agent() -> anyhow::Result<ExitCode> {
+    crate::runtime()?.block_on(async {
+        let ctl = vmlink_transport::Addr::new(vmlink_transport::Endpoint::Vport(
+            vmlink_agent::DEFAULT_CTL_PORT.into(),
+        ));
+        let ports = vmlink_agent::SerialPorts::for_ctl(&ctl)
+            .context("the control port is a vport address")?;
+        eprintln!(
+            "vmlink lab agent: serving virtio-serial {}",
+            ports.describe()
+        );
+        let qga: vmlink_transport::Addr = vmlink_agent::DEFAULT_QGA_ADDR.parse()?;
+        tokio::spawn(async move {
+            match vmlink_agent::QgaChannel::open(&qga).await {
+                Ok(ch) => {
+                    vmlink_agent::serve_qga(
+                        ch,
+                        vmlink_agent::QgaPolicy::from_lists(None, None),
+                        std::future::pending(),
+                    )
+                    .await
+                }
+                Err(e) => eprintln!("vmlink lab agent: qga: {e}"),
+            }
+        });
+        vmlink_agent::run_all(
+            Vec::new(),
+            vec![ports],
+            vmlink_agent::Policy::default(),
+            crate::relay::shutdown_signal(),
+        )
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// Starts the supervisor in the background and waits until the agent answers.
@@ -134,7 +180,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             a.name
         );
     }
-    let agent = agent_path(a.agent.clone())?;
+    // Fail early on a bad --agent.
+    agent_command(a.agent.clone())?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -153,8 +200,6 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         &a.mem,
     ])
     .args(["--cpus", &a.cpus.to_string()])
-    .arg("--agent")
-    .arg(&agent)
     .stdin(std::process::Stdio::null())
     .stdout(log.try_clone()?)
     .stderr(log);
@@ -165,6 +210,9 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             libc::setsid();
             Ok(())
         });
+    }
+    if let Some(agent) = &a.agent {
+        cmd.arg("--agent").arg(std::fs::canonicalize(agent)?);
     }
     let mut child = cmd.spawn().context("starting the lab supervisor")?;
     let start = Instant::now();
@@ -208,7 +256,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 /// The background process of one lab guest: QEMU, the serial bridge, the state directory.
 pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = dir_of(&a.name)?;
-    let agent = agent_path(a.agent.clone())?;
+    let argv = agent_command(a.agent.clone())?;
     std::fs::write(dir.join(PID_FILE), format!("{}\n", std::process::id()))?;
     let (ctl, data, qga) = (
         dir.join("ctl.sock"),
@@ -226,12 +274,6 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
         ],
         ..vmlink_lab::LabConfig::default()
     };
-    let argv: Vec<std::ffi::OsString> = vec![
-        agent.into(),
-        "--listen".into(),
-        format!("vport:{}", vmlink_agent::DEFAULT_CTL_PORT).into(),
-        "--qga".into(),
-    ];
     let mut guest = vmlink_lab::spawn(&cfg, &argv, vmlink_lab::GuestIo::Inherit)?;
     let qemu = guest.pid();
     eprintln!("vmlink: lab guest {} booting (QEMU pid {qemu})", a.name);
