@@ -62,6 +62,10 @@ counters! {
     connections_opened,
     /// Connections closed and freed.
     connections_closed,
+    /// Packets forwarded to another VM of this process.
+    forwarded,
+    /// Packets to another VM dropped because its inbox was full (the connection is reset).
+    forward_dropped,
     /// Control packets dropped because the guest did not take its RX queue fast enough.
     rx_overflow,
 }

@@ -37,6 +37,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::counters::{should_log, Counter, Counters};
+use crate::router::{ForwardError, Router};
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
@@ -65,6 +66,11 @@ pub const SHUTDOWN_RCV: u32 = 1;
 /// `VIRTIO_VSOCK_SHUTDOWN_F_SEND`: the sender will send no more data.
 pub const SHUTDOWN_SEND: u32 = 2;
 
+/// `VIRTIO_VSOCK_SEQ_EOM`: the packet ends a seqpacket message.
+pub const SEQ_EOM: u32 = 1;
+/// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
+pub const SEQ_EOR: u32 = 2;
+
 /// Largest payload of one packet, in either direction (the Linux driver's 64 KiB).
 pub const MAX_PKT_DATA: usize = 64 * 1024;
 
@@ -74,6 +80,7 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
+const TOKEN_INBOX: u64 = 2;
 const FIRST_STREAM_TOKEN: u64 = 16;
 
 /// A virtio-vsock packet header (`struct virtio_vsock_hdr`), as plain fields.
@@ -284,6 +291,7 @@ pub struct Device {
     ctrl: VecDeque<Header>,
     data_ready: VecDeque<ConnKey>,
     counters: Arc<Counters>,
+    router: Option<Arc<Router>>,
 }
 
 /// Bound on queued control packets toward the guest: a guest that floods bogus packets and
@@ -295,6 +303,16 @@ fn ctrl_bound(cfg: &DeviceConfig) -> usize {
 impl Device {
     /// Binds `cfg.uds_path` (replacing a stale socket there) and sets up the event loop.
     pub fn new(cfg: DeviceConfig, counters: Arc<Counters>) -> Result<Self, DeviceError> {
+        Self::with_router(cfg, counters, None)
+    }
+
+    /// Like [`Device::new`], with VM-to-VM routing through `router` (which must know this VM's
+    /// CID to deliver packets to it). Packets left in this VM's inbox are dropped.
+    pub fn with_router(
+        cfg: DeviceConfig,
+        counters: Arc<Counters>,
+        router: Option<Arc<Router>>,
+    ) -> Result<Self, DeviceError> {
         let path = cfg.uds_path.clone();
         remove_stale_socket(&path);
         let listener = UnixListener::bind(&path).map_err(|source| DeviceError::Bind {
@@ -324,6 +342,16 @@ impl Device {
                 EpollEvent::new(EventSet::IN, TOKEN_TIMER),
             )
             .map_err(DeviceError::Setup)?;
+        if let Some(inbox) = router.as_ref().and_then(|r| r.inbox(cfg.guest_cid)) {
+            inbox.clear();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    inbox.fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_INBOX),
+                )
+                .map_err(DeviceError::Setup)?;
+        }
         Ok(Device {
             cfg,
             epoll,
@@ -337,6 +365,7 @@ impl Device {
             ctrl: VecDeque::new(),
             data_ready: VecDeque::new(),
             counters,
+            router,
         })
     }
 
@@ -372,7 +401,15 @@ impl Device {
 
     /// Whether [`Device::next_rx`] may have a packet for the guest.
     pub fn has_rx(&self) -> bool {
-        !self.ctrl.is_empty() || !self.data_ready.is_empty()
+        !self.ctrl.is_empty()
+            || !self.data_ready.is_empty()
+            || self.inbox().is_some_and(|i| !i.is_empty())
+    }
+
+    fn inbox(&self) -> Option<&Arc<crate::router::Inbox>> {
+        self.router
+            .as_ref()
+            .and_then(|r| r.inbox(self.cfg.guest_cid))
     }
 
     /// Records a TX descriptor chain that could not be parsed.
@@ -408,6 +445,21 @@ impl Device {
             return;
         }
         if hdr.dst_cid != HOST_CID {
+            match self.router.as_ref().map(|r| r.forward(hdr, data)) {
+                Some(Ok(())) => {
+                    self.counters.inc(Counter::forwarded);
+                    return;
+                }
+                Some(Err(ForwardError::Full)) => {
+                    let n = self.counters.inc(Counter::forward_dropped);
+                    if should_log(n) {
+                        warn!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
+                    }
+                    self.reply_rst(hdr);
+                    return;
+                }
+                Some(Err(ForwardError::Unreachable)) | None => {}
+            }
             let n = self.counters.inc(Counter::unroutable);
             if should_log(n) {
                 warn!(
@@ -706,6 +758,12 @@ impl Device {
         if buf.is_empty() {
             return None;
         }
+        if let Some(p) = self.inbox().and_then(|i| i.pop(buf.len())) {
+            buf[..p.data.len()].copy_from_slice(&p.data);
+            self.counters.inc(Counter::rx_packets);
+            self.counters.add(Counter::rx_bytes, p.data.len() as u64);
+            return Some(p.hdr);
+        }
         while let Some(key) = self.data_ready.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
@@ -892,6 +950,11 @@ impl Device {
                 let set = ev.event_set();
                 match ev.data() {
                     TOKEN_LISTENER => self.accept_clients(),
+                    TOKEN_INBOX => {
+                        if let Some(inbox) = self.inbox() {
+                            inbox.clear_event();
+                        }
+                    }
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
                         self.sweep(Instant::now());

@@ -7,6 +7,7 @@
 //!   `virtio-vsock`.
 //! - [`config`]: `--vm` specs and the TOML config file.
 //! - [`counters`]: per-VM counters.
+//! - [`router`]: VM-to-VM routing between VMs that share a group.
 //! - [`serve`]: running VMs, restarting each one's device when its VMM reconnects.
 //!
 //! See `docs/vhost.md` for the design and the bounds.
@@ -15,4 +16,5 @@ pub mod backend;
 pub mod config;
 pub mod counters;
 pub mod device;
+pub mod router;
 pub mod serve;

@@ -1,14 +1,17 @@
 //! `vmlink-vhost`: a vhost-user-vsock backend with a hybrid vsock host side, for one or more VMs.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info};
 use vmlink_vhost::config::{self, VmConfig};
 use vmlink_vhost::counters::Counters;
 use vmlink_vhost::device::Device;
+use vmlink_vhost::router::Router;
 use vmlink_vhost::serve::{device_config, serve_vm};
 
 /// A vhost-user-vsock device backend: gives QEMU guests vsock without the host's vhost_vsock
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     let vms = match vm_list(&args) {
@@ -42,11 +46,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let router = match Router::new(vms.iter().map(|v| (v.guest_cid, &v.groups[..]))) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("vmlink-vhost: cannot set up VM-to-VM routing: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // SIGUSR1 logs every VM's counters; block it in every thread but the one that waits for it.
+    let mut usr1 = SigSet::empty();
+    usr1.add(Signal::SIGUSR1);
+    if let Err(e) = usr1.thread_block() {
+        eprintln!("vmlink-vhost: cannot block SIGUSR1: {e}");
+        return ExitCode::from(1);
+    }
     // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
     let mut started = Vec::new();
     for vm in vms {
         let counters = Arc::new(Counters::default());
-        match Device::new(device_config(&vm), counters.clone()) {
+        match Device::with_router(device_config(&vm), counters.clone(), Some(router.clone())) {
             Ok(d) => started.push((vm, d, counters)),
             Err(e) => {
                 eprintln!("vmlink-vhost: VM with guest-cid {}: {e}", vm.guest_cid);
@@ -54,11 +72,25 @@ fn main() -> ExitCode {
             }
         }
     }
+    let all: Vec<(u64, Arc<Counters>)> = started
+        .iter()
+        .map(|(vm, _, c)| (vm.guest_cid, c.clone()))
+        .collect();
+    let _ = std::thread::Builder::new()
+        .name("counters".into())
+        .spawn(move || loop {
+            if usr1.wait().is_ok() {
+                for (cid, c) in &all {
+                    info!(cid, "counters: {}", c.snapshot());
+                }
+            }
+        });
     let mut threads = Vec::new();
     for (vm, device, counters) in started {
+        let router = router.clone();
         let name = format!("vm-cid{}", vm.guest_cid);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let r = serve_vm(&vm, device, counters);
+            let r = serve_vm(&vm, device, counters, Some(router));
             if let Err(e) = &r {
                 error!(cid = vm.guest_cid, "{e}");
             }

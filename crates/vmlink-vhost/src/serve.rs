@@ -13,6 +13,7 @@ use crate::backend::{VsockBackend, HOST_EVENT};
 use crate::config::VmConfig;
 use crate::counters::Counters;
 use crate::device::{Device, DeviceConfig, DeviceError};
+use crate::router::Router;
 
 /// Why a VM stopped being served.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,12 @@ pub fn device_config(vm: &VmConfig) -> DeviceConfig {
 /// Serves `vm` forever: waits for its VMM on `vm.socket`, runs the device until the VMM goes
 /// away, then starts over with a fresh device. `first` is the device for the first round (the
 /// caller creates it to report bind errors before starting). Returns only on a setup error.
-pub fn serve_vm(vm: &VmConfig, first: Device, counters: Arc<Counters>) -> Result<(), ServeError> {
+pub fn serve_vm(
+    vm: &VmConfig,
+    first: Device,
+    counters: Arc<Counters>,
+    router: Option<Arc<Router>>,
+) -> Result<(), ServeError> {
     let mut next = Some(first);
     let vhost_err = |msg: String| ServeError::VhostUser {
         path: vm.socket.display().to_string(),
@@ -50,7 +56,7 @@ pub fn serve_vm(vm: &VmConfig, first: Device, counters: Arc<Counters>) -> Result
     loop {
         let device = match next.take() {
             Some(d) => d,
-            None => Device::new(device_config(vm), counters.clone())?,
+            None => Device::with_router(device_config(vm), counters.clone(), router.clone())?,
         };
         let epoll_fd = device.epoll_fd();
         let backend = VsockBackend::new(device).map_err(|e| vhost_err(e.to_string()))?;
