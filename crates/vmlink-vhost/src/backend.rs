@@ -237,7 +237,9 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -81,6 +81,20 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_INBOX: u64 = 2;
+const TOKEN_SEQ_LISTENER: u64 = 3;
+
+/// Largest seqpacket message taken from a host socket (256 KiB); a longer one resets the
+/// connection rather than being cut.
+pub const MAX_HOST_SEQ_MSG: usize = 256 * 1024;
+
+/// Where host clients connect for seqpacket connections to the guest: `<uds_path>_seqpacket`,
+/// a `SOCK_SEQPACKET` Unix socket. The `CONNECT <port>\n` line and the `OK <port>\n` reply are
+/// one message each; every later message is one guest seqpacket message.
+pub fn seqpacket_listener_path(uds_path: &Path) -> PathBuf {
+    let mut s = uds_path.as_os_str().to_owned();
+    s.push("_seqpacket");
+    PathBuf::from(s)
+}
 const FIRST_STREAM_TOKEN: u64 = 16;
 
 /// A virtio-vsock packet header (`struct virtio_vsock_hdr`), as plain fields.
@@ -197,12 +211,17 @@ struct Conn {
     fwd_cnt: u32,
     reported_fwd_cnt: u32,
     to_host: VecDeque<u8>,
+    /// Seqpacket: whole messages waiting for the host socket, and the one being assembled.
+    msgs: VecDeque<Vec<u8>>,
+    cur_msg: Vec<u8>,
     guest_shut_send: bool,
     guest_shut_recv: bool,
     host_write_shut: bool,
     host_writable: bool,
     // Host to guest.
     from_host: Vec<u8>,
+    /// Seqpacket: `from_host` holds (the rest of) one host message.
+    seq_msg: bool,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     tx_cnt: u32,
@@ -223,11 +242,14 @@ impl Conn {
             fwd_cnt: 0,
             reported_fwd_cnt: 0,
             to_host: VecDeque::new(),
+            msgs: VecDeque::new(),
+            cur_msg: Vec::new(),
             guest_shut_send: false,
             guest_shut_recv: false,
             host_write_shut: false,
             host_writable: true,
             from_host: Vec::new(),
+            seq_msg: false,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             tx_cnt: 0,
@@ -236,6 +258,11 @@ impl Conn {
             eof_sent: false,
             in_rx_queue: false,
         }
+    }
+
+    /// Whether everything the guest sent has reached the host socket.
+    fn to_host_empty(&self) -> bool {
+        self.to_host.is_empty() && self.msgs.is_empty()
     }
 
     /// Bytes the guest can still take.
@@ -257,6 +284,7 @@ impl Conn {
 #[derive(Debug)]
 struct PendingClient {
     stream: UnixStream,
+    type_: u16,
     handshake: Handshake<ConnectRequest>,
 }
 
@@ -282,6 +310,8 @@ pub struct Device {
     cfg: DeviceConfig,
     epoll: Epoll,
     listener: UnixListener,
+    seq_listener: UnixListener,
+    seq_buf: Vec<u8>,
     timer: TimerFd,
     conns: HashMap<ConnKey, Conn>,
     clients: HashMap<u64, PendingClient>,
@@ -321,8 +351,24 @@ impl Device {
         })?;
         listener
             .set_nonblocking(true)
-            .map_err(|source| DeviceError::Bind { path, source })?;
+            .map_err(|source| DeviceError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+        let seq_path = seqpacket_listener_path(&path);
+        remove_stale_socket(&seq_path);
+        let seq_listener = listen_seqpacket(&seq_path).map_err(|source| DeviceError::Bind {
+            path: seq_path,
+            source,
+        })?;
         let epoll = Epoll::new().map_err(DeviceError::Setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                seq_listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_SEQ_LISTENER),
+            )
+            .map_err(DeviceError::Setup)?;
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -356,6 +402,8 @@ impl Device {
             cfg,
             epoll,
             listener,
+            seq_listener,
+            seq_buf: vec![0; MAX_HOST_SEQ_MSG],
             timer,
             conns: HashMap::new(),
             clients: HashMap::new(),
@@ -472,7 +520,7 @@ impl Device {
             }
             return;
         }
-        if hdr.type_ != TYPE_STREAM {
+        if hdr.type_ != TYPE_STREAM && hdr.type_ != TYPE_SEQPACKET {
             self.bad(hdr, "unsupported socket type");
             return;
         }
@@ -493,6 +541,10 @@ impl Device {
                     self.reply_rst(hdr);
                     return;
                 };
+                if conn.type_ != hdr.type_ {
+                    self.bad(hdr, "socket type differs from the connection's");
+                    return;
+                }
                 conn.peer_buf_alloc = hdr.buf_alloc;
                 conn.peer_fwd_cnt = hdr.fwd_cnt;
                 match op {
@@ -553,7 +605,7 @@ impl Device {
             return;
         }
         let path = host_listener_path(&self.cfg.uds_path, key.host_port);
-        let stream = match connect_nonblocking(&path) {
+        let stream = match connect_nonblocking(&path, hdr.type_ == TYPE_SEQPACKET) {
             Ok(s) => s,
             Err(e) => {
                 self.counters.inc(Counter::refused);
@@ -657,6 +709,17 @@ impl Device {
         }
         self.counters.add(Counter::tx_bytes, data.len() as u64);
         conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
+        if conn.type_ == TYPE_SEQPACKET {
+            // A message goes to the host socket whole, once its last packet (EOM) is here. The
+            // credit check above bounds it by tx-buffer-size.
+            conn.cur_msg.extend_from_slice(data);
+            if hdr.flags & SEQ_EOM != 0 {
+                let msg = std::mem::take(&mut conn.cur_msg);
+                conn.msgs.push_back(msg);
+            }
+            self.flush(key);
+            return;
+        }
         let mut rest = data;
         if conn.to_host.is_empty() && conn.host_writable {
             match write_some(&mut conn.stream, rest) {
@@ -683,6 +746,24 @@ impl Device {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        while conn.type_ == TYPE_SEQPACKET && conn.host_writable {
+            let Some(msg) = conn.msgs.front() else {
+                break;
+            };
+            match write_some(&mut conn.stream, msg) {
+                Ok(0) if !msg.is_empty() => conn.host_writable = false,
+                Ok(_) => {
+                    let len = msg.len() as u32;
+                    conn.msgs.pop_front();
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len);
+                }
+                Err(e) => {
+                    debug!("host side of guest port {} failed: {e}", key.guest_port);
+                    self.close(key, Why::HostError, true);
+                    return;
+                }
+            }
+        }
         while !conn.to_host.is_empty() && conn.host_writable {
             let (a, _) = conn.to_host.as_slices();
             match write_some(&mut conn.stream, a) {
@@ -698,12 +779,12 @@ impl Device {
                 }
             }
         }
-        if conn.to_host.is_empty() && conn.guest_shut_send && !conn.host_write_shut {
+        if conn.to_host_empty() && conn.guest_shut_send && !conn.host_write_shut {
             // The guest's SHUT_WR reaches the host as end-of-file; the other direction stays open.
             let _ = conn.stream.shutdown(Shutdown::Write);
             conn.host_write_shut = true;
         }
-        if conn.to_host.is_empty() && conn.guest_shut_send && conn.guest_shut_recv {
+        if conn.to_host_empty() && conn.guest_shut_send && conn.guest_shut_recv {
             // The guest closed its socket: all its data is delivered.
             self.close(key, Why::Done, true);
             return;
@@ -773,10 +854,41 @@ impl Device {
                 continue;
             }
             let room = (conn.peer_free() as usize).min(buf.len()).min(MAX_PKT_DATA);
+            if conn.type_ == TYPE_SEQPACKET && conn.from_host.is_empty() && !conn.host_eof {
+                match recv_message(&conn.stream, &mut self.seq_buf) {
+                    Ok(0) => conn.host_eof = true,
+                    Ok(n) => {
+                        conn.from_host = self.seq_buf[..n].to_vec();
+                        conn.seq_msg = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.host_readable = false;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        conn.in_rx_queue = true;
+                        self.data_ready.push_back(key);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(
+                            cid = self.cfg.guest_cid,
+                            "host side of guest port {}: {e}; connection reset", key.guest_port
+                        );
+                        self.close(key, Why::HostError, true);
+                        continue;
+                    }
+                }
+            }
+            let mut flags = 0;
             let n = if !conn.from_host.is_empty() {
                 let n = room.min(conn.from_host.len());
                 buf[..n].copy_from_slice(&conn.from_host[..n]);
                 conn.from_host.drain(..n);
+                if conn.seq_msg && conn.from_host.is_empty() {
+                    conn.seq_msg = false;
+                    flags = SEQ_EOM;
+                }
                 n
             } else if conn.host_eof {
                 0
@@ -825,7 +937,7 @@ impl Device {
             conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
             let hdr = Header {
                 len: n as u32,
-                ..self.header_for(key, OP_RW, 0)
+                ..self.header_for(key, OP_RW, flags)
             };
             if let Some(conn) = self.conns.get_mut(&key) {
                 conn.reported_fwd_cnt = conn.fwd_cnt;
@@ -949,7 +1061,8 @@ impl Device {
             for ev in &events[..n] {
                 let set = ev.event_set();
                 match ev.data() {
-                    TOKEN_LISTENER => self.accept_clients(),
+                    TOKEN_LISTENER => self.accept_clients(false),
+                    TOKEN_SEQ_LISTENER => self.accept_clients(true),
                     TOKEN_INBOX => {
                         if let Some(inbox) = self.inbox() {
                             inbox.clear_event();
@@ -968,9 +1081,14 @@ impl Device {
         }
     }
 
-    fn accept_clients(&mut self) {
+    fn accept_clients(&mut self, seq: bool) {
         loop {
-            let stream = match self.listener.accept() {
+            let listener = if seq {
+                &self.seq_listener
+            } else {
+                &self.listener
+            };
+            let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1003,6 +1121,7 @@ impl Device {
                 token,
                 PendingClient {
                     stream,
+                    type_: if seq { TYPE_SEQPACKET } else { TYPE_STREAM },
                     handshake: Handshake::new(Instant::now(), self.cfg.handshake_timeout),
                 },
             );
@@ -1047,6 +1166,11 @@ impl Device {
                 }
                 Ok(n) => match client.handshake.push(&buf[..n]) {
                     Ok(Some(req)) => break req,
+                    Ok(None) if client.type_ == TYPE_SEQPACKET => {
+                        let msg = "the CONNECT line must come whole in the first message".into();
+                        self.drop_client(token, Some(msg));
+                        return;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         self.drop_client(token, Some(e.to_string()));
@@ -1092,13 +1216,19 @@ impl Device {
             return;
         }
         let leftover = client.handshake.take_leftover();
+        if client.type_ == TYPE_SEQPACKET && !leftover.is_empty() {
+            let msg = "bytes after the CONNECT line in its message".into();
+            self.tokens.remove(&token);
+            self.drop_client(token, Some(msg));
+            return;
+        }
         let mut conn = Conn::new(
             client.stream,
             token,
             State::Connecting {
                 since: Instant::now(),
             },
-            TYPE_STREAM,
+            client.type_,
         );
         conn.from_host = leftover;
         self.conns.insert(key, conn);
@@ -1214,12 +1344,16 @@ fn write_some(stream: &mut UnixStream, buf: &[u8]) -> io::Result<usize> {
 
 /// Connects to a Unix stream socket without blocking: a listener whose backlog is full refuses
 /// (`EAGAIN`) rather than stalling every other connection of the VM.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+fn connect_nonblocking(path: &Path, seqpacket: bool) -> io::Result<UnixStream> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     let addr = UnixAddr::new(path).map_err(io::Error::from)?;
     let fd: OwnedFd = socket(
         AddressFamily::Unix,
-        SockType::Stream,
+        if seqpacket {
+            SockType::SeqPacket
+        } else {
+            SockType::Stream
+        },
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )
@@ -1236,4 +1370,45 @@ fn remove_stale_socket(path: &Path) {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// A listening, non-blocking `SOCK_SEQPACKET` Unix socket. `UnixListener` only wraps the fd:
+/// `accept` works the same for every socket type.
+fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    let fd: OwnedFd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    listen(&fd, Backlog::new(128).map_err(io::Error::from)?).map_err(io::Error::from)?;
+    Ok(UnixListener::from(fd))
+}
+
+/// Receives one seqpacket message into `buf`: `Ok(0)` is end-of-file (so an empty host message
+/// is taken as end-of-file too). A message longer than `buf` is an error, never cut.
+fn recv_message(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let n = recv(
+        stream.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_TRUNC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    if n > buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a seqpacket message of {n} bytes exceeds the {} byte bound",
+                buf.len()
+            ),
+        ));
+    }
+    Ok(n)
 }

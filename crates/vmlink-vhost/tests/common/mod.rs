@@ -121,3 +121,43 @@ pub fn lab(socket: &Path) -> vmlink_lab::LabConfig {
         ..vmlink_lab::LabConfig::default()
     }
 }
+
+/// A `SOCK_SEQPACKET` Unix listener (std's `UnixListener` accepts any socket type; reads and
+/// writes on the accepted `UnixStream` are then one message each).
+pub fn listen_seqpacket(path: &Path) -> std::os::unix::net::UnixListener {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("seqpacket socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).expect("addr"),
+    )
+    .expect("bind");
+    listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+    std::os::unix::net::UnixListener::from(fd)
+}
+
+/// A connected `SOCK_SEQPACKET` Unix socket.
+pub fn connect_seqpacket(path: &Path) -> std::os::unix::net::UnixStream {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("seqpacket socket");
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).expect("addr"),
+    )
+    .expect("connect");
+    std::os::unix::net::UnixStream::from(fd)
+}
