@@ -18,6 +18,7 @@ use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMm
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::capture::Capture;
 use crate::counters::Counters;
 use crate::device::{Device, Header, MAX_PKT_DATA};
 
@@ -44,6 +45,7 @@ pub fn drain_tx<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     buf: &mut Vec<u8>,
+    capture: Option<&Capture>,
 ) -> bool {
     let mut used = false;
     while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
@@ -53,6 +55,9 @@ pub fn drain_tx<M: GuestMemory>(
                 let hdr = header_of(&pkt);
                 let len = hdr.len as usize;
                 if len == 0 {
+                    if let Some(c) = capture {
+                        c.packet(&hdr, &[]);
+                    }
                     device.on_guest_packet(&hdr, &[]);
                 } else if let Some(slice) = pkt.data_slice() {
                     if buf.len() < len {
@@ -60,6 +65,9 @@ pub fn drain_tx<M: GuestMemory>(
                     }
                     let got = slice.len().min(len);
                     slice.copy_to(&mut buf[..got]);
+                    if let Some(c) = capture {
+                        c.packet(&hdr, &buf[..got]);
+                    }
                     device.on_guest_packet(&hdr, &buf[..got]);
                 } else {
                     device.count_malformed(&"header has a length but no data buffer");
@@ -82,6 +90,7 @@ pub fn fill_rx<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     buf: &mut Vec<u8>,
+    capture: Option<&Capture>,
 ) -> bool {
     let mut used = false;
     if buf.len() < MAX_PKT_DATA {
@@ -110,6 +119,9 @@ pub fn fill_rx<M: GuestMemory>(
         };
         set_header(&mut pkt, &hdr);
         let len = hdr.len as usize;
+        if let Some(c) = capture {
+            c.packet(&hdr, &buf[..len]);
+        }
         if len > 0 {
             if let Some(slice) = pkt.data_slice() {
                 slice.copy_from(&buf[..len]);
@@ -159,6 +171,7 @@ pub struct VsockBackend {
     exit: EventFd,
     tx_buf: Vec<u8>,
     rx_buf: Vec<u8>,
+    capture: Option<Arc<Capture>>,
 }
 
 impl VsockBackend {
@@ -170,7 +183,14 @@ impl VsockBackend {
             exit: EventFd::new(EFD_NONBLOCK)?,
             tx_buf: Vec::new(),
             rx_buf: Vec::new(),
+            capture: None,
         })
+    }
+
+    /// Writes every packet of this VM to `capture` while it is switched on.
+    pub fn with_capture(mut self, capture: Option<Arc<Capture>>) -> Self {
+        self.capture = capture;
+        self
     }
 
     /// The device model.
@@ -200,6 +220,7 @@ impl VsockBackend {
                 state.get_queue_mut(),
                 &*mem,
                 &mut self.tx_buf,
+                self.capture.as_deref(),
             )
         };
         if tx_used {
@@ -214,11 +235,17 @@ impl VsockBackend {
                 state.get_queue_mut(),
                 &*mem,
                 &mut self.rx_buf,
+                self.capture.as_deref(),
             )
         };
         if rx_used {
             if let Err(e) = rx.signal_used_queue() {
                 warn!("cannot notify the guest (RX): {e}");
+            }
+        }
+        if let Some(c) = &self.capture {
+            if (tx_used || rx_used) && c.enabled() {
+                c.flush();
             }
         }
     }

@@ -5,6 +5,7 @@
 //!   hybrid host side, independent of vhost-user.
 //! - [`backend`]: the thin vhost-user adapter on `vhost-user-backend`, `virtio-queue` and
 //!   `virtio-vsock`.
+//! - [`capture`]: packet capture in the vsockmon pcap link type.
 //! - [`config`]: `--vm` specs and the TOML config file.
 //! - [`counters`]: per-VM counters.
 //! - [`router`]: VM-to-VM routing between VMs that share a group.
@@ -13,6 +14,7 @@
 //! See `docs/vhost.md` for the design and the bounds.
 
 pub mod backend;
+pub mod capture;
 pub mod config;
 pub mod counters;
 pub mod device;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info};
+use vmlink_vhost::capture::Capture;
 use vmlink_vhost::config::{self, VmConfig};
 use vmlink_vhost::counters::Counters;
 use vmlink_vhost::device::Device;
@@ -27,6 +28,10 @@ struct Args {
     /// A TOML file with one [[vm]] table per VM (same keys as --vm).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Write every packet of every VM to FILE (pcap, link type 271 LINKTYPE_VSOCK, which tshark
+    /// decodes). SIGUSR2 switches capture off and on while running.
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -53,11 +58,23 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // SIGUSR1 logs every VM's counters; block it in every thread but the one that waits for it.
-    let mut usr1 = SigSet::empty();
-    usr1.add(Signal::SIGUSR1);
-    if let Err(e) = usr1.thread_block() {
-        eprintln!("vmlink-vhost: cannot block SIGUSR1: {e}");
+    let capture = match &args.pcap {
+        None => None,
+        Some(path) => match Capture::create(path, true) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                eprintln!("vmlink-vhost: --pcap {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+    // SIGUSR1 logs every VM's counters, SIGUSR2 switches capture: block them in every thread
+    // but the one that waits for them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGUSR1);
+    signals.add(Signal::SIGUSR2);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("vmlink-vhost: cannot block SIGUSR1 and SIGUSR2: {e}");
         return ExitCode::from(1);
     }
     // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
@@ -76,21 +93,34 @@ fn main() -> ExitCode {
         .iter()
         .map(|(vm, _, c)| (vm.guest_cid, c.clone()))
         .collect();
+    let signal_capture = capture.clone();
     let _ = std::thread::Builder::new()
-        .name("counters".into())
+        .name("signals".into())
         .spawn(move || loop {
-            if usr1.wait().is_ok() {
-                for (cid, c) in &all {
-                    info!(cid, "counters: {}", c.snapshot());
+            match signals.wait() {
+                Ok(Signal::SIGUSR1) => {
+                    for (cid, c) in &all {
+                        info!(cid, "counters: {}", c.snapshot());
+                    }
                 }
+                Ok(Signal::SIGUSR2) => match &signal_capture {
+                    Some(c) => {
+                        c.set_enabled(!c.enabled());
+                        let state = if c.enabled() { "on" } else { "off" };
+                        info!("packet capture {state}");
+                    }
+                    None => info!("SIGUSR2: no --pcap file, nothing to switch"),
+                },
+                _ => {}
             }
         });
     let mut threads = Vec::new();
     for (vm, device, counters) in started {
         let router = router.clone();
+        let capture = capture.clone();
         let name = format!("vm-cid{}", vm.guest_cid);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let r = serve_vm(&vm, device, counters, Some(router));
+            let r = serve_vm(&vm, device, counters, Some(router), capture);
             if let Err(e) = &r {
                 error!(cid = vm.guest_cid, "{e}");
             }

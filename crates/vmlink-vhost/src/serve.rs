@@ -10,6 +10,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{VsockBackend, HOST_EVENT};
+use crate::capture::Capture;
 use crate::config::VmConfig;
 use crate::counters::Counters;
 use crate::device::{Device, DeviceConfig, DeviceError};
@@ -47,6 +48,7 @@ pub fn serve_vm(
     first: Device,
     counters: Arc<Counters>,
     router: Option<Arc<Router>>,
+    capture: Option<Arc<Capture>>,
 ) -> Result<(), ServeError> {
     let mut next = Some(first);
     let vhost_err = |msg: String| ServeError::VhostUser {
@@ -59,7 +61,9 @@ pub fn serve_vm(
             None => Device::with_router(device_config(vm), counters.clone(), router.clone())?,
         };
         let epoll_fd = device.epoll_fd();
-        let backend = VsockBackend::new(device).map_err(|e| vhost_err(e.to_string()))?;
+        let backend = VsockBackend::new(device)
+            .map_err(|e| vhost_err(e.to_string()))?
+            .with_capture(capture.clone());
         let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
             format!("vmlink-vhost-cid{}", vm.guest_cid),

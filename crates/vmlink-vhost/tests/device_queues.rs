@@ -11,6 +11,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmlink_vhost::backend::{drain_tx, fill_rx};
+use vmlink_vhost::capture::Capture;
 use vmlink_vhost::counters::{Counter, Counters};
 use vmlink_vhost::device::*;
 
@@ -30,6 +31,7 @@ struct Rig<'a> {
     rx_seen: u16,
     buf: Vec<u8>,
     device: Device,
+    capture: Option<Arc<Capture>>,
     _dir: tempdir::Dir,
 }
 
@@ -121,6 +123,7 @@ impl<'a> Rig<'a> {
             rx_seen: 0,
             buf: Vec::new(),
             device,
+            capture: None,
             _dir: tempdir::Dir(dir),
         }
     }
@@ -174,7 +177,8 @@ impl<'a> Rig<'a> {
             &mut self.device,
             &mut self.tx,
             self.mem,
-            &mut self.buf
+            &mut self.buf,
+            self.capture.as_deref(),
         ));
     }
 
@@ -197,7 +201,13 @@ impl<'a> Rig<'a> {
             self.rx_slot += 2;
         }
         self.device.handle_host_events();
-        fill_rx(&mut self.device, &mut self.rx, self.mem, &mut self.buf);
+        fill_rx(
+            &mut self.device,
+            &mut self.rx,
+            self.mem,
+            &mut self.buf,
+            self.capture.as_deref(),
+        );
         let mut out = Vec::new();
         let used = self.rx_mock.used_addr();
         let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).expect("used idx");
@@ -447,4 +457,58 @@ fn host_connect_waits_for_the_guest_and_keeps_early_bytes() {
     bad.read_to_end(&mut rest).expect("closed");
     assert!(rest.is_empty());
     assert_eq!(rig.count(Counter::handshake_errors), 1);
+}
+
+#[test]
+fn captured_packets_decode_with_tshark() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "pcap", |_| {});
+    let file = rig._dir.0.join("cap.pcap");
+    rig.capture = Some(Arc::new(Capture::create(&file, true).expect("create pcap")));
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1).len(), 1);
+    let (_host, _) = l.accept().expect("accept");
+    rig.send(pkt(OP_RW, 5000, 1234), b"hello");
+    // Switched off: this one is not written.
+    rig.capture.as_ref().expect("capture").set_enabled(false);
+    rig.send(pkt(OP_RW, 5000, 1234), b"unseen");
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&file)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "vsock.src_cid",
+            "-e",
+            "vsock.dst_cid",
+            "-e",
+            "vsock.src_port",
+            "-e",
+            "vsock.dst_port",
+            "-e",
+            "vsock.op",
+            "-e",
+            "vsock.virtio.op",
+            "-e",
+            "vsock.virtio.len",
+        ])
+        .output()
+        .expect("run tshark (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "request, response, one data packet:\n{text}"
+    );
+    assert!(lines[0].starts_with("3\t2\t5000\t1234"), "{}", lines[0]);
+    assert!(lines[1].starts_with("2\t3\t1234\t5000"), "{}", lines[1]);
+    assert!(lines[2].contains("\t5"), "payload of 5 bytes: {}", lines[2]);
 }

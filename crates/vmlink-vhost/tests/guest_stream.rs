@@ -57,7 +57,16 @@ fn stream_both_ways_split_connect_half_close_and_refusals() {
         return;
     }
     let dir = common::test_dir("stream");
-    let mut backend = common::Backend::start(&["--vm".into(), common::vm_arg(&dir, CID, "")], 1);
+    let pcap = dir.join("cap.pcap");
+    let mut backend = common::Backend::start(
+        &[
+            "--vm".into(),
+            common::vm_arg(&dir, CID, ""),
+            "--pcap".into(),
+            pcap.display().to_string(),
+        ],
+        1,
+    );
     let uds = common::uds_path(&dir, CID);
     let l1000 =
         UnixListener::bind(dir.join(format!("vsock-{CID}_1000"))).expect("bind host port 1000");
@@ -121,4 +130,37 @@ fn stream_both_ways_split_connect_half_close_and_refusals() {
 
     guest.join().expect("guest test passed");
     assert!(backend.alive(), "the backend outlives its guest");
+
+    // The capture, switched off while running (which flushes it), reads back with tshark.
+    let pid = nix::unistd::Pid::from_raw(backend.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2).expect("SIGUSR2");
+    backend.wait_log("packet capture off");
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "vsock.virtio.op",
+            "-e",
+            "vsock.virtio.dst_prot",
+        ])
+        .output()
+        .expect("run tshark (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests: Vec<&str> = text.lines().filter(|l| l.starts_with("1\t")).collect();
+    for port in ["1000", "2000", "2001", "1002"] {
+        assert!(
+            requests.iter().any(|l| l.ends_with(&format!("\t{port}"))),
+            "a request to port {port} is in the capture: {requests:?}"
+        );
+    }
+    let rw = text.lines().filter(|l| l.starts_with("5\t")).count();
+    assert!(rw > 100, "{rw} data packets captured");
 }
