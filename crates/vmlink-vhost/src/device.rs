@@ -71,6 +71,10 @@ pub const SEQ_EOM: u32 = 1;
 /// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
 pub const SEQ_EOR: u32 = 2;
 
+/// Host bytes read ahead per connection, at most (64 KiB): one read fills several guest RX
+/// buffers.
+const STAGE: usize = 64 * 1024;
+
 /// Largest payload of one packet, in either direction (the Linux driver's 64 KiB).
 pub const MAX_PKT_DATA: usize = 64 * 1024;
 
@@ -220,6 +224,9 @@ struct Conn {
     host_writable: bool,
     // Host to guest.
     from_host: Vec<u8>,
+    /// The unsent part of `from_host` is `from_pos..from_end`.
+    from_pos: usize,
+    from_end: usize,
     /// Seqpacket: `from_host` holds (the rest of) one host message.
     seq_msg: bool,
     peer_buf_alloc: u32,
@@ -249,6 +256,8 @@ impl Conn {
             host_write_shut: false,
             host_writable: true,
             from_host: Vec::new(),
+            from_pos: 0,
+            from_end: 0,
             seq_msg: false,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
@@ -265,6 +274,11 @@ impl Conn {
         self.to_host.is_empty() && self.msgs.is_empty()
     }
 
+    /// Whether host bytes wait in `from_host`.
+    fn has_staged(&self) -> bool {
+        self.from_pos < self.from_end
+    }
+
     /// Bytes the guest can still take.
     fn peer_free(&self) -> u32 {
         let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
@@ -277,7 +291,7 @@ impl Conn {
             && !self.guest_shut_recv
             && !self.eof_sent
             && self.peer_free() > 0
-            && (!self.from_host.is_empty() || self.host_readable)
+            && (self.has_staged() || self.host_readable)
     }
 }
 
@@ -854,12 +868,27 @@ impl Device {
                 continue;
             }
             let room = (conn.peer_free() as usize).min(buf.len()).min(MAX_PKT_DATA);
-            if conn.type_ == TYPE_SEQPACKET && conn.from_host.is_empty() && !conn.host_eof {
-                match recv_message(&conn.stream, &mut self.seq_buf) {
+            if !conn.has_staged() && !conn.host_eof {
+                // Stage up to 64 KiB (or one seqpacket message) with one read: the guest's RX
+                // buffers are often 4 KiB, and one read per buffer would cost a syscall each.
+                let read = if conn.type_ == TYPE_SEQPACKET {
+                    recv_message(&conn.stream, &mut self.seq_buf).inspect(|&n| {
+                        conn.from_host.clear();
+                        conn.from_host.extend_from_slice(&self.seq_buf[..n]);
+                    })
+                } else {
+                    if conn.from_host.len() < STAGE {
+                        conn.from_host.resize(STAGE, 0);
+                    }
+                    let want = (conn.peer_free() as usize).min(STAGE);
+                    conn.stream.read(&mut conn.from_host[..want])
+                };
+                match read {
                     Ok(0) => conn.host_eof = true,
                     Ok(n) => {
-                        conn.from_host = self.seq_buf[..n].to_vec();
-                        conn.seq_msg = true;
+                        conn.from_pos = 0;
+                        conn.from_end = n;
+                        conn.seq_msg = conn.type_ == TYPE_SEQPACKET;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         conn.host_readable = false;
@@ -871,7 +900,7 @@ impl Device {
                         continue;
                     }
                     Err(e) => {
-                        warn!(
+                        debug!(
                             cid = self.cfg.guest_cid,
                             "host side of guest port {}: {e}; connection reset", key.guest_port
                         );
@@ -881,39 +910,18 @@ impl Device {
                 }
             }
             let mut flags = 0;
-            let n = if !conn.from_host.is_empty() {
-                let n = room.min(conn.from_host.len());
-                buf[..n].copy_from_slice(&conn.from_host[..n]);
-                conn.from_host.drain(..n);
-                if conn.seq_msg && conn.from_host.is_empty() {
+            let n = if conn.has_staged() {
+                let n = room.min(conn.from_end - conn.from_pos);
+                buf[..n].copy_from_slice(&conn.from_host[conn.from_pos..conn.from_pos + n]);
+                conn.from_pos += n;
+                if conn.seq_msg && !conn.has_staged() {
                     conn.seq_msg = false;
                     flags = SEQ_EOM;
                 }
                 n
-            } else if conn.host_eof {
-                0
             } else {
-                match conn.stream.read(&mut buf[..room]) {
-                    Ok(0) => {
-                        conn.host_eof = true;
-                        0
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        conn.host_readable = false;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                        conn.in_rx_queue = true;
-                        self.data_ready.push_back(key);
-                        continue;
-                    }
-                    Err(e) => {
-                        debug!("host side of guest port {} failed: {e}", key.guest_port);
-                        self.close(key, Why::HostError, true);
-                        continue;
-                    }
-                }
+                // Nothing staged after a read: end-of-file.
+                0
             };
             if n == 0 {
                 // The host client shut its write side: SHUT_WR becomes SHUTDOWN(SEND) and the
@@ -1230,6 +1238,7 @@ impl Device {
             },
             client.type_,
         );
+        conn.from_end = leftover.len();
         conn.from_host = leftover;
         self.conns.insert(key, conn);
         self.tokens.insert(token, Token::Conn(key));

@@ -8,6 +8,7 @@
 //! - [`capture`]: packet capture in the vsockmon pcap link type.
 //! - [`config`]: `--vm` specs and the TOML config file.
 //! - [`counters`]: per-VM counters.
+//! - [`fuzzing`]: the harness of the TX-path fuzz target.
 //! - [`router`]: VM-to-VM routing between VMs that share a group.
 //! - [`serve`]: running VMs, restarting each one's device when its VMM reconnects.
 //!
@@ -18,5 +19,6 @@ pub mod capture;
 pub mod config;
 pub mod counters;
 pub mod device;
+pub mod fuzzing;
 pub mod router;
 pub mod serve;
