@@ -12,6 +12,7 @@ use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
@@ -172,6 +173,7 @@ pub struct VsockBackend {
     tx_buf: Vec<u8>,
     rx_buf: Vec<u8>,
     capture: Option<Arc<Capture>>,
+    event_idx: bool,
 }
 
 impl VsockBackend {
@@ -184,6 +186,7 @@ impl VsockBackend {
             tx_buf: Vec::new(),
             rx_buf: Vec::new(),
             capture: None,
+            event_idx: false,
         })
     }
 
@@ -212,36 +215,51 @@ impl VsockBackend {
         else {
             return;
         };
-        // TX first: guest packets (credit updates, RSTs) change what RX may send.
-        let tx_used = {
-            let mut state = tx.get_mut();
-            drain_tx(
+        // TX first: guest packets (credit updates, RSTs) change what RX may send. With
+        // EVENT_IDX, notifications are off while draining and the ring is looked at again after
+        // turning them on, so that no kick is lost; the guest is interrupted only when it asked.
+        let mut tx_used = false;
+        loop {
+            if self.event_idx {
+                let _ = tx.disable_notification();
+            }
+            tx_used |= drain_tx(
                 &mut self.device,
-                state.get_queue_mut(),
+                tx.get_mut().get_queue_mut(),
                 &*mem,
                 &mut self.tx_buf,
                 self.capture.as_deref(),
-            )
-        };
-        if tx_used {
-            if let Err(e) = tx.signal_used_queue() {
-                warn!("cannot notify the guest (TX): {e}");
+            );
+            if !self.event_idx || !tx.enable_notification().unwrap_or(false) {
+                break;
             }
         }
-        let rx_used = {
-            let mut state = rx.get_mut();
-            fill_rx(
+        if tx_used {
+            notify(tx, "TX");
+        }
+        let mut rx_used = false;
+        loop {
+            if self.event_idx {
+                let _ = rx.disable_notification();
+            }
+            rx_used |= fill_rx(
                 &mut self.device,
-                state.get_queue_mut(),
+                rx.get_mut().get_queue_mut(),
                 &*mem,
                 &mut self.rx_buf,
                 self.capture.as_deref(),
-            )
-        };
-        if rx_used {
-            if let Err(e) = rx.signal_used_queue() {
-                warn!("cannot notify the guest (RX): {e}");
+            );
+            // More buffers may have come while notifications were off: look again, but only
+            // when there is something to put in them.
+            if !self.event_idx
+                || !rx.enable_notification().unwrap_or(false)
+                || !self.device.has_rx()
+            {
+                break;
             }
+        }
+        if rx_used {
+            notify(rx, "RX");
         }
         if let Some(c) = &self.capture {
             if (tx_used || rx_used) && c.enabled() {
@@ -265,6 +283,7 @@ impl VhostUserBackendMut for VsockBackend {
 
     fn features(&self) -> u64 {
         (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_VSOCK_F_SEQPACKET)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
@@ -273,7 +292,9 @@ impl VhostUserBackendMut for VsockBackend {
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
     }
 
-    fn set_event_idx(&mut self, _enabled: bool) {}
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // struct virtio_vsock_config { le64 guest_cid; }
@@ -310,5 +331,14 @@ impl VhostUserBackendMut for VsockBackend {
         }
         self.process(vrings);
         Ok(())
+    }
+}
+
+/// Interrupts the guest for `vring` unless EVENT_IDX says it does not want it yet.
+fn notify(vring: &VringRwLock, name: &str) {
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("cannot notify the guest ({name}): {e}");
+        }
     }
 }
