@@ -479,7 +479,7 @@ impl Device {
         self.counters.inc(Counter::tx_packets);
         let n = self.counters.inc(Counter::malformed_descriptors);
         if should_log(n) {
-            warn!(
+            info!(
                 cid = self.cfg.guest_cid,
                 "dropped malformed TX descriptor chain ({n} so far): {what}"
             );
@@ -495,7 +495,7 @@ impl Device {
         if hdr.src_cid != cid {
             let n = self.counters.inc(Counter::spoofed_cid);
             if should_log(n) {
-                warn!(
+                info!(
                     cid,
                     "dropped packet with spoofed source CID {} ({n} so far)", hdr.src_cid
                 );
@@ -515,7 +515,7 @@ impl Device {
                 Some(Err(ForwardError::Full)) => {
                     let n = self.counters.inc(Counter::forward_dropped);
                     if should_log(n) {
-                        warn!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
+                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
                     }
                     self.reply_rst(hdr);
                     return;
@@ -524,7 +524,7 @@ impl Device {
             }
             let n = self.counters.inc(Counter::unroutable);
             if should_log(n) {
-                warn!(
+                info!(
                     cid,
                     "dropped packet to unreachable CID {} ({n} so far)", hdr.dst_cid
                 );
@@ -577,7 +577,7 @@ impl Device {
     fn bad(&mut self, hdr: &Header, what: &str) {
         let n = self.counters.inc(Counter::bad_packets);
         if should_log(n) {
-            warn!(
+            info!(
                 cid = self.cfg.guest_cid,
                 "bad packet from guest ({n} so far): {what}: op {} type {} len {} ports {}->{}",
                 hdr.op,
@@ -608,7 +608,7 @@ impl Device {
         if self.conns.len() >= self.cfg.max_connections {
             let n = self.counters.inc(Counter::connection_limit);
             if should_log(n) {
-                warn!(
+                info!(
                     cid = self.cfg.guest_cid,
                     "refused guest connection to port {}: the VM has {} connections, its bound ({n} so far)",
                     key.host_port,
@@ -711,7 +711,7 @@ impl Device {
         if data.len() as u64 > u64::from(free) {
             let n = self.counters.inc(Counter::credit_violations);
             if should_log(n) {
-                warn!(
+                info!(
                     cid = self.cfg.guest_cid,
                     "guest port {} sent {} bytes with {free} bytes of credit: connection reset ({n} so far)",
                     key.guest_port,
@@ -983,7 +983,7 @@ impl Device {
         if self.ctrl.len() >= ctrl_bound(&self.cfg) {
             let n = self.counters.inc(Counter::rx_overflow);
             if should_log(n) {
-                warn!(
+                info!(
                     cid = self.cfg.guest_cid,
                     "guest does not take its RX queue: dropped a control packet ({n} so far)"
                 );
@@ -1108,7 +1108,7 @@ impl Device {
             if self.clients.len() >= self.cfg.max_handshakes {
                 let n = self.counters.inc(Counter::handshake_limit);
                 if should_log(n) {
-                    warn!(
+                    info!(
                         "closed a client of {}: {} clients are already in their CONNECT handshake ({n} so far)",
                         self.cfg.uds_path.display(),
                         self.clients.len()
@@ -1199,7 +1199,7 @@ impl Device {
         if self.conns.len() >= self.cfg.max_connections {
             let n = self.counters.inc(Counter::connection_limit);
             if should_log(n) {
-                warn!(
+                info!(
                     cid = self.cfg.guest_cid,
                     "refused host connection to guest port {}: the VM is at its bound of {} connections ({n} so far)",
                     request.port,
@@ -1256,7 +1256,7 @@ impl Device {
         if let Some(err) = err {
             let n = self.counters.inc(Counter::handshake_errors);
             if should_log(n) {
-                warn!(
+                info!(
                     "closed a client of {}: {err} ({n} so far)",
                     self.cfg.uds_path.display()
                 );
