@@ -50,8 +50,10 @@ pub struct UpArgs {
     /// The guest's name (1-32 of A-Z a-z 0-9 - _); reach it as lab:NAME.
     name: String,
     /// How the host reaches the agent. serial: virtio-serial ports org.vmlink.ctl and
-    /// org.vmlink.data through a bridge (works everywhere, no vsock needed on the host).
-    #[arg(long, value_parser = ["serial"], default_value = "serial")]
+    /// org.vmlink.data through a bridge. hvsock: vhost-user-vsock-pci served by vmlink-vhost
+    /// in the supervisor (guest CID 3), the agent on vsock port 7878, reached by hybrid
+    /// vsock. Neither needs vsock on the host.
+    #[arg(long, value_parser = ["serial", "hvsock"], default_value = "serial")]
     channel: String,
     /// The vmlink-agent binary to run in the guest (default: the one next to this vmlink,
     /// else the agent built into vmlink).
@@ -112,7 +114,7 @@ fn live_pid(dir: &Path) -> Option<i32> {
 
 /// The agent command for the guest: `--agent PATH`, else the `vmlink-agent` beside this
 /// program, else this program's built-in agent (`vmlink lab agent`, serial ports and qga only).
-fn agent_command(given: Option<PathBuf>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+fn agent_command(given: Option<PathBuf>, channel: &str) -> anyhow::Result<Vec<std::ffi::OsString>> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let sibling = exe.with_file_name("vmlink-agent");
     let p = match given {
@@ -121,12 +123,21 @@ fn agent_command(given: Option<PathBuf>) -> anyhow::Result<Vec<std::ffi::OsStrin
             p
         }
         None if sibling.is_file() => sibling,
+        None if channel == "hvsock" => anyhow::bail!(
+            "--channel hvsock needs the vmlink-agent binary (vsock): build it with \
+             `cargo build --release -p vmlink-agent`, or pass --agent PATH"
+        ),
         None => return Ok(vec![exe.into(), "lab".into(), "agent".into()]),
+    };
+    let listen = if channel == "hvsock" {
+        format!("vsock-listen:any:{}", vmlink_agent::DEFAULT_PORT)
+    } else {
+        format!("vport:{}", vmlink_agent::DEFAULT_CTL_PORT)
     };
     Ok(vec![
         std::fs::canonicalize(&p)?.into(),
         "--listen".into(),
-        format!("vport:{}", vmlink_agent::DEFAULT_CTL_PORT).into(),
+        listen.into(),
         "--qga".into(),
     ])
 }
@@ -181,7 +192,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
     // Fail early on a bad --agent.
-    agent_command(a.agent.clone())?;
+    agent_command(a.agent.clone(), &a.channel)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -256,17 +267,25 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 /// The background process of one lab guest: QEMU, the serial bridge, the state directory.
 pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = dir_of(&a.name)?;
-    let argv = agent_command(a.agent.clone())?;
+    let argv = agent_command(a.agent.clone(), &a.channel)?;
     std::fs::write(dir.join(PID_FILE), format!("{}\n", std::process::id()))?;
     let (ctl, data, qga) = (
         dir.join("ctl.sock"),
         dir.join("data.sock"),
         dir.join("qga.sock"),
     );
+    let hvsock = a.channel == "hvsock";
+    let vsock_uds = dir.join("vsock.sock");
+    let vhost_user = if hvsock {
+        Some(start_vhost(&dir, &vsock_uds)?)
+    } else {
+        None
+    };
     let cfg = vmlink_lab::LabConfig {
         mem: a.mem.clone(),
         cpus: a.cpus,
         timeout: None,
+        vhost_user_vsock: vhost_user,
         serials: vec![
             (vmlink_agent::DEFAULT_CTL_PORT.into(), ctl.clone()),
             (vmlink_agent::DEFAULT_DATA_PORT.into(), data.clone()),
@@ -288,11 +307,19 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
             listener,
             std::future::pending(),
         ));
-        let target: Target = format!("unix:{}", agent_sock.display())
-            .parse()
-            .map_err(anyhow::Error::msg)?;
+        let target: Target = if hvsock {
+            format!(
+                "hvsock:{}:{}",
+                vsock_uds.display(),
+                vmlink_agent::DEFAULT_PORT
+            )
+        } else {
+            format!("unix:{}", agent_sock.display())
+        }
+        .parse()
+        .map_err(anyhow::Error::msg)?;
         let Target::Agent(addr) = &target else {
-            unreachable!("a unix: address is an agent target");
+            unreachable!("a unix: or hvsock: address is an agent target");
         };
         let ready = async {
             loop {
@@ -323,11 +350,52 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
     let out = guest.wait();
     let _ = std::fs::remove_file(dir.join(TARGET_FILE));
     let _ = std::fs::remove_file(dir.join(PID_FILE));
-    for s in ["ctl.sock", "data.sock", "qga.sock", "agent.sock"] {
+    for s in [
+        "ctl.sock",
+        "data.sock",
+        "qga.sock",
+        "agent.sock",
+        "vsock.sock",
+        "vhost-user.sock",
+    ] {
         let _ = std::fs::remove_file(dir.join(s));
     }
     eprintln!("vmlink: lab guest {} stopped ({out:?})", a.name);
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// Starts vmlink-vhost's device for guest CID 3 on a thread of this process; returns its
+/// vhost-user socket once it listens.
+fn start_vhost(dir: &Path, uds: &Path) -> anyhow::Result<PathBuf> {
+    let socket = dir.join("vhost-user.sock");
+    let vm = vmlink_vhost::config::parse_vm_spec(&format!(
+        "guest-cid=3,socket={},uds-path={}",
+        socket.display(),
+        uds.display()
+    ))?;
+    let counters = std::sync::Arc::new(vmlink_vhost::counters::Counters::default());
+    let device = vmlink_vhost::device::Device::new(
+        vmlink_vhost::serve::device_config(&vm),
+        counters.clone(),
+    )?;
+    std::thread::Builder::new()
+        .name("vhost-user-vsock".into())
+        .spawn(move || {
+            if let Err(e) = vmlink_vhost::serve::serve_vm(&vm, device, counters, None, None) {
+                eprintln!("vmlink: vhost-user-vsock backend: {e}");
+            }
+        })?;
+    // The backend creates its socket when it starts listening; nothing else signals it.
+    let start = Instant::now();
+    while !socket.exists() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the vhost-user-vsock backend did not listen on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(socket)
 }
 
 /// Stops guests.

@@ -291,3 +291,48 @@ fn lab_targets_with_bad_names_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lab guest name"));
 }
+
+#[test]
+fn lab_up_hvsock_reaches_the_agent_through_vmlink_vhost() {
+    let lab = Lab {
+        state: std::env::temp_dir().join(format!("vmlink-labup-hv-{}", std::process::id())),
+        name: "hv".into(),
+    };
+    let agent = agent_binary();
+    let up = lab.run(&[
+        "lab",
+        "up",
+        &lab.name,
+        "--channel",
+        "hvsock",
+        "--agent",
+        agent.to_str().expect("utf-8"),
+    ]);
+    ok(&up, "lab up --channel hvsock");
+    let t = lab.target();
+    let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
+    assert!(ls.contains("\"target\":\"hvsock:"), "{ls}");
+    let info = ok(&lab.run(&["info", &t, "--json"]), "info");
+    assert!(info.contains("vsock-listen:"), "{info}");
+    let out = lab.run(&["exec", &t, "--", "sh", "-c", "echo over-vsock; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over-vsock\n");
+    let dir = lab.state.with_extension("files");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let data = common::payload(3, 16 << 20);
+    std::fs::write(dir.join("f"), &data).expect("write");
+    let p = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
+    ok(
+        &lab.run(&["cp", "-q", &p("f"), &format!("{t}:/dev/shm/f")]),
+        "cp up",
+    );
+    ok(
+        &lab.run(&["cp", "-q", &format!("{t}:/dev/shm/f"), &p("f.back")]),
+        "cp down",
+    );
+    assert!(
+        std::fs::read(dir.join("f.back")).expect("read") == data,
+        "16 MiB differs"
+    );
+    ok(&lab.run(&["lab", "down", &lab.name]), "lab down");
+}
