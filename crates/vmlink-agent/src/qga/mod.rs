@@ -29,9 +29,11 @@
 //!   at most [`MAX_FILE_HANDLES`] open handles.
 
 mod commands;
+mod system;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +44,7 @@ use vmlink_proto::qga::{
 };
 use vmlink_transport::{Addr, AsyncListener, AsyncStream};
 
-pub use commands::COMMANDS;
+pub use commands::{COMMANDS, FROZEN_ALLOWED};
 
 /// The address qemu-ga uses, and libvirt and Proxmox wire: the virtio-serial port.
 pub const DEFAULT_QGA_ADDR: &str = "vport:org.qemu.guest_agent.0";
@@ -107,6 +109,25 @@ pub(crate) struct State {
     pub(crate) policy: QgaPolicy,
     pub(crate) files: Mutex<commands::Files>,
     pub(crate) execs: Mutex<HashMap<u32, commands::ExecSlot>>,
+    /// Filesystems are frozen (`guest-fsfreeze-freeze`): only [`FROZEN_ALLOWED`] is served.
+    pub(crate) frozen: AtomicBool,
+}
+
+impl State {
+    fn new(policy: QgaPolicy) -> State {
+        State {
+            policy,
+            files: Mutex::new(commands::Files::default()),
+            execs: Mutex::new(HashMap::new()),
+            frozen: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `command` may run now: allowed by the policy, and not shut off by a freeze.
+    pub(crate) fn enabled(&self, command: &str) -> bool {
+        self.policy.enabled(command)
+            && (!self.frozen.load(Ordering::SeqCst) || FROZEN_ALLOWED.contains(&command))
+    }
 }
 
 /// Where the qga protocol is served: a listener, or one stream that is re-opened.
@@ -147,11 +168,7 @@ impl QgaChannel {
 /// Serves qemu-ga's protocol on `channel` until `shutdown` completes (see the module docs for
 /// how listeners and streams differ). Failures to re-open a stream are logged and retried.
 pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Future<Output = ()>) {
-    let state = Arc::new(State {
-        policy,
-        files: Mutex::new(commands::Files::default()),
-        execs: Mutex::new(HashMap::new()),
-    });
+    let state = Arc::new(State::new(policy));
     match channel {
         QgaChannel::Listener(listener) => tokio::select! {
             () = accept_loop(listener, state) => {}
@@ -166,11 +183,7 @@ pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Fu
 
 /// Serves an already-open stream until EOF; for tests and embedding.
 pub async fn serve_qga_stream(stream: AsyncStream, policy: QgaPolicy) {
-    let state = Arc::new(State {
-        policy,
-        files: Mutex::new(commands::Files::default()),
-        execs: Mutex::new(HashMap::new()),
-    });
+    let state = Arc::new(State::new(policy));
     serve_stream(stream, &state).await;
 }
 
@@ -259,6 +272,16 @@ async fn answer(frame: Frame, state: &Arc<State>) -> Option<Vec<u8>> {
         };
         return Some(encode_error(&error, id));
     };
+    if state.frozen.load(Ordering::SeqCst) && !FROZEN_ALLOWED.contains(&spec.name) {
+        let error = ErrorReply {
+            class: COMMAND_NOT_FOUND.into(),
+            desc: format!(
+                "Command {} has been disabled: the agent is in frozen state",
+                spec.name
+            ),
+        };
+        return Some(encode_error(&error, id));
+    }
     if !state.policy.enabled(spec.name) {
         let error = ErrorReply {
             class: COMMAND_NOT_FOUND.into(),
