@@ -17,6 +17,7 @@ mod demo;
 mod lab;
 mod lab_up;
 mod qga;
+mod qga_target;
 mod relay;
 mod target;
 
