@@ -463,12 +463,20 @@ pub async fn exec(addr: &Addr, spec: ExecSpec) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let mut s = Session::connect(addr).await?;
-    let pid = start(&mut s, &exec_argv(&spec), input.as_deref()).await?;
-
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
+    // A signal before the command has started ends this process as the signal would have.
+    let (mut s, pid) = tokio::select! {
+        r = async {
+            let mut s = Session::connect(addr).await?;
+            let pid = start(&mut s, &exec_argv(&spec), input.as_deref()).await?;
+            anyhow::Ok((s, pid))
+        } => r?,
+        _ = int.recv() => return Ok(ExitCode::from(128 + libc::SIGINT as u8)),
+        _ = term.recv() => return Ok(ExitCode::from(128 + libc::SIGTERM as u8)),
+    };
+    tracing::debug!("{}: guest-exec started pid {pid}", s.target());
     let mut delay = Duration::from_millis(2);
     let done = loop {
         let st = s.call("guest-exec-status", json!({ "pid": pid })).await?;

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -173,6 +173,41 @@ fn check_verbs(target: &str, work: &Path, agent_name: &str) -> (f64, f64, f64) {
         None,
     );
     assert_eq!(text(&out.stdout), "a b\n/proc\npath\n", "{target}: {out:?}");
+    // Ctrl-C is forwarded: `kill -s INT` in the guest, so the command dies of SIGINT (130).
+    let mut child = common::vmlink()
+        .args(["exec", target, "--", "sleep", "120"])
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmlink exec");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // The debug line says the command has started in the guest.
+    loop {
+        let line = lines
+            .next()
+            .expect("vmlink exec ended before starting the command")
+            .expect("stderr");
+        if line.contains("guest-exec started pid") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let t = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let status = child.wait().expect("vmlink exec ends");
+    assert_eq!(status.code(), Some(130), "{target}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "{target}: the kill took {:?}",
+        t.elapsed()
+    );
+
     // A command that does not exist: a runtime error naming it.
     let out = run(&["exec", target, "--", "/no/such/cmd"], None);
     assert_eq!(out.status.code(), Some(1), "{target}: {out:?}");
