@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::target::Target;
+use crate::target::{Resolved, Target};
 use anyhow::{bail, Context};
 use vmlink_agent::client::{signal_channel, Client};
 use vmlink_agent::ExecRequest;
@@ -38,6 +38,11 @@ pub struct InfoArgs {
 ///   vmlink exec vsock:3:7878 -- uname -a
 ///   vmlink exec vsock:3:7878 --env LANG=C --cwd /var/log -- sh -c 'ls | wc -l'
 ///   tar c dir | vmlink exec -i vsock:3:7878 -- tar x -C /tmp
+///
+/// Over qga+ADDR (a guest running only qemu-guest-agent) the output arrives
+/// only when the command has ended (qemu-ga keeps up to 16 MiB per stream),
+/// -i reads stdin to EOF first (up to 32 MiB), and signals are forwarded
+/// with `kill` to the command's own process.
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
@@ -67,7 +72,10 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let addr = a.target.resolve()?.agent("ping")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => return crate::qga_target::ping(&q, a.count).await,
+            r => r.agent("ping")?,
+        };
         let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
@@ -81,7 +89,10 @@ pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
 
 pub fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let addr = a.target.resolve()?.agent("info")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => return crate::qga_target::info(&q, a.json).await,
+            r => r.agent("info")?,
+        };
         let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
@@ -105,7 +116,18 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
         bail!("exec needs a command after --");
     }
     crate::runtime()?.block_on(async {
-        let addr = a.target.resolve()?.agent("exec")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => {
+                let spec = crate::qga_target::ExecSpec {
+                    argv: a.cmd,
+                    env: a.env,
+                    cwd: a.cwd,
+                    stdin: a.interactive,
+                };
+                return crate::qga_target::exec(&q, spec).await;
+            }
+            r => r.agent("exec")?,
+        };
         let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;

@@ -18,6 +18,7 @@ mod demo;
 mod lab;
 mod lab_up;
 mod qga;
+mod qga_target;
 mod relay;
 mod target;
 
