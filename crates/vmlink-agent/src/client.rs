@@ -121,6 +121,16 @@ pub enum ClientError {
         /// The agent's version.
         version: u32,
     },
+    /// The agent is too old for what was asked.
+    #[error("the agent at {addr} ({software}) does not support {what}; update vmlink-agent in the guest")]
+    Unsupported {
+        /// The agent's address.
+        addr: String,
+        /// What it does not support.
+        what: &'static str,
+        /// The agent's software, from its `Hello`.
+        software: String,
+    },
     /// The agent closed the connection before answering.
     #[error("the agent at {addr} closed the connection before {waiting_for}")]
     Closed {
@@ -236,6 +246,7 @@ impl Client {
             agent: Hello {
                 version: 0,
                 software: String::new(),
+                features: Vec::new(),
             },
         };
         let (_, hello) = client.open().await?;
@@ -337,7 +348,19 @@ impl Client {
         E: AsyncWrite + Unpin,
     {
         req.stdin = stdin.is_some();
-        let (conn, _) = self.open().await?;
+        let (conn, hello) = self.open().await?;
+        let needs = [
+            (req.tty, "tty", "a terminal (-t)"),
+            (
+                req.user.is_some(),
+                "user",
+                "running as another user (--user)",
+            ),
+            (script.is_some(), "run", "running scripts (vmlink run)"),
+        ];
+        for (needed, feature, what) in needs {
+            self.require(&hello, needed, feature, what)?;
+        }
         let Conn { mut reader, mut w } = conn;
         let sent = match script {
             None => self.send(&mut w, &Message::Exec(req)).await,
@@ -587,7 +610,8 @@ impl Client {
         req: Logs,
         mut out: O,
     ) -> Result<(), ClientError> {
-        let (conn, _) = self.open().await?;
+        let (conn, hello) = self.open().await?;
+        self.require(&hello, true, "logs", "tailing files (vmlink logs)")?;
         let Conn { mut reader, mut w } = conn;
         self.send(&mut w, &Message::Logs(req)).await?;
         loop {
@@ -604,6 +628,25 @@ impl Client {
                 Err(source) => return Err(self.wire(source)),
             }
         }
+    }
+
+    /// Fails when `needed` and the agent did not announce `feature` in its `Hello` (an older
+    /// agent would refuse the request, or ignore the field).
+    fn require(
+        &self,
+        hello: &Hello,
+        needed: bool,
+        feature: &'static str,
+        what: &'static str,
+    ) -> Result<(), ClientError> {
+        if needed && !hello.features.iter().any(|f| f == feature) {
+            return Err(ClientError::Unsupported {
+                addr: self.addr.to_string(),
+                what,
+                software: hello.software.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn copy_error(&self, e: FilesError) -> ClientError {
@@ -637,6 +680,7 @@ impl Client {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: concat!("vmlink/", env!("CARGO_PKG_VERSION")).to_string(),
+            features: Vec::new(),
         });
         // An agent that refuses us may have closed already; its Error frame is still readable,
         // so a failed write is judged by what we read next.

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::{debug, info};
 use vmlink_proto::agent::{
-    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, HEADER_LEN,
+    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, FEATURES, HEADER_LEN,
     MAX_DATA_CHUNK, PROTOCOL_VERSION,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
@@ -132,6 +132,7 @@ async fn session(
     let ours = Hello {
         version: PROTOCOL_VERSION,
         software: concat!("vmlink-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+        features: FEATURES.iter().map(|f| f.to_string()).collect(),
     };
     write_message(w, &Message::Hello(ours)).await?;
 

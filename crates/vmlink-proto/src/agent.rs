@@ -186,7 +186,18 @@ pub struct Hello {
     /// Who is talking, for logs: `vmlink/0.1.0`, `vmlink-agent/0.1.0`.
     #[serde(default)]
     pub software: String,
+    /// What an agent supports beyond the first slice of version 1 ([`FEATURES`]): a client
+    /// checks before it sends a request or field an older agent would refuse or, worse, ignore
+    /// (`user`). At most [`MAX_FEATURES`] names of at most 64 bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// Feature names an agent announces in its [`Hello`]: `Exec.tty` with `Resize`; `Exec.user`;
+/// the `Run` request; the `Logs` request.
+pub const FEATURES: [&str; 4] = ["tty", "user", "run", "logs"];
+/// The most feature names a `Hello` may carry.
+pub const MAX_FEATURES: usize = 64;
 
 /// What the agent knows about its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -807,7 +818,18 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
         MessageType::Stdin => Message::Stdin(payload.to_vec()),
         MessageType::Stdout => Message::Stdout(payload.to_vec()),
         MessageType::Stderr => Message::Stderr(payload.to_vec()),
-        MessageType::Hello => Message::Hello(json(ty, payload)?),
+        MessageType::Hello => {
+            let hello: Hello = json(ty, payload)?;
+            if hello.features.len() > MAX_FEATURES || hello.features.iter().any(|f| f.len() > 64) {
+                return Err(FrameError::Invalid {
+                    ty,
+                    reason: format!(
+                        "more than {MAX_FEATURES} features, or a feature name over 64 bytes"
+                    ),
+                });
+            }
+            Message::Hello(hello)
+        }
         MessageType::Info => Message::Info(json(ty, payload)?),
         MessageType::Exec => {
             let exec: Exec = json(ty, payload)?;
@@ -1181,6 +1203,12 @@ mod tests {
             Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 software: "vmlink/0.1.0".into(),
+                features: Vec::new(),
+            }),
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                software: "vmlink-agent/0.1.0".into(),
+                features: FEATURES.iter().map(|f| f.to_string()).collect(),
             }),
             Message::Ping,
             Message::Pong,
@@ -1413,7 +1441,8 @@ mod tests {
             m,
             Message::Hello(Hello {
                 version: 2,
-                software: String::new()
+                software: String::new(),
+                features: Vec::new(),
             })
         );
         let (m, _) = decode(&frame(
@@ -1432,6 +1461,12 @@ mod tests {
             assert!(matches!(e, FrameError::Invalid { .. }), "{e}");
             e.to_string()
         };
+        let e = invalid(Message::Hello(Hello {
+            version: 1,
+            software: String::new(),
+            features: vec!["f".into(); MAX_FEATURES + 1],
+        }));
+        assert!(e.contains("more than 64 features"), "{e}");
         let e = invalid(Message::Resize(WindowSize { rows: 0, cols: 80 }));
         assert!(e.contains("0x80"), "{e}");
         let e = invalid(Message::Run(Run {

@@ -15,6 +15,7 @@ fn seeds() -> Vec<Vec<u8>> {
         Message::Hello(Hello {
             version: 1,
             software: "vmlink".into(),
+            features: vec!["tty".into(), "logs".into()],
         }),
         Message::Ping,
         Message::Pong,
