@@ -165,7 +165,11 @@ pub(crate) fn spawn(
     }
 
     let tty = exec.tty;
-    let ids = user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
+    // An agent that already is the user (not root) only sets the environment.
+    let ids = user
+        .as_ref()
+        .filter(|u| u.switch)
+        .map(|u| (u.uid, u.gid, u.groups.clone()));
     // SAFETY: the closure runs in the child between fork and exec. It only makes
     // async-signal-safe system calls (setsid, ioctl, fcntl, setgroups, setgid, setuid) on values
     // computed before the fork, and allocates nothing.
@@ -369,6 +373,8 @@ pub(crate) struct User {
     pub(crate) groups: Vec<libc::gid_t>,
     pub(crate) home: String,
     pub(crate) shell: String,
+    /// Whether the child must switch to it (false when the agent already runs as it).
+    pub(crate) switch: bool,
 }
 
 /// Looks `name` up and checks that the agent may become it.
@@ -379,7 +385,7 @@ pub(crate) fn lookup_user(name: &str) -> Result<User, String> {
     let passwd = std::fs::read_to_string("/etc/passwd")
         .map_err(|e| format!("cannot read /etc/passwd to look user {name:?} up: {e}"))?;
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let user = parse_user(name, &passwd, &group)
+    let mut user = parse_user(name, &passwd, &group)
         .ok_or_else(|| format!("user {name:?} does not exist in the guest (/etc/passwd)"))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
@@ -388,6 +394,7 @@ pub(crate) fn lookup_user(name: &str) -> Result<User, String> {
             "the agent runs as uid {euid}, not root, so it cannot run commands as user {name:?}"
         ));
     }
+    user.switch = euid == 0;
     Ok(user)
 }
 
@@ -420,6 +427,7 @@ fn parse_user(name: &str, passwd: &str, group: &str) -> Option<User> {
         groups,
         home: fields[5].to_string(),
         shell: shell.to_string(),
+        switch: true,
     })
 }
 

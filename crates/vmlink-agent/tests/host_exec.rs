@@ -81,3 +81,19 @@ fn logs_tails_and_follows_a_file_across_rotation_and_truncation() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+#[test]
+fn pings_are_answered_promptly_during_a_large_copy() {
+    common::runtime().block_on(async {
+        let agent = unix_agent("cpping", ExecPolicy::default());
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let dest = std::env::temp_dir().join(format!("vmlink-cpping-{}.bin", std::process::id()));
+        features::ping_during_copy(
+            &client,
+            &dest.display().to_string(),
+            128 << 20,
+            std::time::Duration::from_millis(100),
+        )
+        .await;
+    });
+}

@@ -1,5 +1,6 @@
-//! `vmlink exec -t/--user/--timeout`, `vmlink run`, `vmlink logs` and the agent's exec rules,
-//! as a user runs them, against the real `vmlink-agent` binary over vsock in one lab guest.
+//! `vmlink exec -t/--user/--timeout`, `vmlink run`, `vmlink logs`, the agent's exec rules and
+//! an agent restart, as a user runs them, against the real `vmlink-agent` binary over vsock in
+//! one lab guest.
 
 mod common;
 
@@ -10,10 +11,10 @@ use vmlink_lab::guest_test;
 
 /// Starts the agent binary on vsock (loopback clients allowed) with `extra` flags and waits for
 /// its "listening on" line; returns it and its TARGET.
-fn start_agent(extra: &[&str]) -> (Child, String) {
+fn start_agent(listen: &str, extra: &[&str]) -> (Child, String) {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
     let mut child = std::process::Command::new(bin)
-        .args(["--listen", "vsock-listen:any", "--allow-cid", "local"])
+        .args(["--listen", listen, "--allow-cid", "local"])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
@@ -51,8 +52,8 @@ fn text(b: &[u8]) -> String {
 }
 
 guest_test! {
-    fn vmlink_exec_tty_user_timeout_run_logs_and_exec_rules_in_a_guest() cfg { common::vsock_lab() } {
-        let (mut agent, t) = start_agent(&["--deny-exec", "rm"]);
+    fn vmlink_exec_tty_user_timeout_run_logs_exec_rules_and_agent_restart_in_a_guest() cfg { common::vsock_lab() } {
+        let (mut agent, t) = start_agent("vsock-listen:any", &["--deny-exec", "rm"]);
 
         // -t: a terminal of the given size; stdout and stderr both on it.
         let out = vmlink(&["exec", "-t", "--tty-size", "40x132", &t, "--", "sh", "-c", "stty size; tty; echo e >&2"], b"");
@@ -109,6 +110,25 @@ guest_test! {
         assert_eq!(out.status.code(), Some(1));
         let e = text(&out.stderr);
         assert!(e.contains("refused") && e.contains("--deny-exec rm"), "{e}");
+
+        // The agent dies and is restarted: during the gap a client gets one clear line and
+        // status 1; afterwards the same target works again.
+        agent.kill().expect("kill the agent");
+        agent.wait().expect("reap the agent");
+        let out = vmlink(&["ping", &t], b"");
+        assert_eq!(out.status.code(), Some(1));
+        let e = text(&out.stderr);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("cannot reach the agent at vsock:"), "{e}");
+        let out = vmlink(&["exec", &t, "--", "true"], b"");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let port = t.rsplit(':').next().expect("port");
+        let (mut agent, again) = start_agent(&format!("vsock-listen:any:{port}"), &[]);
+        assert_eq!(again, t);
+        let out = vmlink(&["ping", &t], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let out = vmlink(&["exec", &t, "--", "echo", "back"], b"");
+        assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "back\n"));
 
         let _ = agent.kill();
         let _ = agent.wait();
