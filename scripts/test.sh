@@ -15,6 +15,8 @@ echo "== cargo build (tests, and the binaries the guest tests run)"
 cargo build --workspace --all-targets --locked
 echo "== lab prepare (kernel and initramfs cache)"
 cargo run -q --locked -p vmlink -- lab prepare
+echo "== static agent: build (target/static), no dynamic interpreter, ping/exec in a guest"
+bash scripts/static-agent.sh
 echo "== tests (unit, host, and real-guest integration tests)"
 if command -v cargo-nextest >/dev/null; then
     # Each guest test boots its own QEMU guest (~5 s under TCG); two at a time

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmlink_proto::agent::{
-    ErrorKind, Exec, Exit, Get, Hello, Info, Message, MessageType, Put, Signal, MAX_DATA_CHUNK,
-    PROTOCOL_VERSION,
+    ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run, Signal,
+    WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
@@ -86,7 +86,7 @@ pub enum ClientError {
         source: vmlink_transport::Error,
     },
     /// The agent does not accept this peer (e.g. its vsock CID is not allowed).
-    #[error("the agent at {addr} refused the connection: {message}")]
+    #[error("the agent at {addr} refused: {message}")]
     Refused {
         /// The agent's address.
         addr: String,
@@ -120,6 +120,16 @@ pub enum ClientError {
         addr: String,
         /// The agent's version.
         version: u32,
+    },
+    /// The agent is too old for what was asked.
+    #[error("the agent at {addr} ({software}) does not support {what}; update vmlink-agent in the guest")]
+    Unsupported {
+        /// The agent's address.
+        addr: String,
+        /// What it does not support.
+        what: &'static str,
+        /// The agent's software, from its `Hello`.
+        software: String,
     },
     /// The agent closed the connection before answering.
     #[error("the agent at {addr} closed the connection before {waiting_for}")]
@@ -166,21 +176,48 @@ pub enum ClientError {
     },
 }
 
-/// Sends signals to a running exec; see [`Client::exec_with_signals`].
+/// What a [`SignalSender`] carries to a running exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Signal(i32),
+    Resize(WindowSize),
+}
+
+/// Sends signals (and, with a tty, window sizes) to a running exec; see
+/// [`Client::exec_with_signals`].
 #[derive(Debug, Clone)]
-pub struct SignalSender(mpsc::UnboundedSender<i32>);
+pub struct SignalSender(mpsc::UnboundedSender<Control>);
 
 impl SignalSender {
     /// Asks for `signo` to be sent to the command's process group. Returns `false` when the exec
     /// has already ended.
     pub fn send(&self, signo: i32) -> bool {
-        self.0.send(signo).is_ok()
+        self.0.send(Control::Signal(signo)).is_ok()
+    }
+
+    /// Tells a `tty` exec that the terminal's size changed. Returns `false` when the exec has
+    /// already ended.
+    pub fn resize(&self, size: WindowSize) -> bool {
+        self.0.send(Control::Resize(size)).is_ok()
     }
 }
 
 /// The receiving end of a [`SignalSender`].
 #[derive(Debug)]
-pub struct Signals(mpsc::UnboundedReceiver<i32>);
+pub struct Signals(mpsc::UnboundedReceiver<Control>);
+
+/// How an exec started with [`Client::exec_full`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// The command's status (after a timeout, normally death by `SIGKILL`).
+    pub exit: Exit,
+    /// The timeout passed and the client killed the command's process group.
+    pub timed_out: bool,
+}
+
+/// After a timeout's `SIGKILL`, how long the client waits for the agent's `Exit` before it
+/// closes the connection (which also makes the agent kill the group).
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// A pair for forwarding signals (e.g. Ctrl-C) to an exec.
 pub fn signal_channel() -> (SignalSender, Signals) {
@@ -209,6 +246,7 @@ impl Client {
             agent: Hello {
                 version: 0,
                 software: String::new(),
+                features: Vec::new(),
             },
         };
         let (_, hello) = client.open().await?;
@@ -274,21 +312,91 @@ impl Client {
     /// [`Client::exec`], also forwarding the signals sent on `signals`' [`SignalSender`].
     pub async fn exec_with_signals<I, O, E>(
         &self,
-        mut req: Exec,
+        req: Exec,
         stdin: Option<I>,
-        mut stdout: O,
-        mut stderr: E,
-        mut signals: Signals,
+        stdout: O,
+        stderr: E,
+        signals: Signals,
     ) -> Result<Exit, ClientError>
     where
         I: AsyncRead + Unpin,
         O: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
+        self.exec_full(req, None, stdin, stdout, stderr, signals, None)
+            .await
+            .map(|f| f.exit)
+    }
+
+    /// The general exec: [`Client::exec_with_signals`], where `script` (for `vmlink run`) is
+    /// sent for the agent to run (`req.argv[0]` names it, the rest are its arguments), and after
+    /// `timeout` the command's process group is killed (`SIGKILL`) and the result says so.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec_full<I, O, E>(
+        &self,
+        mut req: Exec,
+        script: Option<&[u8]>,
+        stdin: Option<I>,
+        mut stdout: O,
+        mut stderr: E,
+        mut signals: Signals,
+        timeout: Option<Duration>,
+    ) -> Result<Finished, ClientError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
         req.stdin = stdin.is_some();
-        let (conn, _) = self.open().await?;
+        let (conn, hello) = self.open().await?;
+        let needs = [
+            (req.tty, "tty", "a terminal (-t)"),
+            (
+                req.user.is_some(),
+                "user",
+                "running as another user (--user)",
+            ),
+            (script.is_some(), "run", "running scripts (vmlink run)"),
+        ];
+        for (needed, feature, what) in needs {
+            self.require(&hello, needed, feature, what)?;
+        }
         let Conn { mut reader, mut w } = conn;
-        self.send(&mut w, &Message::Exec(req)).await?;
+        let sent = match script {
+            None => self.send(&mut w, &Message::Exec(req)).await,
+            Some(script) => {
+                let run = Run {
+                    exec: req,
+                    size: script.len() as u64,
+                };
+                let mut sent = self.send(&mut w, &Message::Run(run)).await;
+                for chunk in script.chunks(MAX_DATA_CHUNK) {
+                    if sent.is_err() {
+                        break;
+                    }
+                    sent = self.send(&mut w, &Message::Data(chunk.to_vec())).await;
+                }
+                sent
+            }
+        };
+        if let Err(e) = sent {
+            // The agent may have refused and closed: its Error says why.
+            return match tokio::time::timeout(REPLY_TIMEOUT, reader.next()).await {
+                Ok(Ok(Some(m @ Message::Error(_)))) => Err(self.unexpected("Exit", &m)),
+                _ => Err(e),
+            };
+        }
+        let kill = tokio::sync::Notify::new();
+        let mut timed_out = false;
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let grace = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(grace);
 
         // The uplink owns the write half: stdin data, its EOF, and signals, in the order they
         // happen. It runs beside the downlink below, in this task, so neither waits for the other.
@@ -312,24 +420,53 @@ impl Client {
                             self.send(&mut w, &Message::Stdin(buf[..n].to_vec())).await?;
                         }
                     }
-                    signo = signals.0.recv(), if signals_open => match signo {
-                        Some(signo) => self.send(&mut w, &Message::Signal(Signal { signo })).await?,
+                    control = signals.0.recv(), if signals_open => match control {
+                        Some(Control::Signal(signo)) => {
+                            self.send(&mut w, &Message::Signal(Signal { signo })).await?
+                        }
+                        Some(Control::Resize(size)) => {
+                            self.send(&mut w, &Message::Resize(size)).await?
+                        }
                         None => signals_open = false,
                     },
+                    () = kill.notified() => {
+                        let signo = libc::SIGKILL;
+                        self.send(&mut w, &Message::Signal(Signal { signo })).await?
+                    }
                 }
             }
-            // Keep the connection open (the agent reads its end as "client gone").
-            std::future::pending::<()>().await;
+            // Keep the connection open (the agent reads its end as "client gone"), and still
+            // send the timeout's kill.
+            loop {
+                kill.notified().await;
+                let signo = libc::SIGKILL;
+                self.send(&mut w, &Message::Signal(Signal { signo }))
+                    .await?;
+            }
+            #[allow(unreachable_code)]
             Ok::<(), ClientError>(())
         };
         tokio::pin!(uplink);
         loop {
             tokio::select! {
                 r = &mut uplink => r?,
+                () = &mut deadline, if !timed_out => {
+                    timed_out = true;
+                    kill.notify_one();
+                    grace.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
+                }
+                () = &mut grace, if timed_out => {
+                    // No Exit (e.g. the group's leader had exited and something else held the
+                    // output open): closing the connection makes the agent kill what it can.
+                    return Ok(Finished {
+                        exit: Exit { code: None, signal: Some(libc::SIGKILL) },
+                        timed_out,
+                    });
+                }
                 m = reader.next() => match m {
                     Ok(Some(Message::Stdout(data))) => local_write(&mut stdout, &data, "stdout").await?,
                     Ok(Some(Message::Stderr(data))) => local_write(&mut stderr, &data, "stderr").await?,
-                    Ok(Some(Message::Exit(exit))) => return Ok(exit),
+                    Ok(Some(Message::Exit(exit))) => return Ok(Finished { exit, timed_out }),
                     Ok(Some(other)) => return Err(self.unexpected("Stdout, Stderr or Exit", &other)),
                     Ok(None) => return Err(ClientError::Closed {
                         addr: self.addr.to_string(),
@@ -465,6 +602,53 @@ impl Client {
             .map_err(|e| self.copy_error(e))
     }
 
+    /// Tails a file in the guest (`vmlink logs`): writes the last `req.lines` lines to `out`,
+    /// and with `req.follow`, what is appended, until the agent ends (never, normally: the
+    /// caller stops following by dropping the future).
+    pub async fn logs<O: AsyncWrite + Unpin>(
+        &self,
+        req: Logs,
+        mut out: O,
+    ) -> Result<(), ClientError> {
+        let (conn, hello) = self.open().await?;
+        self.require(&hello, true, "logs", "tailing files (vmlink logs)")?;
+        let Conn { mut reader, mut w } = conn;
+        self.send(&mut w, &Message::Logs(req)).await?;
+        loop {
+            match reader.next().await {
+                Ok(Some(Message::Data(d))) => local_write(&mut out, &d, "stdout").await?,
+                Ok(Some(Message::Done)) => return Ok(()),
+                Ok(Some(other)) => return Err(self.unexpected("Data or Done", &other)),
+                Ok(None) => {
+                    return Err(ClientError::Closed {
+                        addr: self.addr.to_string(),
+                        waiting_for: "the end of the file",
+                    })
+                }
+                Err(source) => return Err(self.wire(source)),
+            }
+        }
+    }
+
+    /// Fails when `needed` and the agent did not announce `feature` in its `Hello` (an older
+    /// agent would refuse the request, or ignore the field).
+    fn require(
+        &self,
+        hello: &Hello,
+        needed: bool,
+        feature: &'static str,
+        what: &'static str,
+    ) -> Result<(), ClientError> {
+        if needed && !hello.features.iter().any(|f| f == feature) {
+            return Err(ClientError::Unsupported {
+                addr: self.addr.to_string(),
+                what,
+                software: hello.software.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn copy_error(&self, e: FilesError) -> ClientError {
         match e {
             FilesError::Peer { kind, message } => self.unexpected(
@@ -496,6 +680,7 @@ impl Client {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: concat!("vmlink/", env!("CARGO_PKG_VERSION")).to_string(),
+            features: Vec::new(),
         });
         // An agent that refuses us may have closed already; its Error frame is still readable,
         // so a failed write is judged by what we read next.

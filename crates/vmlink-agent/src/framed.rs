@@ -37,6 +37,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream, dropping what is buffered.
+    pub(crate) fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// The next message; `None` when the peer closed between frames.
     ///
     /// Cancel-safe: bytes are handed to the decoder in the same poll that reads them, so a

@@ -41,12 +41,16 @@ use tracing::{debug, warn};
 use vmlink_transport::{Addr, AsyncListener};
 
 pub mod client;
+mod exec;
 pub mod files;
 mod framed;
+mod logs;
 pub mod mux;
 pub mod qga;
 mod server;
 
+pub use client::Finished;
+pub use exec::parse_program_list;
 pub use framed::WireError;
 pub use qga::{serve_qga, serve_qga_stream, QgaChannel, QgaError, QgaPolicy, DEFAULT_QGA_ADDR};
 pub use vmlink_proto::agent::{Exec as ExecRequest, Exit as ExitStatus, Info};
@@ -100,6 +104,8 @@ pub struct Policy {
     pub allow_cids: AllowCids,
     /// Connections served at once (default 64); one more gets a `busy` error.
     pub max_sessions: usize,
+    /// Which requests a connected peer may make (default: all).
+    pub exec: ExecPolicy,
 }
 
 impl Default for Policy {
@@ -107,8 +113,29 @@ impl Default for Policy {
         Policy {
             allow_cids: AllowCids::Only(vec![HOST_CID]),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            exec: ExecPolicy::default(),
         }
     }
+}
+
+/// What a connected peer may do, like qemu-ga's `--allow-rpcs`/`--block-rpcs`: requests it
+/// forbids get an `Error` of kind `refused` naming the rule.
+///
+/// Program rules name a program by a bare name (looked up in the agent's `PATH`) or an absolute
+/// path, and match the file the request would run (its directory canonicalized), not the name
+/// the request gives: `--allow-exec ls` does not allow `/tmp/ls`. A deny list is a guard rail,
+/// not a boundary: any allowed interpreter (`sh`, `python3`) can run a denied program. An allow
+/// list without interpreters is a boundary for exec, and forbids `run` (a script).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecPolicy {
+    /// Refuse every `Exec` and `Run` (`--no-exec`).
+    pub no_exec: bool,
+    /// Only these programs may be executed (`--allow-exec`); scripts are refused.
+    pub allow: Option<Vec<String>>,
+    /// These programs may not be executed (`--deny-exec`).
+    pub deny: Vec<String>,
+    /// Refuse copies into the guest (`Put`) (`--read-only`).
+    pub read_only: bool,
 }
 
 /// Why the agent could not serve.

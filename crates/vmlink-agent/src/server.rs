@@ -6,23 +6,25 @@
 //! connection. Events a peer causes are logged at `debug`, never `warn`.
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use nix::sys::signal::{killpg, Signal as NixSignal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::{debug, info};
 use vmlink_proto::agent::{
-    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, HEADER_LEN,
+    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, FEATURES, HEADER_LEN,
     MAX_DATA_CHUNK, PROTOCOL_VERSION,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
+use crate::exec::{Script, SpawnError, Spawned, StdinSink};
 use crate::framed::{write_message, FrameReader, WireError};
 use crate::{Shared, REQUEST_TIMEOUT};
+
+/// How long a `Run`'s script may take to arrive (at most 16 MiB).
+const SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a connection ended early. Logged, never sent (the peer gets an `Error` frame instead).
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +55,7 @@ pub(crate) enum SessionError {
     },
 }
 
-type Reader = FrameReader<ReadHalf>;
+pub(crate) type Reader = FrameReader<ReadHalf>;
 
 /// Serves one accepted connection.
 pub(crate) async fn serve(
@@ -130,6 +132,7 @@ async fn session(
     let ours = Hello {
         version: PROTOCOL_VERSION,
         software: concat!("vmlink-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+        features: FEATURES.iter().map(|f| f.to_string()).collect(),
     };
     write_message(w, &Message::Hello(ours)).await?;
 
@@ -143,17 +146,32 @@ async fn session(
     match request {
         Message::Ping => write_message(w, &Message::Pong).await?,
         Message::InfoRequest => write_message(w, &Message::Info(info(shared).await)).await?,
-        Message::Exec(exec) if exec.tty => {
-            return protocol_error(w, "tty is not supported by this agent yet".to_string()).await
+        Message::Exec(exec) => return run_exec(exec, None, reader, w, shared).await,
+        Message::Run(run) => {
+            if let Err(message) = shared.policy.exec.check_run(&run.exec.argv[0]) {
+                write_message(w, &Message::error(ErrorKind::Refused, &message)).await?;
+                return Err(SessionError::Refused(message));
+            }
+            let script = match receive_script(&mut reader, w, run.size).await? {
+                Ok(s) => s,
+                Err(()) => return Ok(()),
+            };
+            return run_exec(run.exec, Some(script), reader, w, shared).await;
         }
-        Message::Exec(exec) => return run_exec(exec, reader, w).await,
-        Message::Put(put) => return crate::files::serve_put(put, reader, w).await,
+        Message::Put(put) => {
+            if let Err(message) = shared.policy.exec.check_put(&put.path) {
+                let r = reader.into_inner();
+                return refuse(r, w, ErrorKind::Refused, message).await;
+            }
+            return crate::files::serve_put(put, reader, w).await;
+        }
         Message::Get(get) => return crate::files::serve_get(get, reader, w).await,
+        Message::Logs(logs) => return crate::logs::serve_logs(logs, reader, w).await,
         other => {
             return protocol_error(
                 w,
                 format!(
-                    "expected a request (Ping, InfoRequest, Exec, Put, Get), got {}",
+                    "expected a request (Ping, InfoRequest, Exec, Run, Put, Get, Logs), got {}",
                     other.message_type()
                 ),
             )
@@ -268,50 +286,48 @@ enum Incoming {
     Unexpected(MessageType),
 }
 
-async fn run_exec(exec: Exec, reader: Reader, w: &mut WriteHalf) -> Result<(), SessionError> {
-    let mut cmd = Command::new(&exec.argv[0]);
-    cmd.args(&exec.argv[1..])
-        .envs(exec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if exec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(cwd) = &exec.cwd {
-        cmd.current_dir(cwd);
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let message = match &exec.cwd {
-                Some(cwd) => format!("cannot run {:?} in {cwd:?}: {e}", exec.argv[0]),
-                None => format!("cannot run {:?}: {e}", exec.argv[0]),
-            };
+pub(crate) async fn run_exec(
+    exec: Exec,
+    script: Option<Script>,
+    reader: Reader,
+    w: &mut WriteHalf,
+    shared: &Shared,
+) -> Result<(), SessionError> {
+    let spawned = match crate::exec::spawn(&exec, script.as_ref(), &shared.policy.exec) {
+        Ok(s) => s,
+        Err(SpawnError::Refused(message)) => {
+            write_message(w, &Message::error(ErrorKind::Refused, &message)).await?;
+            return Err(SessionError::Refused(message));
+        }
+        Err(SpawnError::Failed(message)) => {
             write_message(w, &Message::error(ErrorKind::SpawnFailed, &message)).await?;
             return Err(SessionError::Refused(message));
         }
     };
+    // The memfd is open in the child now; the agent's copy can go.
+    drop(script);
+    let Spawned {
+        mut child,
+        mut stdout,
+        stderr,
+        stdin,
+    } = spawned;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let mut killer = GroupKiller {
         pgid: pid.map(Pid::from_raw),
     };
-    debug!(?pid, argv = ?exec.argv, "exec started");
-    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return protocol_error(w, "the command's output pipes are missing".into()).await;
-    };
+    debug!(?pid, argv = ?exec.argv, tty = exec.tty, user = ?exec.user, "exec started");
+    let mut stderr = stderr;
 
     let (events_tx, mut events) = mpsc::channel(16);
-    let incoming = pump_incoming(reader, child.stdin.take(), events_tx);
+    let incoming = pump_incoming(reader, stdin, events_tx);
     tokio::pin!(incoming);
     let mut incoming_done = false;
     let mut events_open = true;
 
     let mut out_buf = vec![0u8; HEADER_LEN + MAX_DATA_CHUNK];
     let mut err_buf = vec![0u8; HEADER_LEN + MAX_DATA_CHUNK];
-    let (mut out_eof, mut err_eof) = (false, false);
+    let (mut out_eof, mut err_eof) = (false, stderr.is_none());
     let mut status = None;
     loop {
         if out_eof && err_eof && status.is_some() {
@@ -346,7 +362,12 @@ async fn run_exec(exec: Exec, reader: Reader, w: &mut WriteHalf) -> Result<(), S
             n = stdout.read(&mut out_buf[HEADER_LEN..]), if !out_eof => {
                 out_eof = send_chunk(w, MessageType::Stdout, &mut out_buf, n).await?;
             }
-            n = stderr.read(&mut err_buf[HEADER_LEN..]), if !err_eof => {
+            n = async {
+                match &mut stderr {
+                    Some(e) => e.read(&mut err_buf[HEADER_LEN..]).await,
+                    None => Ok(0),
+                }
+            }, if !err_eof => {
                 err_eof = send_chunk(w, MessageType::Stderr, &mut err_buf, n).await?;
             }
             st = child.wait(), if status.is_none() => {
@@ -367,6 +388,52 @@ async fn run_exec(exec: Exec, reader: Reader, w: &mut WriteHalf) -> Result<(), S
     write_message(w, &Message::Exit(exit)).await?;
     let _ = w.shutdown_write();
     Ok(())
+}
+
+/// Receives a `Run`'s script: exactly `size` bytes in `Data` frames, within [`SCRIPT_TIMEOUT`].
+async fn receive_script(
+    reader: &mut Reader,
+    w: &mut WriteHalf,
+    size: u64,
+) -> Result<Result<Script, ()>, SessionError> {
+    let mut script = Vec::new();
+    let receive = async {
+        while (script.len() as u64) < size {
+            match reader.next().await? {
+                Some(Message::Data(d)) if script.len() as u64 + d.len() as u64 <= size => {
+                    script.extend_from_slice(&d)
+                }
+                Some(Message::Data(_)) => return Ok(Err("more script data than announced".into())),
+                Some(other) => {
+                    return Ok(Err(format!(
+                        "expected the script's Data, got {}",
+                        other.message_type()
+                    )))
+                }
+                None => {
+                    return Err(SessionError::Closed {
+                        waiting_for: "the script",
+                    })
+                }
+            }
+        }
+        Ok(Ok(()))
+    };
+    match tokio::time::timeout(SCRIPT_TIMEOUT, receive).await {
+        Err(_) => Err(SessionError::Timeout {
+            waiting_for: "the script",
+        }),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Err(message))) => protocol_error(w, message).await.map(|()| Err(())),
+        Ok(Ok(Ok(()))) => match Script::new(&script) {
+            Ok(s) => Ok(Ok(s)),
+            Err(e) => {
+                let message = format!("cannot hold the script in a memfd: {e}");
+                write_message(w, &Message::error(ErrorKind::SpawnFailed, &message)).await?;
+                Err(SessionError::Refused(message))
+            }
+        },
+    }
 }
 
 /// Sends the `n` bytes read into `buf[HEADER_LEN..]` as one data frame, without copying them.
@@ -394,27 +461,43 @@ async fn send_chunk(
     Ok(false)
 }
 
-/// Reads the client's frames during an exec: stdin data to the process, signals and the end of
-/// the connection to the main loop.
+/// Reads the client's frames during an exec: stdin data to the process (or its terminal),
+/// window sizes to the terminal, signals and the end of the connection to the main loop.
 async fn pump_incoming(
     mut reader: Reader,
-    mut stdin: Option<ChildStdin>,
+    mut stdin: Option<StdinSink>,
     events: mpsc::Sender<Incoming>,
 ) {
     loop {
         let event = match reader.next().await {
             Ok(Some(Message::Stdin(data))) => {
-                if let Some(s) = &mut stdin {
-                    if let Err(e) = s.write_all(&data).await {
-                        // The process closed its stdin: drop the rest, as a pipe would.
-                        debug!("writing the command's stdin: {e}");
-                        stdin = None;
-                    }
+                let written = match &mut stdin {
+                    Some(StdinSink::Pipe(p)) => p.write_all(&data).await,
+                    Some(StdinSink::Pty(t)) => t.write_all(&data).await,
+                    None => Ok(()),
+                };
+                if let Err(e) = written {
+                    // The process closed its stdin: drop the rest, as a pipe would.
+                    debug!("writing the command's stdin: {e}");
+                    stdin = None;
                 }
                 continue;
             }
             Ok(Some(Message::StdinEof)) => {
-                stdin = None;
+                // A pipe is closed; a terminal gets its EOF character (Ctrl-D), as typed.
+                if let Some(StdinSink::Pty(t)) = &mut stdin {
+                    let _ = t.write_all(&[4]).await;
+                } else {
+                    stdin = None;
+                }
+                continue;
+            }
+            Ok(Some(Message::Resize(size))) => {
+                if let Some(StdinSink::Pty(t)) = &stdin {
+                    if let Err(e) = t.resize(size) {
+                        debug!("resizing the terminal: {e}");
+                    }
+                }
                 continue;
             }
             Ok(Some(Message::Signal(s))) => Incoming::Signal(s.signo),

@@ -73,11 +73,13 @@ guest_test! {
 }
 
 guest_test! {
-    fn ping_over_vsock_is_answered_during_a_flood_and_a_disconnect_kills_the_command() {
+    fn ping_over_vsock_is_answered_during_a_flood_and_a_large_cp_and_a_disconnect_kills_the_command() {
         common::runtime().block_on(async {
             let agent = common::start_agent("vsock-listen:any", common::loopback_policy());
             let client = Client::connect(&agent.addr).await.expect("connect");
             scenarios::ping_during_flood_and_disconnect_kills(&client, Duration::from_millis(100)).await;
+            // /dev/shm: tmpfs in the guest (the lab's /tmp is on 9p).
+            common::features::ping_during_copy(&client, "/dev/shm/vmlink-big.bin", 128 << 20, Duration::from_millis(100)).await;
         });
     }
 }

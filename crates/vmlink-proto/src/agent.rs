@@ -11,7 +11,7 @@
 //! offset size field
 //!      0    4 magic    "VMLA"
 //!      4    1 version  FRAME_VERSION (1): the layout of this header
-//!      5    1 type     MessageType (1..=19)
+//!      5    1 type     MessageType (1..=22)
 //!      6    2 flags    u16 LE, must be 0 (reserved)
 //!      8    4 len      u32 LE, payload length, at most MAX_FRAME_LEN
 //! ```
@@ -61,6 +61,15 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 pub const MAX_ARGS: usize = 4096;
 /// The most environment variables an `Exec` may carry.
 pub const MAX_ENV: usize = 4096;
+/// The largest script a `Run` may carry (16 MiB).
+pub const MAX_SCRIPT_LEN: u64 = 16 << 20;
+/// The most lines a `Logs` request may ask for from the end of a file.
+pub const MAX_LOG_LINES: u32 = 100_000;
+/// The most bytes the agent sends for the initial tail of a `Logs` request (16 MiB): longer
+/// lines are cut from the start of the tail.
+pub const MAX_LOG_TAIL_BYTES: u64 = 16 << 20;
+/// The longest user name an `Exec` may carry (`LOGIN_NAME_MAX`).
+pub const MAX_USER_LEN: usize = 256;
 /// How much of a bad JSON payload an error message quotes.
 const QUOTE_LEN: usize = 48;
 
@@ -106,6 +115,12 @@ pub enum MessageType {
     FileEnd = 18,
     /// [`Message::Done`].
     Done = 19,
+    /// [`Message::Resize`].
+    Resize = 20,
+    /// [`Message::Run`].
+    Run = 21,
+    /// [`Message::Logs`].
+    Logs = 22,
 }
 
 impl MessageType {
@@ -132,6 +147,9 @@ impl MessageType {
             17 => Data,
             18 => FileEnd,
             19 => Done,
+            20 => Resize,
+            21 => Run,
+            22 => Logs,
             _ => return None,
         })
     }
@@ -141,9 +159,8 @@ impl MessageType {
         match self {
             Ping | Pong | InfoRequest | StdinEof | Done => PayloadKind::Empty,
             Stdin | Stdout | Stderr | Data => PayloadKind::Bytes,
-            Hello | Info | Exec | Exit | Signal | Error | Put | Get | Entry | FileEnd => {
-                PayloadKind::Json
-            }
+            Hello | Info | Exec | Exit | Signal | Error | Put | Get | Entry | FileEnd | Resize
+            | Run | Logs => PayloadKind::Json,
         }
     }
 }
@@ -169,7 +186,18 @@ pub struct Hello {
     /// Who is talking, for logs: `vmlink/0.1.0`, `vmlink-agent/0.1.0`.
     #[serde(default)]
     pub software: String,
+    /// What an agent supports beyond the first slice of version 1 ([`FEATURES`]): a client
+    /// checks before it sends a request or field an older agent would refuse or, worse, ignore
+    /// (`user`). At most [`MAX_FEATURES`] names of at most 64 bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// Feature names an agent announces in its [`Hello`]: `Exec.tty` with `Resize`; `Exec.user`;
+/// the `Run` request; the `Logs` request.
+pub const FEATURES: [&str; 4] = ["tty", "user", "run", "logs"];
+/// The most feature names a `Hello` may carry.
+pub const MAX_FEATURES: usize = 64;
 
 /// What the agent knows about its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,9 +230,52 @@ pub struct Exec {
     /// Whether the client will send `Stdin` frames; otherwise stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
-    /// Allocate a terminal. Not supported by protocol version 1 agents: must be `false`.
+    /// Allocate a pseudo-terminal: the command's stdin, stdout and stderr are its terminal, and
+    /// everything it writes arrives as `Stdout`. Agents before 0.1 with tty support refuse it.
     #[serde(default)]
     pub tty: bool,
+    /// With `tty`: the terminal's initial size (otherwise 24x80).
+    #[serde(default)]
+    pub window: Option<WindowSize>,
+    /// Run as this user (a name from the guest's `/etc/passwd`) instead of the agent's own;
+    /// the agent must be root.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Rows (1..=65535).
+    pub rows: u16,
+    /// Columns (1..=65535).
+    pub cols: u16,
+}
+
+/// Client: run a script it sends, as an exec.
+///
+/// `exec.argv[0]` is the script's name (for messages and `$0` shown by the agent's logs) and
+/// `exec.argv[1..]` its arguments; exactly `size` bytes of the script follow in `Data` frames,
+/// then the exchange continues as an `Exec`'s. The agent keeps the script in an anonymous
+/// memory file (`memfd`), never on a filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Run {
+    /// The command as for `Exec`; `argv[0]` names the script.
+    pub exec: Exec,
+    /// The script's length in bytes, at most [`MAX_SCRIPT_LEN`].
+    pub size: u64,
+}
+
+/// Client: send the end of a file, and with `follow`, what is appended to it (like `tail -F`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logs {
+    /// The file, absolute.
+    pub path: String,
+    /// How many lines from its end to send first (at most [`MAX_LOG_LINES`]).
+    pub lines: u32,
+    /// Keep sending what is appended, across rotation (rename and recreate) and truncation.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 /// How a process ended: exactly one of the two fields is set.
@@ -462,6 +533,12 @@ pub enum Message {
     FileEnd(FileEnd),
     /// The sender of a copy: no more entries. The agent, after a `Put`: all committed.
     Done,
+    /// Client: the terminal of a `tty` exec changed size.
+    Resize(WindowSize),
+    /// Client: run the script that follows in `Data` frames.
+    Run(Run),
+    /// Client: tail a file (`Data` frames follow, then `Done` unless following).
+    Logs(Logs),
 }
 
 impl Message {
@@ -487,6 +564,9 @@ impl Message {
             Message::Data(_) => MessageType::Data,
             Message::FileEnd(_) => MessageType::FileEnd,
             Message::Done => MessageType::Done,
+            Message::Resize(_) => MessageType::Resize,
+            Message::Run(_) => MessageType::Run,
+            Message::Logs(_) => MessageType::Logs,
         }
     }
 
@@ -548,6 +628,18 @@ impl Message {
                 &owned
             }
             Message::Error(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Resize(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Run(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::Logs(v) => {
                 owned = json(serde_json::to_vec(v))?;
                 &owned
             }
@@ -726,7 +818,18 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
         MessageType::Stdin => Message::Stdin(payload.to_vec()),
         MessageType::Stdout => Message::Stdout(payload.to_vec()),
         MessageType::Stderr => Message::Stderr(payload.to_vec()),
-        MessageType::Hello => Message::Hello(json(ty, payload)?),
+        MessageType::Hello => {
+            let hello: Hello = json(ty, payload)?;
+            if hello.features.len() > MAX_FEATURES || hello.features.iter().any(|f| f.len() > 64) {
+                return Err(FrameError::Invalid {
+                    ty,
+                    reason: format!(
+                        "more than {MAX_FEATURES} features, or a feature name over 64 bytes"
+                    ),
+                });
+            }
+            Message::Hello(hello)
+        }
         MessageType::Info => Message::Info(json(ty, payload)?),
         MessageType::Exec => {
             let exec: Exec = json(ty, payload)?;
@@ -769,6 +872,36 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
                 });
             }
             Message::FileEnd(end)
+        }
+        MessageType::Resize => {
+            let size: WindowSize = json(ty, payload)?;
+            validate_window(&size).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            Message::Resize(size)
+        }
+        MessageType::Run => {
+            let run: Run = json(ty, payload)?;
+            validate_exec(&run.exec).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            if run.size > MAX_SCRIPT_LEN {
+                return Err(FrameError::Invalid {
+                    ty,
+                    reason: format!(
+                        "a script of {} bytes exceeds the limit of {MAX_SCRIPT_LEN}",
+                        run.size
+                    ),
+                });
+            }
+            Message::Run(run)
+        }
+        MessageType::Logs => {
+            let logs: Logs = json(ty, payload)?;
+            validate_abs_path(&logs.path).map_err(|reason| FrameError::Invalid { ty, reason })?;
+            if logs.lines > MAX_LOG_LINES {
+                return Err(FrameError::Invalid {
+                    ty,
+                    reason: format!("{} lines exceed the limit of {MAX_LOG_LINES}", logs.lines),
+                });
+            }
+            Message::Logs(logs)
         }
     };
     Ok(Some((message, total)))
@@ -817,6 +950,23 @@ fn validate_exec(exec: &Exec) -> Result<(), String> {
         if k.is_empty() || k.contains('=') {
             return Err("an environment variable name is empty or contains '='".into());
         }
+    }
+    if let Some(user) = &exec.user {
+        if user.is_empty() || user.len() > MAX_USER_LEN || user.contains(['\0', ':', '/', '\n']) {
+            return Err(
+                "the user name is empty, too long, or contains NUL, ':', '/' or a newline".into(),
+            );
+        }
+    }
+    if let Some(w) = &exec.window {
+        validate_window(w)?;
+    }
+    Ok(())
+}
+
+fn validate_window(w: &WindowSize) -> Result<(), String> {
+    if w.rows == 0 || w.cols == 0 {
+        return Err(format!("a window of {}x{} cells is empty", w.rows, w.cols));
     }
     Ok(())
 }
@@ -1053,6 +1203,12 @@ mod tests {
             Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 software: "vmlink/0.1.0".into(),
+                features: Vec::new(),
+            }),
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                software: "vmlink-agent/0.1.0".into(),
+                features: FEATURES.iter().map(|f| f.to_string()).collect(),
             }),
             Message::Ping,
             Message::Pong,
@@ -1071,6 +1227,35 @@ mod tests {
                 cwd: Some("/tmp".into()),
                 stdin: true,
                 tty: false,
+                window: None,
+                user: None,
+            }),
+            Message::Exec(Exec {
+                argv: vec!["sh".into()],
+                stdin: true,
+                tty: true,
+                window: Some(WindowSize {
+                    rows: 40,
+                    cols: 132,
+                }),
+                user: Some("nobody".into()),
+                ..Exec::default()
+            }),
+            Message::Resize(WindowSize {
+                rows: 1,
+                cols: 65535,
+            }),
+            Message::Run(Run {
+                exec: Exec {
+                    argv: vec!["deploy.sh".into(), "--fast".into()],
+                    ..Exec::default()
+                },
+                size: 1234,
+            }),
+            Message::Logs(Logs {
+                path: "/var/log/syslog".into(),
+                lines: 10,
+                follow: true,
             }),
             Message::Stdin(b"in\0put".to_vec()),
             Message::StdinEof,
@@ -1199,7 +1384,7 @@ mod tests {
         assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
         assert_eq!(with(4, 2), FrameError::BadVersion { version: 2 });
         assert_eq!(with(5, 0), FrameError::UnknownType { ty: 0 });
-        assert_eq!(with(5, 20), FrameError::UnknownType { ty: 20 });
+        assert_eq!(with(5, 23), FrameError::UnknownType { ty: 23 });
         assert!(matches!(
             with(7, 1),
             FrameError::BadFlags { flags: 0x100, .. }
@@ -1256,7 +1441,8 @@ mod tests {
             m,
             Message::Hello(Hello {
                 version: 2,
-                software: String::new()
+                software: String::new(),
+                features: Vec::new(),
             })
         );
         let (m, _) = decode(&frame(
@@ -1266,6 +1452,55 @@ mod tests {
         .expect("valid")
         .expect("complete");
         assert_eq!(m, Message::error(ErrorKind::Unknown, "m"));
+    }
+
+    #[test]
+    fn tty_run_and_logs_requests_out_of_bounds_are_refused() {
+        let invalid = |m: Message| {
+            let e = decode(&m.encode().expect("encodes")).expect_err("refused");
+            assert!(matches!(e, FrameError::Invalid { .. }), "{e}");
+            e.to_string()
+        };
+        let e = invalid(Message::Hello(Hello {
+            version: 1,
+            software: String::new(),
+            features: vec!["f".into(); MAX_FEATURES + 1],
+        }));
+        assert!(e.contains("more than 64 features"), "{e}");
+        let e = invalid(Message::Resize(WindowSize { rows: 0, cols: 80 }));
+        assert!(e.contains("0x80"), "{e}");
+        let e = invalid(Message::Run(Run {
+            exec: Exec {
+                argv: vec!["s".into()],
+                ..Exec::default()
+            },
+            size: MAX_SCRIPT_LEN + 1,
+        }));
+        assert!(e.contains("exceeds the limit of 16777216"), "{e}");
+        let e = invalid(Message::Logs(Logs {
+            path: "/var/log/x".into(),
+            lines: MAX_LOG_LINES + 1,
+            follow: false,
+        }));
+        assert!(e.contains("100001 lines"), "{e}");
+        invalid(Message::Logs(Logs {
+            path: "relative".into(),
+            lines: 1,
+            follow: false,
+        }));
+        for user in ["", "a:b", "../x", "a\0"] {
+            invalid(Message::Exec(Exec {
+                argv: vec!["id".into()],
+                user: Some(user.into()),
+                ..Exec::default()
+            }));
+        }
+        invalid(Message::Exec(Exec {
+            argv: vec!["sh".into()],
+            tty: true,
+            window: Some(WindowSize { rows: 24, cols: 0 }),
+            ..Exec::default()
+        }));
     }
 
     #[test]

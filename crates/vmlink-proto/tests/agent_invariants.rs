@@ -3,7 +3,8 @@
 
 use vmlink_proto::agent::fuzzing::check_agent_frames;
 use vmlink_proto::agent::{
-    decode, encode_header, Exec, Exit, FrameError, Hello, Message, MessageType, Signal, HEADER_LEN,
+    decode, encode_header, Exec, Exit, FrameError, Hello, Logs, Message, MessageType, Run, Signal,
+    WindowSize, HEADER_LEN,
 };
 
 use vmlink_proto::fuzzing::XorShift;
@@ -14,6 +15,7 @@ fn seeds() -> Vec<Vec<u8>> {
         Message::Hello(Hello {
             version: 1,
             software: "vmlink".into(),
+            features: vec!["tty".into(), "logs".into()],
         }),
         Message::Ping,
         Message::Pong,
@@ -31,6 +33,29 @@ fn seeds() -> Vec<Vec<u8>> {
             signal: None,
         }),
         Message::Signal(Signal { signo: 9 }),
+        Message::Exec(Exec {
+            argv: vec!["sh".into()],
+            tty: true,
+            window: Some(WindowSize { rows: 24, cols: 80 }),
+            user: Some("nobody".into()),
+            ..Exec::default()
+        }),
+        Message::Resize(WindowSize {
+            rows: 50,
+            cols: 200,
+        }),
+        Message::Run(Run {
+            exec: Exec {
+                argv: vec!["script.sh".into(), "a".into()],
+                ..Exec::default()
+            },
+            size: 10,
+        }),
+        Message::Logs(Logs {
+            path: "/var/log/messages".into(),
+            lines: 10,
+            follow: true,
+        }),
     ];
     messages
         .iter()

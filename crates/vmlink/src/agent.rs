@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use crate::target::{Resolved, Target};
 use anyhow::{bail, Context};
-use vmlink_agent::client::{signal_channel, Client};
+use vmlink_agent::client::Client;
 use vmlink_agent::ExecRequest;
 
 #[derive(clap::Args, Debug)]
@@ -31,18 +31,26 @@ pub struct InfoArgs {
 
 /// Run a command in the guest; its stdout and stderr stream back as they
 /// are produced, and its exit status is this command's (128+N when a signal
-/// N killed it). Ctrl-C (SIGINT) and SIGTERM are forwarded to the command's
-/// process group; if this process dies, the agent kills the group.
+/// N killed it; 124 when --timeout killed it). Ctrl-C (SIGINT) and SIGTERM
+/// are forwarded to the command's process group; if this process dies, the
+/// agent kills the group.
+///
+/// With -t the command gets a terminal in the guest (stdout and stderr both
+/// arrive on stdout); with -ti from a terminal, the local one is in raw mode
+/// while it runs (Ctrl-C goes to the guest) and its size follows yours.
 ///
 /// Examples:
 ///   vmlink exec vsock:3:7878 -- uname -a
 ///   vmlink exec vsock:3:7878 --env LANG=C --cwd /var/log -- sh -c 'ls | wc -l'
 ///   tar c dir | vmlink exec -i vsock:3:7878 -- tar x -C /tmp
+///   vmlink exec -ti lab:dev -- bash                 # an interactive shell
+///   vmlink exec --user nobody --timeout 30s vsock:3:7878 -- make check
 ///
 /// Over qga+ADDR (a guest running only qemu-guest-agent) the output arrives
 /// only when the command has ended (qemu-ga keeps up to 16 MiB per stream),
-/// -i reads stdin to EOF first (up to 32 MiB), and signals are forwarded
-/// with `kill` to the command's own process.
+/// -i reads stdin to EOF first (up to 32 MiB), signals are forwarded with
+/// `kill` to the command's own process, and -t, --user, --timeout are
+/// refused (qemu-ga has no such thing).
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
@@ -58,6 +66,20 @@ pub struct ExecArgs {
     /// Forward this process's stdin, EOF included (otherwise /dev/null).
     #[arg(short, long)]
     interactive: bool,
+    /// Run the command on a terminal (a pty in the guest); TERM is passed on.
+    #[arg(short, long)]
+    tty: bool,
+    /// With -t: the terminal's size, instead of this terminal's (default 24x80).
+    #[arg(long, value_name = "ROWSxCOLS", value_parser = crate::session::parse_window, requires = "tty")]
+    tty_size: Option<vmlink_proto::agent::WindowSize>,
+    /// Run as this guest user (the agent must run as root); HOME, USER, LOGNAME and
+    /// SHELL are set from the guest's /etc/passwd.
+    #[arg(short, long, value_name = "USER")]
+    user: Option<String>,
+    /// Kill the command's process group after this long (30, 1.5s, 500ms, 5m, 2h)
+    /// and exit with status 124, like timeout(1).
+    #[arg(long, value_name = "DURATION", value_parser = crate::session::parse_timeout)]
+    timeout: Option<std::time::Duration>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -118,6 +140,13 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
         let addr = match a.target.resolve()? {
             Resolved::Qga(q) => {
+                if a.tty || a.user.is_some() || a.timeout.is_some() {
+                    bail!(
+                        "-t, --user and --timeout need vmlink-agent; qemu-guest-agent \
+                         (target {}) cannot honour them",
+                        a.target
+                    );
+                }
                 let spec = crate::qga_target::ExecSpec {
                     argv: a.cmd,
                     env: a.env,
@@ -128,45 +157,23 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
             }
             r => r.agent("exec")?,
         };
-        let c = Client::connect(&addr)
-            .await
-            .with_context(|| format!("agent at {}", a.target))?;
-        let (tx, signals) = signal_channel();
-        // Forward SIGINT and SIGTERM to the guest command instead of dying.
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            loop {
-                let signo = tokio::select! {
-                    _ = int.recv() => libc::SIGINT,
-                    _ = term.recv() => libc::SIGTERM,
-                };
-                if !tx.send(signo) {
-                    return;
-                }
-            }
-        });
         let req = ExecRequest {
             argv: a.cmd,
             env: a.env,
             cwd: a.cwd,
+            tty: a.tty,
+            user: a.user,
             ..ExecRequest::default()
         };
-        let stdin = a.interactive.then(tokio::io::stdin);
-        let exit = c
-            .exec_with_signals(
-                req,
-                stdin,
-                tokio::io::stdout(),
-                tokio::io::stderr(),
-                signals,
-            )
-            .await?;
-        Ok(ExitCode::from(exit.shell_status().clamp(0, 255) as u8))
+        crate::session::run(crate::session::Session {
+            addr,
+            target: a.target.to_string(),
+            req,
+            script: None,
+            interactive: a.interactive,
+            tty_size: a.tty_size,
+            timeout: a.timeout,
+        })
+        .await
     })
 }

@@ -17,9 +17,12 @@ mod cp;
 mod demo;
 mod lab;
 mod lab_up;
+mod logs;
 mod qga;
 mod qga_target;
 mod relay;
+mod run;
+mod session;
 mod target;
 
 const AFTER_HELP: &str = "\
@@ -37,8 +40,9 @@ ADDRESSES (docs/addresses.md):
   buffer-min-size=SIZE buffer-max-size=SIZE backlog=N unlink
 
 EXIT STATUS: 0 ok; 1 runtime error (refused, timeout, dead peer);
-2 usage error or bad address; exec: the command's status (128+N for
-signal N); lab run: the command's status (124 timeout, 125 guest failure).
+2 usage error or bad address; exec, run: the command's status (128+N for
+signal N, 124 after --timeout); lab run: the command's status (124
+timeout, 125 guest failure).
 Logs go to stderr; RUST_LOG=debug (or info, trace) shows more.";
 
 /// Fast host<->guest channels: relay, benchmark, drive a guest agent, and
@@ -68,6 +72,10 @@ enum Command {
     Exec(agent::ExecArgs),
     /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
     Cp(cp::Args),
+    /// Run a local script in a guest (nothing saved there), output streamed.
+    Run(run::Args),
+    /// Print the end of a file in a guest; -f follows it like tail -F.
+    Logs(logs::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
     /// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket.
@@ -97,6 +105,8 @@ fn main() -> ExitCode {
         Command::Info(a) => agent::info(a),
         Command::Exec(a) => agent::exec(a),
         Command::Cp(a) => cp::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Logs(a) => logs::run(a),
         Command::Qga(a) => qga::run(a),
         Command::SerialBridge(a) => bridge::run(a),
         Command::Completions { shell } => {

@@ -246,3 +246,64 @@ fn relay_bounds_concurrent_connections_and_serves_the_next_when_one_ends() {
     assert_eq!(&b, b"three");
     echo(&mut c2, b"still");
 }
+
+#[test]
+fn exec_user_needs_a_root_agent_and_says_so_and_usage_errors_are_status_2() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    // The agent runs as nobody (these tests run as root, as scripts/test.sh does).
+    let d = tmp("nonroot");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sock = d.join("agent.sock");
+    let agent_bin =
+        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
+    /// Killed on drop, so a failed assertion does not leave the agent running.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut agent = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&agent_bin)
+        .args(["--listen", &format!("unix-listen:{}", sock.display())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv vmlink-agent");
+    let stderr = agent.stderr.take().expect("stderr");
+    let agent = Agent(agent);
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines.next().expect("agent printed nothing").expect("read");
+    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
+    let target = format!("unix:{}", sock.display());
+    let (code, out, err) = run(&["exec", "--user", "root", &target, "--", "id", "-u"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not root, so it cannot run commands as user \"root\""),
+        "{err}"
+    );
+    // Its own user is fine.
+    let (code, out, err) = run(&["exec", "--user", "nobody", &target, "--", "id", "-un"]);
+    assert_eq!((code, out.as_str()), (Some(0), "nobody\n"), "{err}");
+    drop(agent);
+
+    // Malformed flags of the new verbs are usage errors naming the value.
+    let (code, _, err) = run(&["exec", "--timeout", "5y", &target, "--", "true"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("the unit must be ms, s, m, h or d"), "{err}");
+    let (code, _, err) = run(&["exec", "-t", "--tty-size", "0x80", &target, "--", "true"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not ROWSxCOLS"), "{err}");
+    let (code, _, err) = run(&["logs", "-n", "100001", &target, "/var/log/x"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("100001"), "{err}");
+    let (code, _, err) = run(&["run", &target, "/nonexistent/script.sh"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("cannot read the script /nonexistent/script.sh"),
+        "{err}"
+    );
+}

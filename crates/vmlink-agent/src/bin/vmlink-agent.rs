@@ -24,6 +24,15 @@ use vmlink_transport::{Addr, AsyncListener, Endpoint};
 ///   vmlink-agent --listen vsock-listen:7878 --listen unix-listen:/run/vmlink-agent.sock
 ///
 ///   vmlink-agent --allow-cid 1                    # also serve clients in this guest (vsock_loopback)
+///
+///   vmlink-agent --allow-exec systemctl,journalctl --read-only   # a narrow, read-only agent
+///
+///   vmlink-agent --no-exec                        # ping, info, cp and logs only
+///
+/// Requests the exec rules forbid get an error of kind "refused" naming the rule. Program rules
+/// match the file a request would run (bare names are looked up in the agent's PATH), so
+/// --allow-exec ls does not allow /tmp/ls. A deny list is a guard rail, not a boundary: an
+/// allowed shell or interpreter can run anything. See docs/agent-protocol.md.
 #[derive(Debug, Parser)]
 #[command(name = "vmlink-agent", version, verbatim_doc_comment)]
 struct Args {
@@ -48,6 +57,19 @@ struct Args {
     /// With --qga: disable these commands (comma-separated), as qemu-ga's --block-rpcs.
     #[arg(long, value_name = "LIST")]
     block_rpcs: Option<String>,
+    /// Allow exec of only these programs (comma-separated names or absolute paths;
+    /// repeatable). Scripts (vmlink run) are then refused.
+    #[arg(long, value_name = "PROG,...")]
+    allow_exec: Vec<String>,
+    /// Refuse exec of these programs (comma-separated names or absolute paths; repeatable).
+    #[arg(long, value_name = "PROG,...")]
+    deny_exec: Vec<String>,
+    /// Refuse every exec and script (vmlink exec, vmlink run).
+    #[arg(long)]
+    no_exec: bool,
+    /// Refuse copies into the guest (vmlink cp to the guest); reading stays allowed.
+    #[arg(long)]
+    read_only: bool,
 }
 
 fn main() {
@@ -67,9 +89,24 @@ fn main() {
 
 fn real_main(args: Args) -> anyhow::Result<()> {
     let allow_cids = parse_allow_cids(&args.allow_cid).map_err(anyhow::Error::msg)?;
+    let list = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .flat_map(|s| vmlink_agent::parse_program_list(s))
+            .collect()
+    };
+    let allow = list(&args.allow_exec);
+    if !args.allow_exec.is_empty() && allow.is_empty() {
+        anyhow::bail!("--allow-exec needs at least one program (use --no-exec to refuse all)");
+    }
     let policy = Policy {
         allow_cids,
         max_sessions: args.max_sessions,
+        exec: vmlink_agent::ExecPolicy {
+            no_exec: args.no_exec,
+            allow: (!allow.is_empty()).then_some(allow),
+            deny: list(&args.deny_exec),
+            read_only: args.read_only,
+        },
     };
     let defaults = args.listen.is_empty();
     let listen = if defaults {

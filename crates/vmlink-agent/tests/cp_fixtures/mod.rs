@@ -139,6 +139,7 @@ impl Raw {
         raw.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: "test".into(),
+            features: Vec::new(),
         }))
         .await;
         match raw.recv().await {

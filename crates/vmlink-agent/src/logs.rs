@@ -1,0 +1,187 @@
+//! `Logs`: the end of a file, then (with `follow`) what is appended to it, like `tail -F`.
+//!
+//! The agent sends the last `lines` lines (at most [`MAX_LOG_TAIL_BYTES`] of them) as `Data`
+//! frames; without `follow` it then sends `Done` and closes. With `follow` it checks the file
+//! every [`FOLLOW_INTERVAL`] and sends what was appended, until the client closes:
+//!
+//! - **rotation** (the path now names another file: renamed away and recreated): the rest of the
+//!   old file is sent, then the new one from its start;
+//! - **truncation** (the file is shorter than what was sent): it is sent again from its start;
+//! - a path that disappears is waited for (the old file is kept open meanwhile).
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use tracing::debug;
+use vmlink_proto::agent::{ErrorKind, Logs, Message, MAX_DATA_CHUNK, MAX_LOG_TAIL_BYTES};
+use vmlink_transport::WriteHalf;
+
+use crate::framed::write_message;
+use crate::server::{Reader, SessionError};
+
+/// How often a followed file is checked for new data, rotation and truncation.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The offset where the last `lines` lines of `f` (of length `len`) start, looking back at most
+/// `max_back` bytes.
+fn tail_start(f: &mut File, len: u64, lines: u32, max_back: u64) -> io::Result<u64> {
+    if lines == 0 {
+        return Ok(len);
+    }
+    let floor = len.saturating_sub(max_back);
+    let mut pos = len;
+    let mut newlines = 0u32;
+    let mut buf = vec![0u8; 64 * 1024];
+    // A final newline ends the last line; it does not start another.
+    let mut skip_last = true;
+    while pos > floor {
+        let n = (pos - floor).min(buf.len() as u64) as usize;
+        pos -= n as u64;
+        f.seek(SeekFrom::Start(pos))?;
+        f.read_exact(&mut buf[..n])?;
+        for i in (0..n).rev() {
+            if buf[i] != b'\n' {
+                skip_last = false;
+                continue;
+            }
+            if skip_last {
+                skip_last = false;
+                continue;
+            }
+            newlines += 1;
+            if newlines == lines {
+                return Ok(pos + i as u64 + 1);
+            }
+        }
+    }
+    Ok(floor)
+}
+
+/// Sends what `f` holds from its position to its end; returns the bytes sent.
+async fn send_rest(f: &mut File, w: &mut WriteHalf) -> Result<u64, SessionError> {
+    let mut buf = vec![0u8; MAX_DATA_CHUNK];
+    let mut total = 0;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SessionError::Wire(e.into())),
+        };
+        write_message(w, &Message::Data(buf[..n].to_vec())).await?;
+        total += n as u64;
+    }
+}
+
+fn io_error(op: &str, path: &str, e: &io::Error) -> String {
+    format!("cannot {op} {path}: {e}")
+}
+
+/// Serves one `Logs` request.
+pub(crate) async fn serve_logs(
+    logs: Logs,
+    mut reader: Reader,
+    w: &mut WriteHalf,
+) -> Result<(), SessionError> {
+    let path = logs.path.clone();
+    let opened = File::open(&path).and_then(|mut f| {
+        let meta = f.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is a directory",
+            ));
+        }
+        let start = tail_start(&mut f, meta.len(), logs.lines, MAX_LOG_TAIL_BYTES)?;
+        f.seek(SeekFrom::Start(start))?;
+        Ok((f, meta))
+    });
+    let (mut file, meta) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let message = io_error("read", &path, &e);
+            write_message(w, &Message::error(ErrorKind::Io, &message)).await?;
+            return Err(SessionError::Refused(message));
+        }
+    };
+    send_rest(&mut file, w).await?;
+    if !logs.follow {
+        write_message(w, &Message::Done).await?;
+        let _ = w.shutdown_write();
+        return Ok(());
+    }
+    let mut id = (meta.dev(), meta.ino());
+    let mut ticker = tokio::time::interval(FOLLOW_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            m = reader.next() => match m {
+                // The client stops following by closing.
+                Ok(None) => return Ok(()),
+                Ok(Some(other)) => {
+                    let message = format!("{} is not allowed while following a file", other.message_type());
+                    write_message(w, &Message::error(ErrorKind::BadRequest, &message)).await?;
+                    return Err(SessionError::Refused(message));
+                }
+                Err(e) => return Err(e.into()),
+            },
+            _ = ticker.tick() => {
+                // Truncated: start again from the beginning.
+                let pos = file.stream_position().map_err(|e| SessionError::Wire(e.into()))?;
+                if let Ok(m) = file.metadata() {
+                    if m.len() < pos {
+                        debug!(path, "file truncated; following from its start");
+                        file.seek(SeekFrom::Start(0)).map_err(|e| SessionError::Wire(e.into()))?;
+                    }
+                }
+                send_rest(&mut file, w).await?;
+                // Rotated: the path names another file now. The old one's rest was sent above.
+                if let Ok(m) = std::fs::metadata(&path) {
+                    if (m.dev(), m.ino()) != id {
+                        if let Ok(new) = File::open(&path) {
+                            debug!(path, "file rotated; following the new one");
+                            file = new;
+                            id = (m.dev(), m.ino());
+                            send_rest(&mut file, w).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(content: &[u8], lines: u32, max_back: u64) -> u64 {
+        let path = std::env::temp_dir().join(format!(
+            "vmlink-tail-{}-{lines}-{max_back}-{}",
+            std::process::id(),
+            content.len()
+        ));
+        std::fs::write(&path, content).expect("write");
+        let mut f = File::open(&path).expect("open");
+        let s = tail_start(&mut f, content.len() as u64, lines, max_back).expect("tail");
+        let _ = std::fs::remove_file(&path);
+        s
+    }
+
+    #[test]
+    fn tail_starts_where_the_last_n_lines_do() {
+        let text = b"one\ntwo\nthree\n";
+        assert_eq!(start(text, 1, 1 << 20), 8);
+        assert_eq!(start(text, 2, 1 << 20), 4);
+        assert_eq!(start(text, 3, 1 << 20), 0);
+        assert_eq!(start(text, 10, 1 << 20), 0);
+        assert_eq!(start(text, 0, 1 << 20), 14);
+        // No final newline: the partial last line counts as a line.
+        assert_eq!(start(b"one\ntwo", 1, 1 << 20), 4);
+        assert_eq!(start(b"", 5, 1 << 20), 0);
+        // Bounded: never further back than max_back.
+        assert_eq!(start(text, 3, 5), 9);
+    }
+}

@@ -1,0 +1,137 @@
+//! `vmlink exec -t/--user/--timeout`, `vmlink run`, `vmlink logs`, the agent's exec rules and
+//! an agent restart, as a user runs them, against the real `vmlink-agent` binary over vsock in
+//! one lab guest.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Output, Stdio};
+
+use vmlink_lab::guest_test;
+
+/// Starts the agent binary on vsock (loopback clients allowed) with `extra` flags and waits for
+/// its "listening on" line; returns it and its TARGET.
+fn start_agent(listen: &str, extra: &[&str]) -> (Child, String) {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
+    let mut child = std::process::Command::new(bin)
+        .args(["--listen", listen, "--allow-cid", "local"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmlink-agent (cargo build --workspace builds it)");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = lines.next().expect("agent printed nothing").expect("read");
+    let addr = line
+        .strip_prefix("vmlink-agent: listening on ")
+        .unwrap_or_else(|| panic!("unexpected agent output: {line}"))
+        .to_string();
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (child, format!("vsock:local:{}", common::vsock_port(&addr)))
+}
+
+fn vmlink(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = common::vmlink()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmlink");
+    let mut w = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = w.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("vmlink output");
+    feeder.join().expect("feeder");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+guest_test! {
+    fn vmlink_exec_tty_user_timeout_run_logs_exec_rules_and_agent_restart_in_a_guest() cfg { common::vsock_lab() } {
+        let (mut agent, t) = start_agent("vsock-listen:any", &["--deny-exec", "rm"]);
+
+        // -t: a terminal of the given size; stdout and stderr both on it.
+        let out = vmlink(&["exec", "-t", "--tty-size", "40x132", &t, "--", "sh", "-c", "stty size; tty; echo e >&2"], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let o = text(&out.stdout);
+        let lines: Vec<&str> = o.lines().map(|l| l.trim_end_matches('\r')).collect();
+        assert_eq!(lines.first(), Some(&"40 132"), "{o:?}");
+        assert!(lines.get(1).is_some_and(|l| l.starts_with("/dev/pts/")), "{o:?}");
+        assert_eq!(lines.get(2), Some(&"e"), "{o:?}");
+
+        // -ti: an interactive shell fed over stdin; its exit status comes back.
+        let out = vmlink(&["exec", "-ti", &t, "--", "sh"], b"echo $((6*7))\nexit 3\n");
+        assert_eq!(out.status.code(), Some(3), "{} / {}", text(&out.stdout), text(&out.stderr));
+        assert!(text(&out.stdout).contains("42\r\n"), "{:?}", text(&out.stdout));
+
+        // --user: runs as that user with its environment; an unknown user is one clear line.
+        let out = vmlink(&["exec", "--user", "nobody", &t, "--", "sh", "-c", "id -un; echo $HOME"], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("nobody\n"), "{}", text(&out.stdout));
+        let out = vmlink(&["exec", "--user", "no-such-user", &t, "--", "id"], b"");
+        assert_eq!(out.status.code(), Some(1));
+        let e = text(&out.stderr);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("user \"no-such-user\" does not exist"), "{e}");
+
+        // --timeout: the group is killed and the status is 124, like timeout(1).
+        let start = std::time::Instant::now();
+        let out = vmlink(&["exec", "--timeout", "1s", &t, "--", "sh", "-c", "echo started; sleep 100"], b"");
+        assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "started\n");
+        assert!(text(&out.stderr).contains("timed out after 1s"), "{}", text(&out.stderr));
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{:?}", start.elapsed());
+
+        // run: a local script with arguments, held in a memfd in the guest; its status passes.
+        let dir = std::env::temp_dir().join(format!("vmlink-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let script = dir.join("check.sh");
+        std::fs::write(&script, "#!/bin/sh\necho \"args: $*\"; readlink \"$0\"; exit 7\n").expect("script");
+        let s = script.display().to_string();
+        let out = vmlink(&["run", &t, &s, "one", "-two"], b"");
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        let o = text(&out.stdout);
+        assert!(o.starts_with("args: one -two\n/memfd:vmlink-run"), "{o}");
+
+        // logs: the last lines of a file.
+        let log = dir.join("app.log");
+        std::fs::write(&log, "a\nb\nc\nd\n").expect("log");
+        let out = vmlink(&["logs", "-n", "2", &t, &log.display().to_string()], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "c\nd\n");
+
+        // The agent's rules: a denied program is refused, naming the rule.
+        let out = vmlink(&["exec", &t, "--", "rm", "-f", "/tmp/nothing"], b"");
+        assert_eq!(out.status.code(), Some(1));
+        let e = text(&out.stderr);
+        assert!(e.contains("refused") && e.contains("--deny-exec rm"), "{e}");
+
+        // The agent dies and is restarted: during the gap a client gets one clear line and
+        // status 1; afterwards the same target works again.
+        agent.kill().expect("kill the agent");
+        agent.wait().expect("reap the agent");
+        let out = vmlink(&["ping", &t], b"");
+        assert_eq!(out.status.code(), Some(1));
+        let e = text(&out.stderr);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("cannot reach the agent at vsock:"), "{e}");
+        let out = vmlink(&["exec", &t, "--", "true"], b"");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let port = t.rsplit(':').next().expect("port");
+        let (mut agent, again) = start_agent(&format!("vsock-listen:any:{port}"), &[]);
+        assert_eq!(again, t);
+        let out = vmlink(&["ping", &t], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let out = vmlink(&["exec", &t, "--", "echo", "back"], b"");
+        assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "back\n"));
+
+        let _ = agent.kill();
+        let _ = agent.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
