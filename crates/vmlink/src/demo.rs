@@ -7,7 +7,8 @@
 //! the host drives through QEMU's chardev socket. Then the guest runs the
 //! agent (in-process, `vmlink_agent::run_all`) on the ports org.vmlink.ctl
 //! and org.vmlink.data, and the host drives it through the serial bridge as
-//! a user would: ping, exec, cp both ways (timed against the raw port). When
+//! a user would: ping, exec, cp both ways (timed against the raw port), and
+//! logs -f across a rotation. When
 //! the host is done it creates a file in the guest through the agent, and
 //! the guest goes on: it benchmarks vsock
 //! stream and seqpacket over the loopback transport, Unix and TCP
@@ -215,6 +216,7 @@ async fn agent_demo(
         std::fs::read(&back)? == bytes,
         "the file copied back differs from the one sent"
     );
+    let followed = follow_logs(&c, &exec).await?;
     c.exec(
         exec(&["touch", AGENT_DONE]),
         None::<tokio::io::Empty>,
@@ -249,12 +251,74 @@ async fn agent_demo(
         },
         note: Some(format!(
             "cp vs raw virtio-serial: up {}, down {}; exec `true` round trip p50 {:.1} ms; \
-             sha-256 checked; guest says: {uname}",
+             sha-256 checked; guest says: {uname}; logs -f: {followed}",
             pct(up, raw.upload_mib_s),
             pct(down, raw.download_mib_s),
             exec_lat.median / 1e3
         )),
     }])
+}
+
+/// `vmlink logs -f` across the VM boundary: tail a guest file, append to it, rotate it
+/// (rename + recreate), and see every new line arrive.
+async fn follow_logs(
+    c: &vmlink_agent::client::Client,
+    exec: &dyn Fn(&[&str]) -> vmlink_agent::ExecRequest,
+) -> anyhow::Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let log = "/run/vmlink-demo.log";
+    let sh = |script: &str| exec(&["sh", "-c", script]);
+    let none = None::<tokio::io::Empty>;
+    c.exec(
+        sh(&format!("printf 'line1\\nline2\\n' > {log}")),
+        none,
+        tokio::io::sink(),
+        tokio::io::sink(),
+    )
+    .await?;
+    let (w, r) = tokio::io::duplex(64 * 1024);
+    let req = vmlink_proto::agent::Logs {
+        path: log.into(),
+        lines: 1,
+        follow: true,
+    };
+    let tail = c.logs(req, w);
+    let watch = async {
+        let mut lines = tokio::io::BufReader::new(r).lines();
+        let mut seen = Vec::new();
+        let mut appended = false;
+        while let Some(l) = lines.next_line().await? {
+            seen.push(l);
+            if !appended {
+                appended = true;
+                let rotate = format!("echo line3 >> {log}; mv {log} {log}.1; echo line4 > {log}");
+                c.exec(
+                    sh(&rotate),
+                    None::<tokio::io::Empty>,
+                    tokio::io::sink(),
+                    tokio::io::sink(),
+                )
+                .await?;
+            }
+            if seen.last().map(String::as_str) == Some("line4") {
+                return Ok::<_, anyhow::Error>(seen);
+            }
+        }
+        anyhow::bail!("the log stream ended early: {seen:?}")
+    };
+    let seen = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(60), watch) => r
+            .map_err(|_| anyhow::anyhow!("logs -f did not show the rotated file's line in 60 s"))??,
+        r = tail => {
+            r?;
+            anyhow::bail!("logs -f ended by itself");
+        }
+    };
+    anyhow::ensure!(
+        seen == ["line2", "line3", "line4"],
+        "logs -f showed {seen:?}, expected the last line, the appended one and the one after rotation"
+    );
+    Ok("tail -n 1, then an appended line and one after rotation arrived".into())
 }
 
 fn print_rows(rows: &[Row], bytes: u64, took: Duration) {
