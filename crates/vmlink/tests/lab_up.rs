@@ -150,6 +150,64 @@ fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
         .collect();
     assert!(out.starts_with(&want), "{out} vs {want}");
 
+    // -t: a terminal of the size asked for.
+    let out = lab.run(&[
+        "exec",
+        "-t",
+        "--tty-size",
+        "31x101",
+        &t,
+        "--",
+        "stty",
+        "size",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "31 101");
+
+    // A host that goes away mid-exec: the command's process group dies.
+    let mut child = lab
+        .cmd()
+        .args([
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 1234",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert_eq!(first, "started\n");
+    child.kill().expect("kill the client");
+    let _ = child.wait();
+    let gone = Instant::now();
+    loop {
+        let out = lab.run(&[
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "ps -o args | grep -c '^sleep 1234' || true",
+        ]);
+        if String::from_utf8_lossy(&out.stdout).trim() == "0" {
+            break;
+        }
+        assert!(
+            gone.elapsed() < Duration::from_secs(30),
+            "the guest command outlived its client"
+        );
+    }
+
     // cp both ways, a file and a tree, compared by content.
     let dir = lab.state.with_extension("files");
     std::fs::create_dir_all(dir.join("tree/sub")).expect("mkdir");
@@ -249,17 +307,13 @@ fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
         copy.wait().expect("cp").success(),
         "the 256 MiB copy failed"
     );
-    // The goal is 100 ms; release builds measure 3-46 ms here (docs/benchmarks.md). This
-    // is a debug build under TCG, sharing 2 cores with another test's guest in CI: the
-    // median measured 81 ms alone, so the bound here is looser; a ping stuck behind the
-    // copy would take seconds, which this still catches.
+    // The goal is 100 ms, and release builds on an idle host measure 3-47 ms
+    // (docs/benchmarks.md). This debug build under TCG shares 2 cores with other guests in
+    // CI, where runs measured a median of 82 ms alone and 233-668 ms next to two busy
+    // guests: a latency bound here would test the machine's load. What it does test is
+    // that a ping never waits behind the copy: that would take the copy's whole 15-60 s.
     assert!(
-        rtts[5] < 200.0,
-        "median ping {} ms during the copy",
-        rtts[5]
-    );
-    assert!(
-        rtts[9] < 1000.0,
+        rtts[9] < 5000.0,
         "slowest ping {} ms during the copy",
         rtts[9]
     );
