@@ -358,8 +358,10 @@ impl Session {
     }
 
     fn accept(self: &Arc<Self>, id: u32) {
-        let busy =
-            lock(&self.streams).len() >= MAX_STREAMS || lock(&self.streams).contains_key(&id);
+        let busy = {
+            let streams = lock(&self.streams);
+            streams.len() >= MAX_STREAMS || streams.contains_key(&id)
+        };
         let reason = if busy {
             Some(format!("at most {MAX_STREAMS} streams per session"))
         } else {
