@@ -41,6 +41,11 @@ pub const MAX_STREAMS: usize = 128;
 pub const SMALL_DATA: usize = 1024;
 /// How long `open` waits for the peer's HELLO, and then for its ACCEPT.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// While streams are open, the host pings the guest this often...
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// ...and resets every stream when a ping stays unanswered this long: the agent died (its
+/// port closed) while the guest lives on, and the guest sends the host no signal of that.
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// A receiver returns credit every time it has consumed this much more.
 const CREDIT_STEP: u64 = WINDOW / 4;
 /// How much a lane reader buffers.
@@ -142,6 +147,8 @@ struct Session {
     closed: watch::Sender<bool>,
     incoming: Option<mpsc::Sender<std::os::unix::net::UnixStream>>,
     counters: Counters,
+    /// The nonce of the last PONG.
+    pong: AtomicU64,
 }
 
 /// A running session: lanes plus streams. Dropping it does not stop it; the session ends when
@@ -191,7 +198,11 @@ impl Mux {
             closed: watch::channel(false).0,
             incoming: (role == Role::Guest).then_some(in_tx),
             counters: Counters::default(),
+            pong: AtomicU64::new(0),
         });
+        if role == Role::Host {
+            tokio::spawn(keepalive(session.clone()));
+        }
         session.send(false, Header::hello(false), &[]);
         if let Some((_, r)) = data_tx {
             session.send(true, Header::hello(false), &[]);
@@ -427,6 +438,8 @@ impl Session {
                 }
             }
             Kind::Open if self.role == Role::Guest => self.accept(h.stream),
+            Kind::Ping => self.send(false, Header::new(Kind::Pong, 0, 0, h.arg), &[]),
+            Kind::Pong => self.pong.store(h.arg, Ordering::Release),
             Kind::Accept if self.role == Role::Host => {
                 match lock(&self.pending).remove(&h.stream) {
                     Some(tx) => {
@@ -479,6 +492,35 @@ impl Session {
                     debug!("mux stream {} reset by the peer", h.stream);
                 }
             }
+        }
+    }
+}
+
+/// Host side: while streams are open, PING every [`KEEPALIVE`]; reset them all when a PING
+/// stays unanswered for [`DEAD_AFTER`].
+async fn keepalive(s: Arc<Session>) {
+    let mut closed = s.closed.subscribe();
+    let mut nonce = 0u64;
+    let mut sent_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEEPALIVE) => {}
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        let busy = !lock(&s.streams).is_empty() || !lock(&s.pending).is_empty();
+        match sent_at {
+            Some(_) if s.pong.load(Ordering::Acquire) == nonce => sent_at = None,
+            Some(at) if at.elapsed() >= DEAD_AFTER => {
+                warn!("mux: no answer from the agent for {DEAD_AFTER:?}; resetting its streams");
+                s.reset_all(&format!("no answer from the agent for {DEAD_AFTER:?}"));
+                sent_at = None;
+            }
+            _ => {}
+        }
+        if busy && sent_at.is_none() {
+            nonce += 1;
+            s.send(false, Header::new(Kind::Ping, 0, 0, nonce), &[]);
+            sent_at = Some(tokio::time::Instant::now());
         }
     }
 }
@@ -855,5 +897,46 @@ mod tests {
         });
         echo(&host, 300_000).await;
         assert_eq!(host.counters().malformed.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_agent_is_declared_dead_and_its_streams_reset() {
+        use vmlink_proto::mux::{frame, Event, LaneDecoder};
+        let (h, g) = UnixStream::pair().expect("pair");
+        let (host, _) = Mux::start(Role::Host, Lane::unix(h), None);
+        let (mut gr, mut gw) = g.into_split();
+        gw.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        let (mut client, local) = UnixStream::pair().expect("pair");
+        let h2 = host.clone();
+        let opened = tokio::spawn(async move { h2.open(local).await });
+        // A guest that accepts the stream and then never says anything again.
+        let mut dec = LaneDecoder::new();
+        let mut buf = vec![0u8; 4096];
+        'accept: loop {
+            let n = gr.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the host closed its lane");
+            dec.push(&buf[..n]);
+            while let Some(e) = dec.next_event() {
+                if let Event::Frame(h, _) = e {
+                    if h.kind == Kind::Open {
+                        let accept = Header::new(Kind::Accept, h.stream, 0, 0);
+                        gw.write_all(&frame(accept, &[])).await.expect("accept");
+                        break 'accept;
+                    }
+                }
+            }
+        }
+        opened.await.expect("join").expect("opened");
+        tokio::spawn(
+            async move { while gr.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {} },
+        );
+        let mut one = [0u8; 1];
+        let n = tokio::time::timeout(KEEPALIVE + DEAD_AFTER + KEEPALIVE, client.read(&mut one))
+            .await
+            .expect("the stream was reset once pings went unanswered")
+            .expect("read");
+        assert_eq!(n, 0, "the client sees its connection end");
     }
 }

@@ -4,12 +4,13 @@
 //! Every frame is a 20-byte little-endian header, then `len` payload bytes:
 //!
 //! ```text
-//! offset 0  u8   type      0 HELLO, 1 OPEN, 2 ACCEPT, 3 DATA, 4 CREDIT, 5 FIN, 6 RST
+//! offset 0  u8   type      0 HELLO, 1 OPEN, 2 ACCEPT, 3 DATA, 4 CREDIT, 5 FIN, 6 RST,
+//!                          7 PING, 8 PONG
 //! offset 1  [u8; 3]        zero
 //! offset 4  u32  stream    the stream id (chosen by the host); HELLO: 0 start, 1 reply
 //! offset 8  u32  len       payload length
 //! offset 12 u64  arg       DATA: byte offset; CREDIT: bytes consumed; FIN: total length;
-//!                          HELLO: the magic b"VMLKMUX1"; otherwise 0
+//!                          HELLO: the magic b"VMLKMUX1"; PING/PONG: a nonce; otherwise 0
 //! ```
 //!
 //! Each lane (port) starts unsynchronised: its reader discards bytes until it finds a HELLO
@@ -45,6 +46,10 @@ pub enum Kind {
     Fin,
     /// Abort the stream both ways; the payload is a reason.
     Rst,
+    /// Are you there? (host to guest while streams are open); answered by PONG, same `arg`.
+    Ping,
+    /// The answer to PING.
+    Pong,
 }
 
 impl Kind {
@@ -57,6 +62,8 @@ impl Kind {
             4 => Kind::Credit,
             5 => Kind::Fin,
             6 => Kind::Rst,
+            7 => Kind::Ping,
+            8 => Kind::Pong,
             _ => return None,
         })
     }
@@ -70,6 +77,8 @@ impl Kind {
             Kind::Credit => 4,
             Kind::Fin => 5,
             Kind::Rst => 6,
+            Kind::Ping => 7,
+            Kind::Pong => 8,
         }
     }
 

@@ -64,7 +64,7 @@ pub struct Row {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.guest_side {
-        return crate::runtime()?.block_on(guest_side(a));
+        return crate::block_on_detached(guest_side(a))?;
     }
     host_side(a)
 }

@@ -146,7 +146,7 @@ fn agent_command(given: Option<PathBuf>, channel: &str) -> anyhow::Result<Vec<st
 /// binary is at hand: the serial ports org.vmlink.ctl + org.vmlink.data, and qemu-ga's
 /// protocol on org.qemu.guest_agent.0.
 pub fn builtin_agent() -> anyhow::Result<ExitCode> {
-    crate::runtime()?.block_on(async {
+    crate::block_on_detached(async {
         let ctl = vmlink_transport::Addr::new(vmlink_transport::Endpoint::Vport(
             vmlink_agent::DEFAULT_CTL_PORT.into(),
         ));
@@ -178,7 +178,7 @@ pub fn builtin_agent() -> anyhow::Result<ExitCode> {
         )
         .await?;
         Ok(ExitCode::SUCCESS)
-    })
+    })?
 }
 
 /// Starts the supervisor in the background and waits until the agent answers.
@@ -293,7 +293,7 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
         ],
         ..vmlink_lab::LabConfig::default()
     };
-    let mut guest = vmlink_lab::spawn(&cfg, &argv, vmlink_lab::GuestIo::Inherit)?;
+    let guest = vmlink_lab::spawn(&cfg, &argv, vmlink_lab::GuestIo::Inherit)?;
     let qemu = guest.pid();
     eprintln!("vmlink: lab guest {} booting (QEMU pid {qemu})", a.name);
     let agent_sock = dir.join("agent.sock");
@@ -301,6 +301,8 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
         let stop = crate::relay::shutdown_signal();
         let mut stop = std::pin::pin!(stop);
         let listener = crate::bridge::bind_unix(&agent_sock)?;
+        // The guest may end by itself (its agent exited, a crash): then so does the supervisor.
+        let mut ended = tokio::task::spawn_blocking(move || guest.wait());
         let bridge = tokio::spawn(vmlink_agent::mux::serve_bridge(
             ctl,
             Some(data),
@@ -333,21 +335,26 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
+        let stop_qemu = || {
+            // SAFETY: QEMU is our child (not yet reaped: `ended` reaps it), so the pid is ours.
+            unsafe { libc::kill(qemu as i32, libc::SIGKILL) };
+        };
         tokio::select! {
             _ = ready => {}
-            _ = &mut stop => { bridge.abort(); return Ok(false) }
+            _ = &mut stop => { bridge.abort(); stop_qemu(); return Ok(ended.await?) }
+            out = &mut ended => { bridge.abort(); return Ok(out?) }
         }
         let tmp = dir.join("target.tmp");
         std::fs::write(&tmp, format!("{target}\n"))?;
         std::fs::rename(&tmp, dir.join(TARGET_FILE))?;
         eprintln!("vmlink: lab guest {} is up at {target}", a.name);
-        stop.await;
+        let out = tokio::select! {
+            _ = &mut stop => { stop_qemu(); ended.await? }
+            out = &mut ended => out?,
+        };
         bridge.abort();
-        Ok::<bool, anyhow::Error>(false)
+        Ok::<_, anyhow::Error>(out)
     });
-    // Stopped (or failed): the guest goes with us.
-    guest.kill();
-    let out = guest.wait();
     let _ = std::fs::remove_file(dir.join(TARGET_FILE));
     let _ = std::fs::remove_file(dir.join(PID_FILE));
     for s in [
@@ -360,7 +367,11 @@ pub fn supervise(a: UpArgs) -> anyhow::Result<ExitCode> {
     ] {
         let _ = std::fs::remove_file(dir.join(s));
     }
-    eprintln!("vmlink: lab guest {} stopped ({out:?})", a.name);
+    match &result {
+        Ok(Ok(out)) => eprintln!("vmlink: lab guest {} stopped (status {})", a.name, out.code),
+        Ok(Err(e)) => eprintln!("vmlink: lab guest {} failed: {e}", a.name),
+        Err(e) => eprintln!("vmlink: lab guest {}: {e:#}", a.name),
+    }
     result.map(|_| ExitCode::SUCCESS)
 }
 

@@ -152,6 +152,15 @@ pub(crate) fn parse_addr(s: &str) -> Result<vmlink_transport::Addr, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Runs `f` on a fresh runtime and then drops the runtime without waiting for blocking tasks
+/// (a virtio-serial open that waits for its host side can block forever).
+pub(crate) fn block_on_detached<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = runtime()?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    Ok(out)
+}
+
 /// A tokio runtime for one verb.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

@@ -121,7 +121,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let mut listeners = Vec::new();
         let mut serial = Vec::new();
         for addr in &listen {
@@ -177,7 +177,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         }
         vmlink_agent::run_all(listeners, serial, policy, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // Opening a virtio-serial port waits on the blocking pool until the host connects, maybe
+    // forever; dropping the runtime would wait for it. Exit without waiting.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }
 
 /// Completes on SIGINT or SIGTERM.
