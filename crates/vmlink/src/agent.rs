@@ -38,11 +38,6 @@ pub struct InfoArgs {
 ///   vmlink exec vsock:3:7878 -- uname -a
 ///   vmlink exec vsock:3:7878 --env LANG=C --cwd /var/log -- sh -c 'ls | wc -l'
 ///   tar c dir | vmlink exec -i vsock:3:7878 -- tar x -C /tmp
-///
-/// Over qga+ADDR (a guest running only qemu-guest-agent) the output arrives
-/// only when the command has ended (qemu-ga keeps up to 16 MiB per stream),
-/// -i reads stdin to EOF first (up to 32 MiB), and signals are forwarded
-/// with `kill` to the command's own process.
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
