@@ -117,6 +117,13 @@ fn total_size(p: &Path) -> u64 {
     }
 }
 
+fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+}
+
 /// A progress bar on stderr when it is a terminal, fed from `counter` until dropped.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
@@ -132,12 +139,7 @@ impl Progress {
             };
         }
         let bar = match total {
-            Some(t) => indicatif::ProgressBar::new(t).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            ),
+            Some(t) => indicatif::ProgressBar::new(t).with_style(bar_style()),
             None => indicatif::ProgressBar::new_spinner().with_style(
                 indicatif::ProgressStyle::with_template(
                     "{spinner} {bytes} {binary_bytes_per_sec} {elapsed}",
@@ -192,20 +194,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         match (src, dst) {
             (local @ (Side::Local(_) | Side::Std), Side::Remote(target, path)) => {
                 let addr = match target.resolve()? {
-                    Resolved::Qga(q) => {
-                        let src = match &local {
-                            Side::Local(p) => Some(p.as_path()),
-                            _ => None,
-                        };
-                        let total = src.map(total_size);
-                        let progress = Progress::start(a.quiet, total, counter.clone());
-                        let Some(bytes) = crate::qga_target::put(&q, src, &path, counter).await?
-                        else {
-                            return Ok(ExitCode::from(130));
-                        };
-                        progress.finish(bytes);
-                        return Ok(ExitCode::SUCCESS);
-                    }
+                    Resolved::Qga(q) => return qga_put(&q, &local, &path, a.quiet, counter).await,
                     r => r.agent("cp")?,
                 };
                 let client = Client::connect(&addr)
@@ -226,25 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
             (Side::Remote(target, path), local @ (Side::Local(_) | Side::Std)) => {
                 let addr = match target.resolve()? {
-                    Resolved::Qga(q) => {
-                        let dst = match &local {
-                            Side::Local(p) => Some(p.as_path()),
-                            _ => None,
-                        };
-                        let progress = Progress::start(a.quiet, None, counter.clone());
-                        let bar = progress.bar.clone();
-                        let total = move |n| {
-                            if let Some(b) = bar {
-                                b.set_length(n);
-                            }
-                        };
-                        let copy = crate::qga_target::get(&q, &path, dst, counter, total);
-                        let Some(bytes) = interruptible_qga(copy).await? else {
-                            return Ok(ExitCode::from(130));
-                        };
-                        progress.finish(bytes);
-                        return Ok(ExitCode::SUCCESS);
-                    }
+                    Resolved::Qga(q) => return qga_get(&q, &path, &local, a.quiet, counter).await,
                     r => r.agent("cp")?,
                 };
                 let client = Client::connect(&addr)
@@ -286,17 +257,57 @@ async fn interruptible<T>(
     }
 }
 
-/// [`interruptible`] for a qga+ download: dropping the copy removes the local temporary file.
-async fn interruptible_qga<T>(
-    copy: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<Option<T>> {
+/// Host -> guest over `qga+` (`crate::qga_target::put`), with the progress bar.
+async fn qga_put(
+    q: &vmlink_transport::Addr,
+    local: &Side,
+    path: &str,
+    quiet: bool,
+    counter: Arc<AtomicU64>,
+) -> anyhow::Result<ExitCode> {
+    let src = match local {
+        Side::Local(p) => Some(p.as_path()),
+        _ => None,
+    };
+    let progress = Progress::start(quiet, src.map(total_size), counter.clone());
+    // Ctrl-C is handled inside: the guest's temporary file is removed first.
+    let Some(bytes) = crate::qga_target::put(q, src, path, counter).await? else {
+        return Ok(ExitCode::from(130));
+    };
+    progress.finish(bytes);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Guest -> host over `qga+` (`crate::qga_target::get`), with the progress bar (its length
+/// known once the guest file is open). Ctrl-C drops the copy, which removes the local
+/// temporary file.
+async fn qga_get(
+    q: &vmlink_transport::Addr,
+    path: &str,
+    local: &Side,
+    quiet: bool,
+    counter: Arc<AtomicU64>,
+) -> anyhow::Result<ExitCode> {
+    let dst = match local {
+        Side::Local(p) => Some(p.as_path()),
+        _ => None,
+    };
+    let progress = Progress::start(quiet, None, counter.clone());
+    let bar = progress.bar.clone();
+    let total = move |n| {
+        if let Some(b) = bar {
+            b.set_length(n);
+            b.set_style(bar_style());
+        }
+    };
     tokio::select! {
-        r = copy => Ok(Some(r?)),
+        r = crate::qga_target::get(q, path, dst, counter, total) => progress.finish(r?),
         _ = tokio::signal::ctrl_c() => {
             eprintln!("vmlink: cp interrupted; nothing partial was left");
-            Ok(None)
+            return Ok(ExitCode::from(130));
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn usage(e: CpError) -> anyhow::Result<ExitCode> {

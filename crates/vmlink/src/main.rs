@@ -69,8 +69,18 @@ enum Command {
     /// Show a guest's hostname, OS, kernel, uptime and agent version.
     Info(agent::InfoArgs),
     /// Run a command in a guest through its vmlink-agent, output streamed.
+    ///
+    /// The exit status is the command's (128+N when signal N killed it).
+    /// Over qga+ADDR (a guest with only qemu-guest-agent): the output arrives
+    /// only when the command has ended (qemu-ga keeps up to 16 MiB per
+    /// stream), -i reads stdin to EOF first (at most 32 MiB), and Ctrl-C is
+    /// forwarded with `kill` to the command's own process.
     Exec(agent::ExecArgs),
     /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
+    ///
+    /// Over qga+ADDR (a guest with only qemu-guest-agent): single files only,
+    /// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
+    /// temporary file, checked with the guest's sha256sum and renamed with mv.
     Cp(cp::Args),
     /// Run a local script in a guest (nothing saved there), output streamed.
     Run(run::Args),

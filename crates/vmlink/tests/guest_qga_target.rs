@@ -49,6 +49,12 @@ fn wait_ready(target: &str) {
         if out.status.success() {
             return;
         }
+        // QEMU removes its chardev sockets when it exits: the guest is gone.
+        assert!(
+            !text(&out.stderr).contains("No such file"),
+            "the guest exited: {}",
+            text(&out.stderr)
+        );
         assert!(
             Instant::now() < deadline,
             "{target} never answered: {}",

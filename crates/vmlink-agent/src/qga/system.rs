@@ -203,9 +203,8 @@ fn block_mounts() -> Vec<Mount> {
     out
 }
 
-/// `guest-get-fsinfo`: as qemu-ga, in reverse mount order. `disk` lists the PCI addresses of
-/// the disks under the filesystem; vmlink does not describe them yet (an empty list; see
-/// docs/qga-compat.md).
+/// `guest-get-fsinfo`: as qemu-ga, in reverse mount order. `disk` lists the disks under the
+/// filesystem (see [`disk_addresses`]).
 pub(crate) fn fsinfo() -> Result<Value, ErrorReply> {
     let mut list = Vec::new();
     for m in block_mounts().into_iter().rev() {
@@ -226,10 +225,105 @@ pub(crate) fn fsinfo() -> Result<Value, ErrorReply> {
             fs.insert("used-bytes".into(), json!(used * st.fragment_size()));
             fs.insert("total-bytes".into(), json!(total * st.fragment_size()));
         }
-        fs.insert("disk".into(), json!([]));
+        let mut disks = Vec::new();
+        disk_addresses(&real, &mut disks, 0);
+        fs.insert("disk".into(), Value::Array(disks));
         list.push(Value::Object(fs));
     }
     Ok(Value::Array(list))
+}
+
+/// Appends the `GuestDiskAddress` of the block device at sysfs path `dev` to `out`, as
+/// qemu-ga 7.2 describes it: a device-mapper or md device (`/devices/virtual/block/`) stands
+/// for the disks under it (`slaves/`), a partition of one for its parent; a real device is
+/// described when it sits on a PCI function whose driver is virtio-pci (virtio-blk: bus type
+/// `virtio`, bus/target/unit 0), with `dev` (the device node) and `serial` (udev's `ID_SERIAL`,
+/// from its database, as libudev reads it). Other buses (SCSI, IDE, SATA, NVMe) are not
+/// described yet (docs/qga-compat.md).
+fn disk_addresses(dev: &std::path::Path, out: &mut Vec<Value>, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    let text = dev.to_string_lossy().into_owned();
+    if text.contains("/devices/virtual/block/") {
+        let slaves = dev.join("slaves");
+        if let Ok(rd) = std::fs::read_dir(&slaves) {
+            let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+            names.sort();
+            for n in names {
+                if let Ok(real) = std::fs::canonicalize(slaves.join(&n)) {
+                    disk_addresses(&real, out, depth + 1);
+                }
+            }
+        } else if dev.join("partition").exists() {
+            if let Some(parent) = dev.parent() {
+                disk_addresses(parent, out, depth + 1);
+            }
+        }
+        return;
+    }
+    let Some(at) = text.find("/devices/pci") else {
+        return;
+    };
+    // /devices/pciDDDD:BB/DDDD:BB:SS.F/[DDDD:BB:SS.F/...]: the first function whose driver is
+    // supported is the disk's controller.
+    let mut prefix = text[..at + "/devices/".len()].to_string();
+    let mut segments = text[at + "/devices/".len()..].split('/');
+    let Some(root) = segments.next() else { return };
+    prefix.push_str(root);
+    let mut found = None;
+    for seg in segments {
+        let Some(addr) = parse_pci(seg) else { break };
+        prefix.push('/');
+        prefix.push_str(seg);
+        let driver = std::fs::read_link(format!("{prefix}/driver"))
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+        if driver.as_deref() == Some("virtio-pci") {
+            found = Some(addr);
+            break;
+        }
+    }
+    let Some((domain, bus, slot, function)) = found else {
+        return;
+    };
+    if text.contains("/host") {
+        // virtio-scsi: not described yet.
+        return;
+    }
+    let mut disk = Map::new();
+    disk.insert(
+        "pci-controller".into(),
+        json!({ "domain": domain, "bus": bus, "slot": slot, "function": function }),
+    );
+    disk.insert("bus-type".into(), json!("virtio"));
+    disk.insert("bus".into(), json!(0));
+    disk.insert("target".into(), json!(0));
+    disk.insert("unit".into(), json!(0));
+    let uevent = std::fs::read_to_string(dev.join("uevent")).unwrap_or_default();
+    if let Some(name) = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")) {
+        disk.insert("dev".into(), json!(format!("/dev/{name}")));
+    }
+    let devno = std::fs::read_to_string(dev.join("dev")).unwrap_or_default();
+    let db =
+        std::fs::read_to_string(format!("/run/udev/data/b{}", devno.trim())).unwrap_or_default();
+    if let Some(serial) = db
+        .lines()
+        .find_map(|l| l.strip_prefix("E:ID_SERIAL="))
+        .filter(|s| !s.is_empty())
+    {
+        disk.insert("serial".into(), json!(serial));
+    }
+    out.push(Value::Object(disk));
+}
+
+/// `DDDD:BB:SS.F` (hex) as (domain, bus, slot, function).
+fn parse_pci(seg: &str) -> Option<(u32, u32, u32, u32)> {
+    let (domain, rest) = seg.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (slot, function) = rest.split_once('.')?;
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    Some((hex(domain)?, hex(bus)?, hex(slot)?, hex(function)?))
 }
 
 nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
@@ -299,6 +393,12 @@ pub(crate) fn thaw() -> Result<i64, ErrorReply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pci_addresses_parse_as_hex() {
+        assert_eq!(parse_pci("0000:00:1f.2"), Some((0, 0, 0x1f, 2)));
+        assert_eq!(parse_pci("virtio1"), None);
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {
