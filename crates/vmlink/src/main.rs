@@ -66,13 +66,11 @@ enum Command {
     Ping(agent::PingArgs),
     /// Show a guest's hostname, OS, kernel, uptime and agent version.
     Info(agent::InfoArgs),
-    /// Run a command in a guest through its vmlink-agent, output streamed.
+    // The help (with examples) is on the argument structs.
     Exec(agent::ExecArgs),
     /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
     Cp(cp::Args),
-    /// Run a local script in a guest (nothing saved there), output streamed.
     Run(run::Args),
-    /// Print the end of a file in a guest; -f follows it like tail -F.
     Logs(logs::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
