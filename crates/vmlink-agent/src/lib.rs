@@ -45,6 +45,7 @@ mod exec;
 pub mod files;
 mod framed;
 mod logs;
+pub mod mux;
 pub mod qga;
 mod server;
 
@@ -165,29 +166,7 @@ pub async fn run(
     policy: Policy,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    if listeners.is_empty() {
-        return Err(AgentError::NoListeners);
-    }
-    if policy.max_sessions == 0 {
-        return Err(AgentError::NoSessions);
-    }
-    let shared = Arc::new(Shared {
-        channels: listeners
-            .iter()
-            .map(|l| l.local_addr().to_string())
-            .collect(),
-        sessions: Arc::new(Semaphore::new(policy.max_sessions)),
-        policy,
-    });
-    let mut tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
-        tasks.spawn(accept_loop(listener, shared.clone()));
-    }
-    shutdown.await;
-    debug!("agent shutting down");
-    // Dropping the set aborts the accept loops; each loop's own set aborts its connections.
-    tasks.shutdown().await;
-    Ok(())
+    run_all(listeners, Vec::new(), policy, shutdown).await
 }
 
 async fn accept_loop(listener: AsyncListener, shared: Arc<Shared>) {
@@ -209,6 +188,152 @@ async fn accept_loop(listener: AsyncListener, shared: Arc<Shared>) {
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+}
+
+/// A virtio-serial port pair the agent serves through the stream multiplexer
+/// (`docs/serial-mux.md`): requests on the control port, bulk data on the data port.
+#[derive(Debug, Clone)]
+pub struct SerialPorts {
+    /// The control port, e.g. `vport:org.vmlink.ctl`.
+    pub ctl: Addr,
+    /// The data port, e.g. `vport:org.vmlink.data`; without it everything uses `ctl`.
+    pub data: Option<Addr>,
+}
+
+/// The virtio-serial control port the agent serves by default (with [`DEFAULT_DATA_PORT`]).
+pub const DEFAULT_CTL_PORT: &str = "org.vmlink.ctl";
+/// The virtio-serial data port paired with [`DEFAULT_CTL_PORT`].
+pub const DEFAULT_DATA_PORT: &str = "org.vmlink.data";
+
+impl SerialPorts {
+    /// `vport:NAME` as a control port; its data port is NAME with a final `ctl` replaced by
+    /// `data` (`org.vmlink.ctl` -> `org.vmlink.data`), when the guest has such a port.
+    pub fn for_ctl(ctl: &Addr) -> Option<SerialPorts> {
+        let vmlink_transport::Endpoint::Vport(name) = &ctl.endpoint else {
+            return None;
+        };
+        let data = name.strip_suffix("ctl").and_then(|stem| {
+            let data = format!("{stem}data");
+            Addr::vport_path(&data)
+                .exists()
+                .then(|| Addr::new(vmlink_transport::Endpoint::Vport(data)))
+        });
+        Some(SerialPorts {
+            ctl: ctl.clone(),
+            data,
+        })
+    }
+
+    /// What `info` lists for these ports.
+    pub fn describe(&self) -> String {
+        match &self.data {
+            Some(d) => format!("{} (data {})", self.ctl, d),
+            None => self.ctl.to_string(),
+        }
+    }
+}
+
+/// Serves the agent protocol on every listener and every serial port pair until `shutdown`
+/// completes (see [`run`]). A serial pair is reopened whenever its session ends (the host
+/// side disconnected), so the agent outlives bridge and QEMU restarts.
+pub async fn run_all(
+    listeners: Vec<AsyncListener>,
+    serial: Vec<SerialPorts>,
+    policy: Policy,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if listeners.is_empty() && serial.is_empty() {
+        return Err(AgentError::NoListeners);
+    }
+    if policy.max_sessions == 0 {
+        return Err(AgentError::NoSessions);
+    }
+    let mut channels: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().to_string())
+        .collect();
+    channels.extend(serial.iter().map(SerialPorts::describe));
+    let shared = Arc::new(Shared {
+        channels,
+        sessions: Arc::new(Semaphore::new(policy.max_sessions)),
+        policy,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_loop(listener, shared.clone()));
+    }
+    for ports in serial {
+        tasks.spawn(serial_loop(ports, shared.clone()));
+    }
+    shutdown.await;
+    debug!("agent shutting down");
+    tasks.shutdown().await;
+    Ok(())
+}
+
+async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let lane = |addr: Addr| async move {
+            let s = vmlink_transport::AsyncStream::connect(&addr).await?;
+            let (r, w) = s.into_split();
+            Ok::<_, vmlink_transport::Error>(mux::Lane {
+                r: Box::new(r),
+                w: Box::new(w),
+            })
+        };
+        // Opening a port waits until the host side has a client.
+        let ctl = match lane(ports.ctl.clone()).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("{}", vmlink_transport::error_chain(&e));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let data = match &ports.data {
+            Some(d) => match lane(d.clone()).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(
+                        "{}; using the control port only",
+                        vmlink_transport::error_chain(&e)
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        debug!("serial session on {} started", ports.describe());
+        let (session, mut incoming) = mux::Mux::start(mux::Role::Guest, ctl, data);
+        loop {
+            tokio::select! {
+                s = incoming.recv() => match s {
+                    Some(s) => {
+                        let label = format!("{} stream", ports.ctl);
+                        let stream = match vmlink_transport::AsyncStream::from_std(
+                            vmlink_transport::Stream::from_unix(s, label),
+                        ) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                warn!("{}", vmlink_transport::error_chain(&e));
+                                continue;
+                            }
+                        };
+                        let permit = shared.sessions.clone().try_acquire_owned().ok();
+                        connections.spawn(server::serve(stream, ports.ctl.clone(), shared.clone(), permit));
+                    }
+                    None => break,
+                },
+                _ = session.closed() => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        debug!("serial session on {} ended; reopening", ports.describe());
+        // The host side went away: wait a little so a port that reports hang-up at once
+        // does not spin.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -16,6 +16,35 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Where the test mounts a real block filesystem (a brd RAM disk, ext4) for guest-get-fsinfo
+/// and guest-fsfreeze-*.
+const FS_DIR: &str = "/run/qga-fs";
+
+/// The lab config: brd and ext4 loaded, for [`FS_DIR`].
+fn lab_with_a_block_fs() -> vmlink_lab::LabConfig {
+    vmlink_lab::LabConfig {
+        modules: vec!["brd".into(), "ext4".into()],
+        timeout: Some(Duration::from_secs(240)),
+        ..vmlink_lab::LabConfig::default()
+    }
+}
+
+/// Makes an ext4 filesystem on /dev/ram0 and mounts it on [`FS_DIR`].
+fn mount_block_fs() {
+    std::fs::create_dir_all(FS_DIR).expect("mount point");
+    for argv in [
+        &["mkfs.ext4", "-q", "-F", "/dev/ram0"][..],
+        &["mount", "-t", "ext4", "/dev/ram0", FS_DIR][..],
+    ] {
+        let st = Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert!(st.success(), "{argv:?}: {st}");
+    }
+    std::fs::write(format!("{FS_DIR}/data"), vec![7u8; 1 << 20]).expect("write to the fs");
+}
+
 /// The commands both agents get blocked, to compare `--block-rpcs`.
 const BLOCKED: &str = "guest-fsfreeze-status,guest-get-users";
 
@@ -235,6 +264,12 @@ fn script() -> Vec<Vec<u8>> {
         r#"{"execute":"guest-file-read","arguments":{"handle":"x"}}"#,
         r#"{"execute":"guest-file-close","arguments":{"handle":12345}}"#,
         r#"{"execute":"guest-shutdown","arguments":{"mode":"bogus"}}"#,
+        r#"{"execute":"guest-network-get-interfaces"}"#,
+        r#"{"execute":"guest-network-get-interfaces","arguments":{"x":1}}"#,
+        r#"{"execute":"guest-get-fsinfo"}"#,
+        r#"{"execute":"guest-fsfreeze-thaw"}"#,
+        r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/nonexistent"]}}"#,
+        r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":"/x"}}"#,
     ]
     .iter()
     .map(|s| s.replace("\\n", "\n").into_bytes())
@@ -335,6 +370,40 @@ fn file_flow(p: &mut Peer, path: &str) -> Vec<Value> {
     t
 }
 
+/// Freeze, what is refused while frozen, thaw; with the list form too.
+fn freeze_flow(p: &mut Peer) -> Vec<Value> {
+    let mut t = Vec::new();
+    t.push(p.call("guest-fsfreeze-freeze", json!({})));
+    t.push(p.call("guest-fsfreeze-freeze", json!({})));
+    t.push(p.call("guest-exec", json!({"path": "/bin/true"})));
+    t.push(p.call("guest-fsfreeze-status", json!({})));
+    t.push(p.call("guest-ping", json!({})));
+    t.push(p.call("guest-sync", json!({"id": 3})));
+    let info = p.call("guest-info", json!({}));
+    for name in [
+        "guest-exec",
+        "guest-ping",
+        "guest-fsfreeze-thaw",
+        "guest-file-open",
+    ] {
+        let entry = info["return"]["supported_commands"]
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == name))
+            .cloned();
+        t.push(json!({ name: entry.map(|e| e["enabled"].clone()) }));
+    }
+    t.push(p.call("guest-fsfreeze-thaw", json!({})));
+    t.push(p.call("guest-fsfreeze-thaw", json!({})));
+    t.push(p.call(
+        "guest-fsfreeze-freeze-list",
+        json!({ "mountpoints": [FS_DIR] }),
+    ));
+    t.push(p.call("guest-get-host-name", json!({})));
+    t.push(p.call("guest-fsfreeze-thaw", json!({})));
+    t.push(p.call("guest-get-host-name", json!({})));
+    t
+}
+
 fn assert_same(what: &str, qemu: Vec<Value>, vmlink: Vec<Value>) {
     let qemu: Vec<Value> = qemu.into_iter().map(normalise).collect();
     let vmlink: Vec<Value> = vmlink.into_iter().map(normalise).collect();
@@ -344,8 +413,9 @@ fn assert_same(what: &str, qemu: Vec<Value>, vmlink: Vec<Value>) {
     );
 }
 
-guest_test! {
-    fn qga_answers_match_the_real_qemu_ga_field_by_field() {
+vmlink_lab::guest_test! {
+    fn qga_answers_match_the_real_qemu_ga_field_by_field() cfg { lab_with_a_block_fs() } {
+        mount_block_fs();
         let agents = start_agents();
         let mut qemu = Peer::connect("qemu-ga", &agents.qemu_sock);
         let mut ours = Peer::connect("vmlink-agent", &agents.vmlink_sock);
@@ -393,6 +463,20 @@ guest_test! {
         ] {
             assert_same(&args.to_string(), exec_flow(&mut qemu, args.clone()), exec_flow(&mut ours, args));
         }
+
+        // A real block filesystem: listed, frozen (writes would block), thawed.
+        let fsinfo = ours.call("guest-get-fsinfo", json!({}));
+        let mine = fsinfo["return"].as_array().expect("a list");
+        assert!(
+            mine.iter().any(|f| f["mountpoint"] == FS_DIR && f["type"] == "ext4" && f["name"] == "ram0"),
+            "{fsinfo}"
+        );
+        let lo = ours.call("guest-network-get-interfaces", json!({}));
+        assert!(lo.to_string().contains("127.0.0.1"), "{lo}");
+        let qemu_freeze = freeze_flow(&mut qemu);
+        // qemu-ga froze the one block filesystem (the flow compares what it refused meanwhile).
+        assert_eq!(qemu_freeze[0], json!({"return": 1}), "{qemu_freeze:?}");
+        assert_same("guest-fsfreeze-*", qemu_freeze, freeze_flow(&mut ours));
 
         // guest-file-*.
         let path = std::env::temp_dir().join("qga-conformance-file").display().to_string();

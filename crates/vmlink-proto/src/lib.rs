@@ -21,6 +21,7 @@
 pub mod agent;
 pub mod bench;
 pub mod hybrid;
+pub mod mux;
 pub mod qga;
 
 #[doc(hidden)]

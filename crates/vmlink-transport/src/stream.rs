@@ -92,6 +92,12 @@ impl Stream {
         }
     }
 
+    /// Wraps a connected Unix socket (e.g. one end of a socketpair); `label` names it in
+    /// errors and logs.
+    pub fn from_unix(s: std::os::unix::net::UnixStream, label: impl Into<String>) -> Stream {
+        Stream::new(OwnedFd::from(s), StreamKind::Socket, label.into())
+    }
+
     /// Opens a connecting address (anything but the `-listen` kinds, except
     /// `vsock-dgram-listen`, which opens one bound datagram socket).
     pub fn connect(addr: &Addr) -> Result<Stream> {

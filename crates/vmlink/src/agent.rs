@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::target::Target;
+use crate::target::{Resolved, Target};
 use anyhow::{bail, Context};
 use vmlink_agent::client::Client;
 use vmlink_agent::ExecRequest;
@@ -46,6 +46,12 @@ pub struct InfoArgs {
 ///   tar c dir | vmlink exec -i vsock:3:7878 -- tar x -C /tmp
 ///   vmlink exec -ti lab:dev -- bash                 # an interactive shell
 ///   vmlink exec --user nobody --timeout 30s vsock:3:7878 -- make check
+///
+/// Over qga+ADDR (a guest running only qemu-guest-agent) the output arrives
+/// only when the command has ended (qemu-ga keeps up to 16 MiB per stream),
+/// -i reads stdin to EOF first (up to 32 MiB), signals are forwarded with
+/// `kill` to the command's own process, and -t, --user, --timeout are
+/// refused (qemu-ga has no such thing).
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
@@ -89,7 +95,10 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let addr = a.target.resolve()?.agent("ping")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => return crate::qga_target::ping(&q, a.count).await,
+            r => r.agent("ping")?,
+        };
         let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
@@ -103,7 +112,10 @@ pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
 
 pub fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async {
-        let addr = a.target.resolve()?.agent("info")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => return crate::qga_target::info(&q, a.json).await,
+            r => r.agent("info")?,
+        };
         let c = Client::connect(&addr)
             .await
             .with_context(|| format!("agent at {}", a.target))?;
@@ -128,7 +140,25 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     }
     let rt = crate::runtime()?;
     let result = rt.block_on(async {
-        let addr = a.target.resolve()?.agent("exec")?;
+        let addr = match a.target.resolve()? {
+            Resolved::Qga(q) => {
+                if a.tty || a.user.is_some() || a.timeout.is_some() {
+                    bail!(
+                        "-t, --user and --timeout need vmlink-agent; qemu-guest-agent \
+                         (target {}) cannot honour them",
+                        a.target
+                    );
+                }
+                let spec = crate::qga_target::ExecSpec {
+                    argv: a.cmd,
+                    env: a.env,
+                    cwd: a.cwd,
+                    stdin: a.interactive,
+                };
+                return crate::qga_target::exec(&q, spec).await;
+            }
+            r => r.agent("exec")?,
+        };
         let req = ExecRequest {
             argv: a.cmd,
             env: a.env,

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::target::{Target, TargetError};
+use crate::target::{Resolved, Target, TargetError};
 use anyhow::Context;
 use vmlink_agent::client::{Client, GetDest, PutSource};
 
@@ -191,7 +191,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let counter = Arc::new(AtomicU64::new(0));
         match (src, dst) {
             (local @ (Side::Local(_) | Side::Std), Side::Remote(target, path)) => {
-                let addr = target.resolve()?.agent("cp")?;
+                let addr = match target.resolve()? {
+                    Resolved::Qga(q) => {
+                        let src = match &local {
+                            Side::Local(p) => Some(p.as_path()),
+                            _ => None,
+                        };
+                        let total = src.map(total_size);
+                        let progress = Progress::start(a.quiet, total, counter.clone());
+                        let Some(bytes) = crate::qga_target::put(&q, src, &path, counter).await?
+                        else {
+                            return Ok(ExitCode::from(130));
+                        };
+                        progress.finish(bytes);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    r => r.agent("cp")?,
+                };
                 let client = Client::connect(&addr)
                     .await
                     .with_context(|| format!("agent at {target}"))?;
@@ -209,7 +225,28 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 progress.finish(summary.bytes);
             }
             (Side::Remote(target, path), local @ (Side::Local(_) | Side::Std)) => {
-                let addr = target.resolve()?.agent("cp")?;
+                let addr = match target.resolve()? {
+                    Resolved::Qga(q) => {
+                        let dst = match &local {
+                            Side::Local(p) => Some(p.as_path()),
+                            _ => None,
+                        };
+                        let progress = Progress::start(a.quiet, None, counter.clone());
+                        let bar = progress.bar.clone();
+                        let total = move |n| {
+                            if let Some(b) = bar {
+                                b.set_length(n);
+                            }
+                        };
+                        let copy = crate::qga_target::get(&q, &path, dst, counter, total);
+                        let Some(bytes) = interruptible_qga(copy).await? else {
+                            return Ok(ExitCode::from(130));
+                        };
+                        progress.finish(bytes);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    r => r.agent("cp")?,
+                };
                 let client = Client::connect(&addr)
                     .await
                     .with_context(|| format!("agent at {target}"))?;
@@ -239,6 +276,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 /// runtime's shutdown waits for that. `None` when interrupted.
 async fn interruptible<T>(
     copy: impl std::future::Future<Output = Result<T, vmlink_agent::client::ClientError>>,
+) -> anyhow::Result<Option<T>> {
+    tokio::select! {
+        r = copy => Ok(Some(r?)),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("vmlink: cp interrupted; nothing partial was left");
+            Ok(None)
+        }
+    }
+}
+
+/// [`interruptible`] for a qga+ download: dropping the copy removes the local temporary file.
+async fn interruptible_qga<T>(
+    copy: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<Option<T>> {
     tokio::select! {
         r = copy => Ok(Some(r?)),

@@ -1,10 +1,16 @@
 //! `vmlink lab demo`: boot one lab guest and show every channel working,
 //! with a bench table. The README's first command.
 //!
-//! The host starts a guest with `vsock_loopback` and a virtio-serial port,
+//! The host starts a guest with `vsock_loopback` and virtio-serial ports,
 //! and runs this same binary inside it (`--guest-side`). In the guest, the
 //! program first serves one bench session on the virtio-serial port, which
-//! the host drives through QEMU's chardev socket; then it benchmarks vsock
+//! the host drives through QEMU's chardev socket. Then the guest runs the
+//! agent (in-process, `vmlink_agent::run_all`) on the ports org.vmlink.ctl
+//! and org.vmlink.data, and the host drives it through the serial bridge as
+//! a user would: ping, exec, cp both ways (timed against the raw port), and
+//! logs -f across a rotation. When
+//! the host is done it creates a file in the guest through the agent, and
+//! the guest goes on: it benchmarks vsock
 //! stream and seqpacket over the loopback transport, Unix and TCP
 //! loopback, a hybrid vsock connection (through a small VMM-side fixture
 //! that answers `CONNECT`), and a relay (`vmlink relay` and, in the same
@@ -67,9 +73,14 @@ fn host_side(a: Args) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("vmlink-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let sock = dir.join("bench.sock");
+    let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
     let cfg = LabConfig {
         vsock_loopback: true,
-        serials: vec![(PORT_NAME.to_string(), sock.clone())],
+        serials: vec![
+            (PORT_NAME.to_string(), sock.clone()),
+            (vmlink_agent::DEFAULT_CTL_PORT.to_string(), ctl.clone()),
+            (vmlink_agent::DEFAULT_DATA_PORT.to_string(), data.clone()),
+        ],
         timeout: Some(Duration::from_secs(600)),
         ..LabConfig::default()
     };
@@ -88,8 +99,12 @@ fn host_side(a: Args) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture)?;
     let serial_addr: Addr = format!("unix:{}", sock.display()).parse()?;
-    let host_report =
-        crate::runtime()?.block_on(async { bench::measure(&run_args(serial_addr, &a)).await });
+    let rt = crate::runtime()?;
+    let host_report = rt.block_on(async { bench::measure(&run_args(serial_addr, &a)).await });
+    let agent_rows = match &host_report {
+        Ok(raw) => Some(rt.block_on(agent_demo(ctl, data, &dir, &a, raw))),
+        Err(_) => None,
+    };
     let out = guest.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
     if out.code != 0 {
@@ -101,6 +116,9 @@ fn host_side(a: Args) -> anyhow::Result<ExitCode> {
         report: host_report.context("benchmarking the virtio-serial port from the host")?,
         note: None,
     }];
+    if let Some(r) = agent_rows {
+        rows.extend(r.context("driving the agent over virtio-serial")?);
+    }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         match serde_json::from_str::<Row>(line) {
             Ok(r) => rows.push(r),
@@ -115,6 +133,192 @@ fn host_side(a: Args) -> anyhow::Result<ExitCode> {
         print_rows(&rows, a.bytes, t.elapsed());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the guest half waits for the host's agent steps to finish.
+const AGENT_DONE: &str = "/run/vmlink-demo-agent-done";
+
+/// The host drives the guest's agent through the serial bridge, as `vmlink exec` / `cp` do.
+async fn agent_demo(
+    ctl: std::path::PathBuf,
+    data: std::path::PathBuf,
+    dir: &std::path::Path,
+    a: &Args,
+    raw: &Report,
+) -> anyhow::Result<Vec<Row>> {
+    use std::sync::atomic::AtomicU64;
+    use vmlink_agent::client::{Client, GetDest, PutSource};
+    let sock = dir.join("agent.sock");
+    let listener = crate::bridge::bind_unix(&sock)?;
+    let bridge = tokio::spawn(vmlink_agent::mux::serve_bridge(
+        ctl,
+        Some(data),
+        listener,
+        std::future::pending(),
+    ));
+    let addr: Addr = format!("unix:{}", sock.display()).parse()?;
+    let c = Client::connect(&addr)
+        .await
+        .context("connecting to the agent")?;
+    eprintln!("vmlink: agent over virtio-serial: ping, exec, cp both ways ...");
+    let mut pings = Vec::new();
+    for _ in 0..20 {
+        pings.push(c.ping().await?.as_secs_f64() * 1e6);
+    }
+    let exec = |argv: &[&str]| vmlink_agent::ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..vmlink_agent::ExecRequest::default()
+    };
+    let mut out = Vec::new();
+    let st = c
+        .exec(
+            exec(&["uname", "-sr"]),
+            None::<tokio::io::Empty>,
+            &mut out,
+            tokio::io::sink(),
+        )
+        .await?;
+    anyhow::ensure!(st.shell_status() == 0, "uname failed: {st:?}");
+    let uname = String::from_utf8_lossy(&out).trim().to_string();
+    let mut execs = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        c.exec(
+            exec(&["true"]),
+            None::<tokio::io::Empty>,
+            tokio::io::sink(),
+            tokio::io::sink(),
+        )
+        .await?;
+        execs.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let payload = dir.join("payload.bin");
+    let bytes = vmlink_lab::testing::payload(7, a.bytes as usize);
+    std::fs::write(&payload, &bytes)?;
+    let t = Instant::now();
+    c.put(
+        PutSource::Path(payload),
+        "/run/vmlink-demo.bin",
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await?;
+    let up = a.bytes as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    let back = dir.join("back.bin");
+    let t = Instant::now();
+    c.get(
+        "/run/vmlink-demo.bin",
+        GetDest::Path(back.clone()),
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await?;
+    let down = a.bytes as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        std::fs::read(&back)? == bytes,
+        "the file copied back differs from the one sent"
+    );
+    let followed = follow_logs(&c, &exec).await?;
+    c.exec(
+        exec(&["touch", AGENT_DONE]),
+        None::<tokio::io::Empty>,
+        tokio::io::sink(),
+        tokio::io::sink(),
+    )
+    .await?;
+    bridge.abort();
+    let pct = |x: f64, raw: Option<f64>| match raw {
+        Some(r) if r > 0.0 => format!("{:.0}%", 100.0 * x / r),
+        _ => "-".into(),
+    };
+    let latency = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        bench::Latency {
+            round_trips: v.len() as u64,
+            median: v[v.len() / 2],
+            p99: v[v.len() - 1],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    };
+    let exec_lat = latency(execs);
+    Ok(vec![Row {
+        channel: "vmlink cp/ping   agent over virtio-serial (ctl+data ports)".into(),
+        report: Report {
+            addr: addr.to_string(),
+            bytes: a.bytes,
+            upload_mib_s: Some(up),
+            download_mib_s: Some(down),
+            latency_us: Some(latency(pings)),
+        },
+        note: Some(format!(
+            "cp vs raw virtio-serial: up {}, down {}; exec `true` round trip p50 {:.1} ms; \
+             sha-256 checked; guest says: {uname}; logs -f: {followed}",
+            pct(up, raw.upload_mib_s),
+            pct(down, raw.download_mib_s),
+            exec_lat.median / 1e3
+        )),
+    }])
+}
+
+/// `vmlink logs -f` across the VM boundary: tail a guest file, append to it, rotate it
+/// (rename + recreate), and see every new line arrive.
+async fn follow_logs(
+    c: &vmlink_agent::client::Client,
+    exec: &dyn Fn(&[&str]) -> vmlink_agent::ExecRequest,
+) -> anyhow::Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let log = "/run/vmlink-demo.log";
+    let sh = |script: &str| exec(&["sh", "-c", script]);
+    let none = None::<tokio::io::Empty>;
+    c.exec(
+        sh(&format!("printf 'line1\\nline2\\n' > {log}")),
+        none,
+        tokio::io::sink(),
+        tokio::io::sink(),
+    )
+    .await?;
+    let (w, r) = tokio::io::duplex(64 * 1024);
+    let req = vmlink_proto::agent::Logs {
+        path: log.into(),
+        lines: 1,
+        follow: true,
+    };
+    let tail = c.logs(req, w);
+    let watch = async {
+        let mut lines = tokio::io::BufReader::new(r).lines();
+        let mut seen = Vec::new();
+        let mut appended = false;
+        while let Some(l) = lines.next_line().await? {
+            seen.push(l);
+            if !appended {
+                appended = true;
+                let rotate = format!("echo line3 >> {log}; mv {log} {log}.1; echo line4 > {log}");
+                c.exec(
+                    sh(&rotate),
+                    None::<tokio::io::Empty>,
+                    tokio::io::sink(),
+                    tokio::io::sink(),
+                )
+                .await?;
+            }
+            if seen.last().map(String::as_str) == Some("line4") {
+                return Ok::<_, anyhow::Error>(seen);
+            }
+        }
+        anyhow::bail!("the log stream ended early: {seen:?}")
+    };
+    let seen = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(60), watch) => r
+            .map_err(|_| anyhow::anyhow!("logs -f did not show the rotated file's line in 60 s"))??,
+        r = tail => {
+            r?;
+            anyhow::bail!("logs -f ended by itself");
+        }
+    };
+    anyhow::ensure!(
+        seen == ["line2", "line3", "line4"],
+        "logs -f showed {seen:?}, expected the last line, the appended one and the one after rotation"
+    );
+    Ok("tail -n 1, then an appended line and one after rotation arrived".into())
 }
 
 fn print_rows(rows: &[Row], bytes: u64, took: Duration) {
@@ -269,10 +473,34 @@ async fn guest_side(a: Args) -> anyhow::Result<ExitCode> {
         .await
         .context("serving the host's bench session on the virtio-serial port")?;
 
-    let dir = std::env::temp_dir().join("vmlink-demo");
+    // 2. The agent on org.vmlink.ctl + org.vmlink.data, until the host is done with it.
+    let agent = tokio::spawn(vmlink_agent::run_all(
+        Vec::new(),
+        vec![vmlink_agent::SerialPorts {
+            ctl: Addr::new(Endpoint::Vport(vmlink_agent::DEFAULT_CTL_PORT.into())),
+            data: Some(Addr::new(Endpoint::Vport(
+                vmlink_agent::DEFAULT_DATA_PORT.into(),
+            ))),
+        }],
+        vmlink_agent::Policy::default(),
+        std::future::pending(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // The host's last step creates the file through the agent; nothing else signals it.
+    while !std::path::Path::new(AGENT_DONE).exists() {
+        if agent.is_finished() || Instant::now() > deadline {
+            bail!("the host did not finish its agent steps");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent stays up (idle) so the exec that created the file can still report its exit.
+
+    // Not the temp dir: it may be the shared (9p) working directory, where Unix sockets cannot
+    // be created.
+    let dir = std::path::PathBuf::from("/run/vmlink-demo");
     std::fs::create_dir_all(&dir)?;
 
-    // 2. Direct channels.
+    // 3. Direct channels.
     let vsock = spawn_bench_server("vsock-listen:local:any")?;
     let seqp = spawn_bench_server("vsock-seqpacket-listen:local:any")?;
     let unix = spawn_bench_server(&format!("unix-listen:{}/bench.sock,unlink", dir.display()))?;
@@ -295,7 +523,7 @@ async fn guest_side(a: Args) -> anyhow::Result<ExitCode> {
     emit(&measure_row("unix socket", connect_addr(&unix)?, &a).await?)?;
     emit(&measure_row("tcp 127.0.0.1", connect_addr(&tcp)?, &a).await?)?;
 
-    // 3. Hybrid vsock through a VMM-side fixture.
+    // 4. Hybrid vsock through a VMM-side fixture.
     let uds = dir.join("vmm.sock");
     spawn_hybrid_fixture(uds.clone())?;
     let vport = match &vsock.endpoint {
@@ -305,7 +533,7 @@ async fn guest_side(a: Args) -> anyhow::Result<ExitCode> {
     let hv: Addr = format!("hvsock:{}:{vport}", uds.display()).parse()?;
     emit(&measure_row("hybrid vsock     (CONNECT over unix, then vsock)", hv, &a).await?)?;
 
-    // 4. Relays from vsock to the Unix bench server: vmlink, then socat.
+    // 5. Relays from vsock to the Unix bench server: vmlink, then socat.
     let target = connect_addr(&unix)?;
     let l = AsyncListener::bind(&"vsock-listen:local:any".parse()?)?;
     let relay_at = connect_addr(l.local_addr())?;

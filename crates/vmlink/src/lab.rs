@@ -29,6 +29,25 @@ pub enum Cmd {
     ///   vmlink lab run --serial org.vmlink.ctl=/tmp/ctl.sock -- cat /dev/virtio-ports/org.vmlink.ctl
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
+    /// Boot a guest in the background with vmlink-agent running; reach it as lab:NAME.
+    ///
+    /// Examples:
+    ///   vmlink lab up dev
+    ///   vmlink exec lab:dev -- uname -a
+    ///   vmlink cp ./build lab:dev:/tmp/
+    ///   vmlink lab down dev
+    #[command(verbatim_doc_comment)]
+    Up(crate::lab_up::UpArgs),
+    /// Stop lab guests started with `lab up`.
+    Down(crate::lab_up::DownArgs),
+    /// List lab guests started with `lab up`.
+    Ls(crate::lab_up::LsArgs),
+    /// The agent built into vmlink, for lab guests (serial ports and qga; not for direct use).
+    #[command(hide = true)]
+    Agent,
+    /// The background process behind `lab up` (not for direct use).
+    #[command(hide = true)]
+    Supervise(crate::lab_up::UpArgs),
     /// Install what the lab needs and build its kernel and initramfs cache.
     Prepare,
     /// Boot one guest and show every channel working, with a bench table:
@@ -92,6 +111,11 @@ fn parse_serial(s: &str) -> Result<(String, PathBuf), String> {
 pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Demo(a) => crate::demo::run(a),
+        Cmd::Up(a) => crate::lab_up::up(a),
+        Cmd::Down(a) => crate::lab_up::down(a),
+        Cmd::Ls(a) => crate::lab_up::ls(a),
+        Cmd::Supervise(a) => crate::lab_up::supervise(a),
+        Cmd::Agent => crate::lab_up::builtin_agent(),
         Cmd::Prepare => {
             let p = vmlink_lab::prepare(&LabConfig::default())?;
             eprintln!(

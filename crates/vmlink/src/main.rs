@@ -12,12 +12,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 mod bench;
+mod bridge;
 mod cp;
 mod demo;
 mod lab;
 mod lab_up;
 mod logs;
 mod qga;
+mod qga_target;
 mod relay;
 mod run;
 mod session;
@@ -74,6 +76,8 @@ enum Command {
     Logs(logs::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
+    /// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket.
+    SerialBridge(bridge::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Logs(a) => logs::run(a),
         Command::Qga(a) => qga::run(a),
+        Command::SerialBridge(a) => bridge::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

@@ -2,15 +2,24 @@
 
 use anyhow::Context;
 use clap::Parser;
-use vmlink_agent::{parse_allow_cids, Policy, DEFAULT_LISTEN, DEFAULT_MAX_SESSIONS};
-use vmlink_transport::{Addr, AsyncListener};
+use vmlink_agent::{
+    parse_allow_cids, Policy, SerialPorts, DEFAULT_CTL_PORT, DEFAULT_LISTEN, DEFAULT_MAX_SESSIONS,
+};
+use vmlink_transport::{Addr, AsyncListener, Endpoint};
 
-/// The vmlink guest agent: answers ping, info and exec from the host over vsock (or any
-/// listening address of vmlink's transport).
+/// The vmlink guest agent: answers ping, info, exec and cp from the host over vsock,
+/// virtio-serial, or any listening address of vmlink's transport.
+///
+/// With no --listen it serves vsock port 7878 (when the guest has vsock) and the
+/// virtio-serial ports org.vmlink.ctl + org.vmlink.data (when the guest has them).
+/// A `vport:NAME` address serves many connections multiplexed over that port; a port
+/// named like it with `ctl` replaced by `data` carries the bulk data (docs/serial-mux.md).
 ///
 /// Examples:
 ///
-///   vmlink-agent                                  # vsock port 7878, host (CID 2) only
+///   vmlink-agent                                  # defaults above, host (CID 2) only
+///
+///   vmlink-agent --listen vport:org.vmlink.ctl    # virtio-serial only
 ///
 ///   vmlink-agent --listen vsock-listen:7878 --listen unix-listen:/run/vmlink-agent.sock
 ///
@@ -27,7 +36,8 @@ use vmlink_transport::{Addr, AsyncListener};
 #[derive(Debug, Parser)]
 #[command(name = "vmlink-agent", version, verbatim_doc_comment)]
 struct Args {
-    /// An address to listen on; repeatable. Default: vsock-listen:any:7878.
+    /// An address to listen on, or vport:NAME for a virtio-serial port; repeatable.
+    /// Default: vsock-listen:any:7878 and vport:org.vmlink.ctl, each when present.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<Addr>,
     /// A vsock CID that may connect (a number, host, local, or any); repeatable.
@@ -109,8 +119,12 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             read_only: args.read_only,
         },
     };
-    let listen = if args.listen.is_empty() {
-        vec![DEFAULT_LISTEN.parse::<Addr>().context("default address")?]
+    let defaults = args.listen.is_empty();
+    let listen = if defaults {
+        vec![
+            DEFAULT_LISTEN.parse::<Addr>().context("default address")?,
+            Addr::new(Endpoint::Vport(DEFAULT_CTL_PORT.into())),
+        ]
     } else {
         args.listen.clone()
     };
@@ -120,25 +134,59 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
+        let mut serial = Vec::new();
         for addr in &listen {
-            let l = AsyncListener::bind(addr)?;
-            eprintln!("vmlink-agent: listening on {}", l.local_addr());
-            listeners.push(l);
+            if let Some(ports) = SerialPorts::for_ctl(addr) {
+                if defaults && !Addr::vport_path(DEFAULT_CTL_PORT).exists() {
+                    continue;
+                }
+                eprintln!("vmlink-agent: serving virtio-serial {}", ports.describe());
+                serial.push(ports);
+                continue;
+            }
+            match AsyncListener::bind(addr) {
+                Ok(l) => {
+                    eprintln!("vmlink-agent: listening on {}", l.local_addr());
+                    listeners.push(l);
+                }
+                // By default vsock is used only where the guest has it.
+                Err(e) if defaults => eprintln!(
+                    "vmlink-agent: not serving {addr}: {}",
+                    vmlink_transport::error_chain(&e)
+                ),
+                Err(e) => return Err(e.into()),
+            }
         }
-        if let Some(addr) = &args.qga {
-            let channel = vmlink_agent::QgaChannel::open(addr).await?;
-            eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+        if listeners.is_empty() && serial.is_empty() {
+            anyhow::bail!(
+                "nothing to serve: this guest has neither vsock nor the virtio-serial port \
+                 {DEFAULT_CTL_PORT}; give --listen ADDR"
+            );
+        }
+        if let Some(addr) = args.qga.clone() {
+            // Opening a virtio-serial port waits for the host side to connect, which may be
+            // never: open it in the background so the other channels serve meanwhile. A
+            // port that does not exist is still an error at startup.
+            if let Endpoint::Vport(name) = &addr.endpoint {
+                if !Addr::vport_path(name).exists() {
+                    anyhow::bail!("--qga {addr}: this guest has no such virtio-serial port");
+                }
+            }
             let rpcs = vmlink_agent::QgaPolicy::from_lists(
                 args.allow_rpcs.as_deref(),
                 args.block_rpcs.as_deref(),
             );
-            tokio::spawn(vmlink_agent::serve_qga(
-                channel,
-                rpcs,
-                std::future::pending(),
-            ));
+            tokio::spawn(async move {
+                match vmlink_agent::QgaChannel::open(&addr).await {
+                    Ok(channel) => {
+                        eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+                        vmlink_agent::serve_qga(channel, rpcs, std::future::pending()).await
+                    }
+                    Err(e) => eprintln!("vmlink-agent: qga: {e}"),
+                }
+            });
         }
-        vmlink_agent::run(listeners, policy, shutdown_signal()).await?;
+        vmlink_agent::run_all(listeners, serial, policy, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -55,6 +56,22 @@ pub const COMMANDS: &[CommandSpec] = &[
     cmd("guest-get-osinfo"),
     cmd("guest-exec-status"),
     cmd("guest-exec"),
+    cmd("guest-fsfreeze-freeze"),
+    cmd("guest-fsfreeze-freeze-list"),
+    cmd("guest-fsfreeze-thaw"),
+    cmd("guest-get-fsinfo"),
+    cmd("guest-network-get-interfaces"),
+];
+
+/// The commands qemu-ga keeps enabled while filesystems are frozen (every other one answers
+/// `Command X has been disabled: the agent is in frozen state`).
+pub const FROZEN_ALLOWED: &[&str] = &[
+    "guest-ping",
+    "guest-info",
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-fsfreeze-status",
+    "guest-fsfreeze-thaw",
 ];
 
 /// The arguments of one request, consumed member by member.
@@ -141,13 +158,47 @@ pub(crate) async fn dispatch(
             a.done()?;
             Ok(json!(id))
         }
-        "guest-ping" | "guest-fsfreeze-status" => {
+        "guest-ping" => {
             a.done()?;
-            Ok(if name == "guest-ping" {
-                json!({})
+            Ok(json!({}))
+        }
+        "guest-fsfreeze-status" => {
+            a.done()?;
+            Ok(if state.frozen.load(Ordering::SeqCst) {
+                json!("frozen")
             } else {
                 json!("thawed")
             })
+        }
+        "guest-fsfreeze-freeze" | "guest-fsfreeze-freeze-list" => {
+            let only = if name == "guest-fsfreeze-freeze-list" {
+                a.opt_str_list("mountpoints")?
+            } else {
+                None
+            };
+            a.done()?;
+            // As qemu-ga: frozen from before the first freeze (nothing may write meanwhile);
+            // thawed again when nothing was frozen or on failure.
+            state.frozen.store(true, Ordering::SeqCst);
+            let result = blocking(move || super::system::freeze(only.as_deref())).await;
+            if !matches!(result, Ok(n) if n > 0) {
+                state.frozen.store(false, Ordering::SeqCst);
+            }
+            result.map(|n| json!(n))
+        }
+        "guest-fsfreeze-thaw" => {
+            a.done()?;
+            let n = blocking(super::system::thaw).await?;
+            state.frozen.store(false, Ordering::SeqCst);
+            Ok(json!(n))
+        }
+        "guest-get-fsinfo" => {
+            a.done()?;
+            blocking(super::system::fsinfo).await
+        }
+        "guest-network-get-interfaces" => {
+            a.done()?;
+            blocking(super::system::network_interfaces).await
         }
         "guest-info" => {
             a.done()?;
@@ -155,7 +206,7 @@ pub(crate) async fn dispatch(
                 .iter()
                 .map(|c| {
                     json!({
-                        "enabled": state.policy.enabled(c.name),
+                        "enabled": state.enabled(c.name),
                         "name": c.name,
                         "success-response": c.success_response,
                     })
@@ -502,7 +553,7 @@ fn open_options(mode: &str) -> Option<std::fs::OpenOptions> {
     Some(o)
 }
 
-fn errno_text(e: &std::io::Error) -> String {
+pub(crate) fn errno_text(e: &std::io::Error) -> String {
     e.raw_os_error()
         .map(|c| nix::errno::Errno::from_raw(c).desc().to_string())
         .unwrap_or_else(|| e.to_string())

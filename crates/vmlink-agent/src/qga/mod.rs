@@ -9,10 +9,13 @@
 //!
 //! - A listening address (`unix-listen:`, `vsock-listen:`) serves every accepted connection,
 //!   each as its own task.
-//! - Any other address (the default, `vport:org.qemu.guest_agent.0`) is one stream, opened,
-//!   served until it reports EOF (the host side closed), and opened again. A virtio-serial port
-//!   whose host side is not connected reads as EOF at once and offers no event for "connected",
-//!   so the re-open after an EOF that carried no data waits [`REOPEN_BACKOFF`].
+//! - Any other address (the default, `vport:org.qemu.guest_agent.0`) is one stream, opened
+//!   once and served across host connections, as qemu-ga does: EOF means the host side closed,
+//!   the request parser is reset and reading goes on. A virtio-serial port whose host side is
+//!   not connected reads as EOF at once and offers no event for "connected", so a read that
+//!   found EOF without data is retried after [`REOPEN_BACKOFF`]. The port is not closed and
+//!   re-opened in between: the guest kernel would drop what the next host client sent before
+//!   the re-open. Only an I/O error makes it re-open the address.
 //!
 //! Requests on one connection are answered in order, one at a time, as qemu-ga does. State that
 //! outlives a connection (open file handles, started processes) is shared by all of them, also
@@ -29,9 +32,11 @@
 //!   at most [`MAX_FILE_HANDLES`] open handles.
 
 mod commands;
+mod system;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +47,7 @@ use vmlink_proto::qga::{
 };
 use vmlink_transport::{Addr, AsyncListener, AsyncStream};
 
-pub use commands::COMMANDS;
+pub use commands::{COMMANDS, FROZEN_ALLOWED};
 
 /// The address qemu-ga uses, and libvirt and Proxmox wire: the virtio-serial port.
 pub const DEFAULT_QGA_ADDR: &str = "vport:org.qemu.guest_agent.0";
@@ -54,7 +59,8 @@ pub const MAX_EXECS: usize = 1024;
 pub const MAX_READ_COUNT: i64 = 48 << 20;
 /// Open `guest-file-open` handles at once.
 pub const MAX_FILE_HANDLES: usize = 1024;
-/// Wait before re-opening a stream address that reported EOF without data.
+/// Wait before reading again a stream that reported EOF without data, or re-opening it after
+/// an I/O error.
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Which commands are served.
@@ -107,6 +113,25 @@ pub(crate) struct State {
     pub(crate) policy: QgaPolicy,
     pub(crate) files: Mutex<commands::Files>,
     pub(crate) execs: Mutex<HashMap<u32, commands::ExecSlot>>,
+    /// Filesystems are frozen (`guest-fsfreeze-freeze`): only [`FROZEN_ALLOWED`] is served.
+    pub(crate) frozen: AtomicBool,
+}
+
+impl State {
+    fn new(policy: QgaPolicy) -> State {
+        State {
+            policy,
+            files: Mutex::new(commands::Files::default()),
+            execs: Mutex::new(HashMap::new()),
+            frozen: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `command` may run now: allowed by the policy, and not shut off by a freeze.
+    pub(crate) fn enabled(&self, command: &str) -> bool {
+        self.policy.enabled(command)
+            && (!self.frozen.load(Ordering::SeqCst) || FROZEN_ALLOWED.contains(&command))
+    }
 }
 
 /// Where the qga protocol is served: a listener, or one stream that is re-opened.
@@ -147,11 +172,7 @@ impl QgaChannel {
 /// Serves qemu-ga's protocol on `channel` until `shutdown` completes (see the module docs for
 /// how listeners and streams differ). Failures to re-open a stream are logged and retried.
 pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Future<Output = ()>) {
-    let state = Arc::new(State {
-        policy,
-        files: Mutex::new(commands::Files::default()),
-        execs: Mutex::new(HashMap::new()),
-    });
+    let state = Arc::new(State::new(policy));
     match channel {
         QgaChannel::Listener(listener) => tokio::select! {
             () = accept_loop(listener, state) => {}
@@ -166,12 +187,9 @@ pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Fu
 
 /// Serves an already-open stream until EOF; for tests and embedding.
 pub async fn serve_qga_stream(stream: AsyncStream, policy: QgaPolicy) {
-    let state = Arc::new(State {
-        policy,
-        files: Mutex::new(commands::Files::default()),
-        execs: Mutex::new(HashMap::new()),
-    });
-    serve_stream(stream, &state).await;
+    let state = Arc::new(State::new(policy));
+    let mut stream = stream;
+    serve_stream(&mut stream, &state).await;
 }
 
 async fn accept_loop(listener: AsyncListener, state: Arc<State>) {
@@ -181,7 +199,10 @@ async fn accept_loop(listener: AsyncListener, state: Arc<State>) {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let state = state.clone();
-                    connections.spawn(async move { serve_stream(stream, &state).await; });
+                    connections.spawn(async move {
+                        let mut stream = stream;
+                        serve_stream(&mut stream, &state).await;
+                    });
                 }
                 Err(e) => {
                     warn!("{}", vmlink_transport::error_chain(&e));
@@ -196,7 +217,7 @@ async fn accept_loop(listener: AsyncListener, state: Arc<State>) {
 async fn reopen_loop(addr: Addr, first: AsyncStream, state: Arc<State>) {
     let mut stream = Some(first);
     loop {
-        let s = match stream.take() {
+        let mut s = match stream.take() {
             Some(s) => s,
             None => match AsyncStream::connect(&addr).await {
                 Ok(s) => s,
@@ -207,25 +228,42 @@ async fn reopen_loop(addr: Addr, first: AsyncStream, state: Arc<State>) {
                 }
             },
         };
-        if !serve_stream(s, &state).await {
-            tokio::time::sleep(REOPEN_BACKOFF).await;
+        match serve_stream(&mut s, &state).await {
+            // The host side closed. The descriptor is kept, as qemu-ga does: closing and
+            // re-opening the port would make the guest kernel drop whatever the next host
+            // client sends in between. Reads return EOF until a host connects again.
+            Ended::Eof { got_data } => {
+                if !got_data {
+                    tokio::time::sleep(REOPEN_BACKOFF).await;
+                }
+                stream = Some(s);
+            }
+            Ended::Error => tokio::time::sleep(REOPEN_BACKOFF).await,
         }
     }
 }
 
-/// Serves one stream until EOF or an I/O error; returns whether any byte arrived.
-async fn serve_stream(mut stream: AsyncStream, state: &Arc<State>) -> bool {
+/// How serving one stream ended.
+enum Ended {
+    /// The peer closed; whether any byte had arrived.
+    Eof { got_data: bool },
+    /// An I/O error.
+    Error,
+}
+
+/// Serves one stream until EOF or an I/O error.
+async fn serve_stream(stream: &mut AsyncStream, state: &Arc<State>) -> Ended {
     let mut decoder = Decoder::new();
     let mut frames = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut got_data = false;
     loop {
         let n = match stream.read(&mut buf).await {
-            Ok(0) => return got_data,
+            Ok(0) => return Ended::Eof { got_data },
             Ok(n) => n,
             Err(e) => {
                 debug!("qga connection: {e}");
-                return got_data;
+                return Ended::Error;
             }
         };
         got_data = true;
@@ -234,7 +272,7 @@ async fn serve_stream(mut stream: AsyncStream, state: &Arc<State>) -> bool {
             if let Some(answer) = answer(frame, state).await {
                 if let Err(e) = stream.write_all(&answer).await {
                     debug!("qga connection: {e}");
-                    return got_data;
+                    return Ended::Error;
                 }
             }
         }
@@ -259,6 +297,16 @@ async fn answer(frame: Frame, state: &Arc<State>) -> Option<Vec<u8>> {
         };
         return Some(encode_error(&error, id));
     };
+    if state.frozen.load(Ordering::SeqCst) && !FROZEN_ALLOWED.contains(&spec.name) {
+        let error = ErrorReply {
+            class: COMMAND_NOT_FOUND.into(),
+            desc: format!(
+                "Command {} has been disabled: the agent is in frozen state",
+                spec.name
+            ),
+        };
+        return Some(encode_error(&error, id));
+    }
     if !state.policy.enabled(spec.name) {
         let error = ErrorReply {
             class: COMMAND_NOT_FOUND.into(),

@@ -1,0 +1,857 @@
+//! The stream multiplexer that carries agent connections over virtio-serial (`docs/serial-mux.md`).
+//!
+//! A virtio-serial port is one byte pipe, and QEMU's chardev socket for it takes one client at
+//! a time; the agent's protocol wants one connection per request. [`Mux`] runs many streams
+//! over a *control* lane (one port) and an optional *data* lane (a second port): every frame
+//! of the sans-IO format in [`vmlink_proto::mux`] goes on the control lane, except DATA frames
+//! of more than [`SMALL_DATA`] bytes, which take the data lane once the peer has shown it has
+//! one. DATA frames carry their byte offset and FIN carries the stream's length, so a stream's
+//! frames may arrive over both lanes in any order and are put back in order.
+//!
+//! Each stream has its own credit window ([`WINDOW`] bytes per direction): a reader that
+//! stops reading stalls only its own stream, never a lane, so a stalled 1 GiB copy never
+//! delays a ping. Each stream is a Unix socket on this side: on the guest, one end of a
+//! socketpair that the agent serves like any accepted connection; on the host, the client's
+//! own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
+//!
+//! Threads: one reader and one writer task per lane, and two pump tasks per stream
+//! (local socket -> frames, frames -> local socket).
+//!
+//! Trust: the peer is bounded, never trusted. A frame that breaks the format resets every
+//! stream and resynchronises the lane (HELLO); a DATA frame beyond the window resets its
+//! stream; frames for unknown streams are dropped and counted; at most [`MAX_STREAMS`]
+//! streams are open per session.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, warn};
+use vmlink_proto::mux::{frame, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, WINDOW};
+
+/// Streams open at once per session; one more is refused with RST.
+pub const MAX_STREAMS: usize = 128;
+/// DATA payloads up to this size stay on the control lane.
+pub const SMALL_DATA: usize = 1024;
+/// How long `open` waits for the peer's HELLO, and then for its ACCEPT.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A receiver returns credit every time it has consumed this much more.
+const CREDIT_STEP: u64 = WINDOW / 4;
+/// How much a lane reader buffers.
+const READ_BUF: usize = 256 * 1024;
+
+/// A byte pipe's reading side.
+pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// A byte pipe's writing side.
+pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// One port, both directions.
+pub struct Lane {
+    /// Reads from the peer.
+    pub r: BoxRead,
+    /// Writes to the peer.
+    pub w: BoxWrite,
+}
+
+impl Lane {
+    /// A lane over a Unix socket (the host's end: QEMU's chardev socket).
+    pub fn unix(s: UnixStream) -> Lane {
+        let (r, w) = s.into_split();
+        Lane {
+            r: Box::new(r),
+            w: Box::new(w),
+        }
+    }
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lane")
+    }
+}
+
+/// Which end this is: the host opens streams, the guest accepts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opens streams.
+    Host,
+    /// Accepts streams.
+    Guest,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxError {
+    /// No HELLO from the peer.
+    #[error("no vmlink-agent answers on the serial port (no mux HELLO within {0:?})")]
+    NoPeer(Duration),
+    /// No ACCEPT.
+    #[error("the agent did not accept the stream within {0:?}")]
+    Timeout(Duration),
+    /// The agent refused it.
+    #[error("the agent refused the stream: {0}")]
+    Refused(String),
+    /// The session ended.
+    #[error("the serial session ended")]
+    Closed,
+}
+
+/// What the peer sent for one stream, in arrival order.
+enum Inbound {
+    Data(u64, Vec<u8>),
+    Fin(u64),
+}
+
+struct Entry {
+    inbound: mpsc::UnboundedSender<Inbound>,
+    /// The peer's total consumed count (our send credit).
+    credit: watch::Sender<u64>,
+    /// The highest stream offset (exclusive) the peer may send: our consumed + WINDOW.
+    limit: Arc<AtomicU64>,
+}
+
+/// Counters, readable while the session runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Frames for streams that do not exist (late, or made up).
+    pub unknown_stream: AtomicU64,
+    /// Frames that broke the format (each resynchronised its lane).
+    pub malformed: AtomicU64,
+    /// Streams reset for credit violations.
+    pub credit_violations: AtomicU64,
+    /// Streams opened.
+    pub opened: AtomicU64,
+}
+
+struct Session {
+    role: Role,
+    ctl: mpsc::UnboundedSender<Vec<u8>>,
+    data: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// The peer sent a HELLO on the data lane, so it reads it.
+    data_ok: AtomicBool,
+    streams: Mutex<HashMap<u32, Entry>>,
+    pending: Mutex<HashMap<u32, oneshot::Sender<Result<(), String>>>>,
+    next_id: AtomicU32,
+    peer_ready: watch::Sender<bool>,
+    closed: watch::Sender<bool>,
+    incoming: Option<mpsc::Sender<std::os::unix::net::UnixStream>>,
+    counters: Counters,
+}
+
+/// A running session: lanes plus streams. Dropping it does not stop it; the session ends when
+/// the control lane reaches EOF or fails ([`Mux::closed`]).
+#[derive(Clone)]
+pub struct Mux(Arc<Session>);
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("role", &self.0.role)
+            .field("streams", &lock(&self.0.streams).len())
+            .field("counters", &self.0.counters)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Mux {
+    /// Starts a session over `ctl` and an optional `data` lane. For [`Role::Guest`] the
+    /// receiver yields one Unix socket per stream the host opens.
+    pub fn start(
+        role: Role,
+        ctl: Lane,
+        data: Option<Lane>,
+    ) -> (Mux, mpsc::Receiver<std::os::unix::net::UnixStream>) {
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(ctl.w, ctl_rx));
+        let data_tx = data.map(|d| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer(d.w, rx));
+            (tx, d.r)
+        });
+        let session = Arc::new(Session {
+            role,
+            ctl: ctl_tx,
+            data: data_tx.as_ref().map(|(tx, _)| tx.clone()),
+            data_ok: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            peer_ready: watch::channel(false).0,
+            closed: watch::channel(false).0,
+            incoming: (role == Role::Guest).then_some(in_tx),
+            counters: Counters::default(),
+        });
+        session.send(false, Header::hello(false), &[]);
+        if let Some((_, r)) = data_tx {
+            session.send(true, Header::hello(false), &[]);
+            tokio::spawn(reader(session.clone(), r, true));
+        }
+        tokio::spawn(reader(session.clone(), ctl.r, false));
+        (Mux(session), in_rx)
+    }
+
+    /// Completes when the session has ended (the control lane closed or failed).
+    pub async fn closed(&self) {
+        let mut rx = self.0.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// The session's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.0.counters
+    }
+
+    /// Host side: opens a stream to the agent and pumps `local` through it until both
+    /// directions are done.
+    pub async fn open(&self, local: UnixStream) -> Result<(), MuxError> {
+        let s = &self.0;
+        let mut ready = s.peer_ready.subscribe();
+        let mut closed = s.closed.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(OPEN_TIMEOUT, ready.wait_for(|r| *r)) => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(MuxError::Closed),
+                Err(_) => return Err(MuxError::NoPeer(OPEN_TIMEOUT)),
+            },
+            _ = closed.wait_for(|c| *c) => return Err(MuxError::Closed),
+        }
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&s.pending).insert(id, tx);
+        let parts = s.register(id);
+        let accepted = parts.accepted.clone();
+        s.send(false, Header::new(Kind::Open, id, 0, 0), &[]);
+        // Pump at once: until ACCEPT, DATA stays on the control lane behind the OPEN, so a
+        // request costs no extra round trip. A refusal (RST) ends the pumps and the client
+        // sees its connection close.
+        s.clone().pump(id, local, parts);
+        let answer = tokio::select! {
+            r = tokio::time::timeout(OPEN_TIMEOUT, rx) => match r {
+                Ok(Ok(a)) => Some(a),
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    lock(&s.pending).remove(&id);
+                    s.reset(id, "no ACCEPT in time");
+                    return Err(MuxError::Timeout(OPEN_TIMEOUT));
+                }
+            },
+            _ = closed.wait_for(|c| *c) => None,
+        };
+        match answer {
+            Some(Ok(())) => accepted.store(true, Ordering::Release),
+            Some(Err(reason)) => {
+                lock(&s.streams).remove(&id);
+                return Err(MuxError::Refused(reason));
+            }
+            None => {
+                lock(&s.streams).remove(&id);
+                return Err(MuxError::Closed);
+            }
+        }
+        s.counters.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The receiving ends a stream's pumps need.
+struct Parts {
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    credit: watch::Receiver<u64>,
+    limit: Arc<AtomicU64>,
+    halves: Arc<AtomicU32>,
+    /// Whether DATA may take the data lane: the peer knows the stream (host: ACCEPT seen).
+    accepted: Arc<AtomicBool>,
+}
+
+impl Session {
+    /// Queues one frame on the control lane, or on the data lane when asked and possible.
+    fn send(&self, data_lane: bool, h: Header, payload: &[u8]) {
+        self.send_frame(data_lane, frame(h, payload));
+    }
+
+    /// Queues one encoded frame.
+    fn send_frame(&self, data_lane: bool, f: Vec<u8>) {
+        let lane = match &self.data {
+            Some(d) if data_lane => d,
+            _ => &self.ctl,
+        };
+        // A closed lane means the session is ending; the frame has nowhere to go.
+        let _ = lane.send(f);
+    }
+
+    fn register(&self, id: u32) -> Parts {
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (credit_tx, credit_rx) = watch::channel(0u64);
+        let limit = Arc::new(AtomicU64::new(WINDOW));
+        let halves = Arc::new(AtomicU32::new(2));
+        lock(&self.streams).insert(
+            id,
+            Entry {
+                inbound: in_tx,
+                credit: credit_tx,
+                limit: limit.clone(),
+            },
+        );
+        Parts {
+            inbound: in_rx,
+            credit: credit_rx,
+            limit,
+            halves,
+            accepted: Arc::new(AtomicBool::new(self.role == Role::Guest)),
+        }
+    }
+
+    /// Aborts stream `id` on both sides.
+    fn reset(&self, id: u32, reason: &str) {
+        if lock(&self.streams).remove(&id).is_some() {
+            debug!("mux stream {id} reset: {reason}");
+            let r = &reason.as_bytes()[..reason.len().min(vmlink_proto::mux::MAX_REASON)];
+            self.send(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
+        }
+    }
+
+    fn reset_all(&self, reason: &str) {
+        let ids: Vec<u32> = lock(&self.streams).keys().copied().collect();
+        for id in ids {
+            self.reset(id, reason);
+        }
+        for (_, tx) in lock(&self.pending).drain() {
+            let _ = tx.send(Err(reason.to_string()));
+        }
+    }
+
+    fn half_done(&self, id: u32, halves: &AtomicU32) {
+        if halves.fetch_sub(1, Ordering::AcqRel) == 1 {
+            lock(&self.streams).remove(&id);
+        }
+    }
+
+    fn pump(self: Arc<Self>, id: u32, local: UnixStream, parts: Parts) {
+        let (rd, wr) = local.into_split();
+        tokio::spawn(outbound(
+            self.clone(),
+            id,
+            rd,
+            parts.credit,
+            parts.halves.clone(),
+            parts.accepted,
+        ));
+        tokio::spawn(inbound(
+            self,
+            id,
+            wr,
+            parts.inbound,
+            parts.limit,
+            parts.halves,
+        ));
+    }
+
+    fn accept(self: &Arc<Self>, id: u32) {
+        let busy =
+            lock(&self.streams).len() >= MAX_STREAMS || lock(&self.streams).contains_key(&id);
+        let reason = if busy {
+            Some(format!("at most {MAX_STREAMS} streams per session"))
+        } else {
+            None
+        };
+        let pair = match reason {
+            Some(r) => Err(r),
+            None => std::os::unix::net::UnixStream::pair()
+                .and_then(|(a, b)| {
+                    a.set_nonblocking(true)?;
+                    Ok((UnixStream::from_std(a)?, b))
+                })
+                .map_err(|e| format!("socketpair: {e}")),
+        };
+        let (ours, theirs) = match pair {
+            Ok(p) => p,
+            Err(r) => {
+                self.send(
+                    false,
+                    Header::new(Kind::Rst, id, r.len() as u32, 0),
+                    r.as_bytes(),
+                );
+                return;
+            }
+        };
+        let Some(incoming) = &self.incoming else {
+            return;
+        };
+        let parts = self.register(id);
+        if incoming.try_send(theirs).is_err() {
+            lock(&self.streams).remove(&id);
+            let r = "the agent is not accepting streams";
+            self.send(
+                false,
+                Header::new(Kind::Rst, id, r.len() as u32, 0),
+                r.as_bytes(),
+            );
+            return;
+        }
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);
+        self.clone().pump(id, ours, parts);
+    }
+
+    /// Handles one frame from lane `data_lane`.
+    fn dispatch(self: &Arc<Self>, data_lane: bool, h: Header, payload: Vec<u8>) {
+        let unknown = || {
+            self.counters.unknown_stream.fetch_add(1, Ordering::Relaxed);
+        };
+        match h.kind {
+            Kind::Hello => {
+                if !h.is_reply() {
+                    if !data_lane {
+                        // The peer (re)started: whatever it had open is gone.
+                        self.reset_all("the peer restarted");
+                    }
+                    self.send(data_lane, Header::hello(true), &[]);
+                }
+                if data_lane {
+                    self.data_ok.store(true, Ordering::Release);
+                } else {
+                    self.peer_ready.send_replace(true);
+                }
+            }
+            Kind::Open if self.role == Role::Guest => self.accept(h.stream),
+            Kind::Accept if self.role == Role::Host => {
+                match lock(&self.pending).remove(&h.stream) {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(()));
+                    }
+                    None => unknown(),
+                }
+            }
+            Kind::Open | Kind::Accept => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.reset(h.stream, "OPEN and ACCEPT go one way only");
+            }
+            Kind::Data => {
+                let streams = lock(&self.streams);
+                let Some(e) = streams.get(&h.stream) else {
+                    return unknown();
+                };
+                let end = h.arg.saturating_add(u64::from(h.len));
+                if end > e.limit.load(Ordering::Acquire) {
+                    drop(streams);
+                    self.counters
+                        .credit_violations
+                        .fetch_add(1, Ordering::Relaxed);
+                    return self.reset(h.stream, "DATA beyond the credit window");
+                }
+                let _ = e.inbound.send(Inbound::Data(h.arg, payload));
+            }
+            Kind::Credit => match lock(&self.streams).get(&h.stream) {
+                Some(e) => {
+                    e.credit.send_if_modified(|c| {
+                        let more = h.arg > *c;
+                        *c = (*c).max(h.arg);
+                        more
+                    });
+                }
+                None => unknown(),
+            },
+            Kind::Fin => match lock(&self.streams).get(&h.stream) {
+                Some(e) => {
+                    let _ = e.inbound.send(Inbound::Fin(h.arg));
+                }
+                None => unknown(),
+            },
+            Kind::Rst => {
+                let reason = String::from_utf8_lossy(&payload).into_owned();
+                if let Some(tx) = lock(&self.pending).remove(&h.stream) {
+                    let _ = tx.send(Err(reason));
+                }
+                if lock(&self.streams).remove(&h.stream).is_some() {
+                    debug!("mux stream {} reset by the peer", h.stream);
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames, coalescing what is already queued into one write.
+async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut batch = Vec::with_capacity(READ_BUF);
+    while let Some(f) = rx.recv().await {
+        if f.len() >= READ_BUF / 8 {
+            // Big enough on its own: write it without copying it into the batch.
+            if let Err(e) = w.write_all(&f).await {
+                debug!("mux lane write failed: {e}");
+                return;
+            }
+            continue;
+        }
+        batch.extend_from_slice(&f);
+        while batch.len() < READ_BUF {
+            match rx.try_recv() {
+                Ok(f) => batch.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = w.write_all(&batch).await {
+            debug!("mux lane write failed: {e}");
+            return;
+        }
+        batch.clear();
+    }
+}
+
+/// Reads one lane: resynchronises on HELLO, decodes frames, dispatches them.
+async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
+    let lane = if data_lane { "data" } else { "control" };
+    let mut decoder = LaneDecoder::new();
+    // An initialised buffer: reading into uninitialised spare capacity makes some readers
+    // zero it first, every read, which costs more than the copy into the decoder.
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        while let Some(event) = decoder.next_event() {
+            match event {
+                Event::Frame(h, payload) => s.dispatch(data_lane, h, payload),
+                Event::Skipped(n) => debug!("mux {lane} lane: skipped {n} bytes before HELLO"),
+                Event::Malformed(e) => {
+                    s.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    warn!("mux {lane} lane: {e}; resetting every stream and resynchronising");
+                    s.reset_all(&format!("malformed frame on the {lane} lane"));
+                    s.send(data_lane, Header::hello(false), &[]);
+                }
+            }
+        }
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                debug!("mux {lane} lane: end of file");
+                break;
+            }
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => {
+                debug!("mux {lane} lane: {e}");
+                break;
+            }
+        }
+    }
+    // Either lane ending ends the session: frames on it are lost.
+    s.reset_all(&format!("the {lane} lane closed"));
+    s.closed.send_replace(true);
+}
+
+/// Local socket -> DATA frames, within the peer's credit; FIN at EOF.
+async fn outbound(
+    s: Arc<Session>,
+    id: u32,
+    mut rd: OwnedReadHalf,
+    mut credit: watch::Receiver<u64>,
+    halves: Arc<AtomicU32>,
+    accepted: Arc<AtomicBool>,
+) {
+    let mut sent = 0u64;
+    loop {
+        let window = (*credit.borrow_and_update() + WINDOW).saturating_sub(sent);
+        if window == 0 {
+            if credit.changed().await.is_err() {
+                return; // reset
+            }
+            continue;
+        }
+        let want = (window as usize).min(MAX_DATA);
+        // Read straight into the frame, after room for its header: no copy.
+        let mut f = Vec::with_capacity(HEADER_LEN + want);
+        f.extend_from_slice(&[0u8; HEADER_LEN]);
+        let read = {
+            let mut room = (&mut f).limit(want);
+            tokio::select! {
+                r = rd.read_buf(&mut room) => Some(r),
+                c = credit.changed() => match c {
+                    Err(_) => return, // reset
+                    Ok(()) => None,
+                },
+            }
+        };
+        let Some(r) = read else { continue };
+        {
+            match r {
+                Ok(0) => {
+                    s.send(false, Header::new(Kind::Fin, id, 0, sent), &[]);
+                    s.half_done(id, &halves);
+                    return;
+                }
+                Ok(n) => {
+                    let big = n > SMALL_DATA
+                        && s.data_ok.load(Ordering::Acquire)
+                        && accepted.load(Ordering::Acquire);
+                    f[..HEADER_LEN]
+                        .copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
+                    s.send_frame(big, f);
+                    sent += n as u64;
+                }
+                Err(e) => {
+                    s.reset(id, &format!("local read: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN.
+async fn inbound(
+    s: Arc<Session>,
+    id: u32,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Inbound>,
+    limit: Arc<AtomicU64>,
+    halves: Arc<AtomicU32>,
+) {
+    let mut expected = 0u64;
+    let mut credited = 0u64;
+    let mut fin: Option<u64> = None;
+    let mut stash: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    while let Some(m) = rx.recv().await {
+        match m {
+            Inbound::Data(off, bytes) => {
+                if off < expected || stash.contains_key(&off) {
+                    return s.reset(id, "overlapping DATA");
+                }
+                stash.insert(off, bytes);
+            }
+            Inbound::Fin(total) => fin = Some(total),
+        }
+        while let Some(bytes) = stash.remove(&expected) {
+            if let Err(e) = wr.write_all(&bytes).await {
+                return s.reset(id, &format!("local write: {e}"));
+            }
+            expected += bytes.len() as u64;
+            limit.store(expected + WINDOW, Ordering::Release);
+        }
+        if expected - credited >= CREDIT_STEP {
+            s.send(false, Header::new(Kind::Credit, id, 0, expected), &[]);
+            credited = expected;
+        }
+        match fin {
+            Some(total) if total == expected && stash.is_empty() => {
+                let _ = wr.shutdown().await;
+                s.half_done(id, &halves);
+                return;
+            }
+            Some(total) if total < expected || stash.keys().any(|&o| o >= total) => {
+                return s.reset(id, "DATA beyond FIN");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The host side of a virtio-serial agent: connects to QEMU's chardev sockets for the
+/// control (and data) port and serves every connection accepted on `listener` as one stream
+/// to the agent. When QEMU goes away (or restarts with `reconnect`), the bridge reconnects;
+/// connections that arrive meanwhile wait in the listen queue. Returns when `shutdown` does.
+pub async fn serve_bridge(
+    ctl: std::path::PathBuf,
+    data: Option<std::path::PathBuf>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let connect = |path: std::path::PathBuf| async move {
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match UnixStream::connect(&path).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    debug!("{}: {e}; retrying in {delay:?}", path.display());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    };
+    loop {
+        let lanes = async {
+            let c = connect(ctl.clone()).await;
+            let d = match &data {
+                Some(p) => Some(connect(p.clone()).await),
+                None => None,
+            };
+            (c, d)
+        };
+        let (c, d) = tokio::select! {
+            l = lanes => l,
+            _ = &mut shutdown => return,
+        };
+        let (session, _) = Mux::start(Role::Host, Lane::unix(c), d.map(Lane::unix));
+        debug!("serial bridge connected to {}", ctl.display());
+        loop {
+            tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((conn, _)) => {
+                        let s = session.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = s.open(conn).await {
+                                // The client sees its connection close; say why here.
+                                warn!("serial bridge: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!("serial bridge: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = session.closed() => break,
+                _ = &mut shutdown => return,
+            }
+        }
+        warn!(
+            "serial bridge: the session on {} ended; reconnecting",
+            ctl.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn lanes() -> (Lane, Lane) {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        (Lane::unix(a), Lane::unix(b))
+    }
+
+    /// A host and a guest session over socketpairs; the guest echoes every stream.
+    fn pair(data: bool) -> (Mux, Mux) {
+        let (hc, gc) = lanes();
+        let (hd, gd) = if data {
+            let (h, g) = lanes();
+            (Some(h), Some(g))
+        } else {
+            (None, None)
+        };
+        let (host, _) = Mux::start(Role::Host, hc, hd);
+        let (guest, mut incoming) = Mux::start(Role::Guest, gc, gd);
+        tokio::spawn(async move {
+            while let Some(s) = incoming.recv().await {
+                tokio::spawn(async move {
+                    s.set_nonblocking(true).expect("nonblocking");
+                    let s = UnixStream::from_std(s).expect("tokio");
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (host, guest)
+    }
+
+    async fn open(host: &Mux) -> UnixStream {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let h = host.clone();
+        tokio::spawn(async move { h.open(b).await.expect("open") });
+        a
+    }
+
+    async fn echo(host: &Mux, len: usize) {
+        let s = open(host).await;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut r, mut w) = s.into_split();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.expect("write");
+            w.shutdown().await.expect("half-close");
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.expect("read");
+        writer.await.expect("writer");
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "echoed bytes differ");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_echo_over_one_and_two_lanes() {
+        for data in [false, true] {
+            let (host, guest) = pair(data);
+            let mut tasks = Vec::new();
+            for i in 0..20 {
+                let h = host.clone();
+                tasks.push(tokio::spawn(async move { echo(&h, i * 50_000 + 1).await }));
+            }
+            for t in tasks {
+                t.await.expect("echo");
+            }
+            assert_eq!(guest.counters().opened.load(Ordering::Relaxed), 20);
+            assert_eq!(host.counters().malformed.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_stream_does_not_block_another() {
+        let (host, _guest) = pair(true);
+        // Fill one stream: the guest echoes, nobody reads the echo.
+        let stalled = open(&host).await;
+        let (_keep_reading_side, mut w) = stalled.into_split();
+        let filler = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 * 1024];
+            loop {
+                if w.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Give the window time to fill, then a small echo must still be quick.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), echo(&host, 100))
+            .await
+            .expect("a small stream finished while another was stalled");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        filler.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_resets_streams_and_the_lane_resynchronises() {
+        let (hc, gc) = lanes();
+        let (host, _) = Mux::start(Role::Host, hc, None);
+        // A guest side driven by hand: garbage, then HELLO, then a working session.
+        let (_, mut incoming) = {
+            let (mut raw_r, raw_w) = (gc.r, gc.w);
+            let (tx_a, rx_a) = UnixStream::pair().expect("pair");
+            // Forward host->guest bytes unchanged; prepend garbage guest->host.
+            let (mut ar, mut aw) = tx_a.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut raw_r, &mut aw).await;
+            });
+            let mut raw_w = raw_w;
+            raw_w
+                .write_all(&[3, 0, 0, 0, 9, 9, 9])
+                .await
+                .expect("garbage");
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut ar, &mut raw_w).await;
+            });
+            Mux::start(Role::Guest, Lane::unix(rx_a), None)
+        };
+        tokio::spawn(async move {
+            while let Some(s) = incoming.recv().await {
+                s.set_nonblocking(true).expect("nonblocking");
+                let s = UnixStream::from_std(s).expect("tokio");
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        echo(&host, 300_000).await;
+        assert_eq!(host.counters().malformed.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,344 @@
+//! The thin vhost-user adapter: virtqueues in, [`Device`] calls out.
+//!
+//! `vhost-user-backend` runs the vhost-user protocol and the epoll loop; `virtio-queue` walks the
+//! rings; `virtio-vsock` parses packets out of descriptor chains. This module only moves headers
+//! and payloads between them and the device model. [`drain_tx`] and [`fill_rx`] work on a bare
+//! [`Queue`], so that tests drive them through `virtio-queue`'s `MockSplitQueue`.
+
+use std::io;
+use std::sync::Arc;
+
+use tracing::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::capture::Capture;
+use crate::counters::Counters;
+use crate::device::{Device, Header, MAX_PKT_DATA};
+
+/// The RX queue's index.
+pub const RX_QUEUE: u16 = 0;
+/// The TX queue's index.
+pub const TX_QUEUE: u16 = 1;
+/// The event queue's index (unused: no transport reset events are sent).
+pub const EVT_QUEUE: u16 = 2;
+/// Number of virtqueues of a vsock device.
+pub const NUM_QUEUES: usize = 3;
+/// The event id of the device's host-side epoll fd (ids up to `NUM_QUEUES` are reserved).
+pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Largest virtqueue offered.
+pub const QUEUE_SIZE: usize = 1024;
+
+/// `VIRTIO_VSOCK_F_SEQPACKET`.
+pub const VIRTIO_VSOCK_F_SEQPACKET: u64 = 1;
+
+/// Takes every available TX chain, hands its packet to `device`, and returns it to the guest.
+/// Returns whether any chain was used (then the guest should be notified).
+pub fn drain_tx<M: GuestMemory>(
+    device: &mut Device,
+    queue: &mut Queue,
+    mem: &M,
+    buf: &mut Vec<u8>,
+    capture: Option<&Capture>,
+) -> bool {
+    let mut used = false;
+    while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
+            Ok(pkt) => {
+                let hdr = header_of(&pkt);
+                let len = hdr.len as usize;
+                if len == 0 {
+                    if let Some(c) = capture {
+                        c.packet(&hdr, &[]);
+                    }
+                    device.on_guest_packet(&hdr, &[]);
+                } else if let Some(slice) = pkt.data_slice() {
+                    if buf.len() < len {
+                        buf.resize(len, 0);
+                    }
+                    let got = slice.len().min(len);
+                    slice.copy_to(&mut buf[..got]);
+                    if let Some(c) = capture {
+                        c.packet(&hdr, &buf[..got]);
+                    }
+                    device.on_guest_packet(&hdr, &buf[..got]);
+                } else {
+                    device.count_malformed(&"header has a length but no data buffer");
+                }
+            }
+            Err(e) => device.count_malformed(&e),
+        }
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            warn!("cannot return a TX descriptor to the guest: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
+/// Fills available RX chains with packets from `device` while it has some. Returns whether any
+/// chain was used.
+pub fn fill_rx<M: GuestMemory>(
+    device: &mut Device,
+    queue: &mut Queue,
+    mem: &M,
+    buf: &mut Vec<u8>,
+    capture: Option<&Capture>,
+) -> bool {
+    let mut used = false;
+    if buf.len() < MAX_PKT_DATA {
+        buf.resize(MAX_PKT_DATA, 0);
+    }
+    while device.has_rx() {
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
+            Ok(p) => p,
+            Err(e) => {
+                device.count_malformed(&format_args!("RX chain: {e}"));
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    warn!("cannot return an RX descriptor to the guest: {e}");
+                }
+                used = true;
+                continue;
+            }
+        };
+        let room = pkt.data_slice().map_or(0, |s| s.len()).min(MAX_PKT_DATA);
+        let Some(hdr) = device.next_rx(&mut buf[..room]) else {
+            queue.go_to_previous_position();
+            break;
+        };
+        set_header(&mut pkt, &hdr);
+        let len = hdr.len as usize;
+        if let Some(c) = capture {
+            c.packet(&hdr, &buf[..len]);
+        }
+        if len > 0 {
+            if let Some(slice) = pkt.data_slice() {
+                slice.copy_from(&buf[..len]);
+            }
+        }
+        if let Err(e) = queue.add_used(mem, head, (PKT_HEADER_SIZE + len) as u32) {
+            warn!("cannot return an RX descriptor to the guest: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
+fn header_of<B: vm_memory::bitmap::BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Header {
+    Header {
+        src_cid: pkt.src_cid(),
+        dst_cid: pkt.dst_cid(),
+        src_port: pkt.src_port(),
+        dst_port: pkt.dst_port(),
+        len: pkt.len(),
+        type_: pkt.type_(),
+        op: pkt.op(),
+        flags: pkt.flags(),
+        buf_alloc: pkt.buf_alloc(),
+        fwd_cnt: pkt.fwd_cnt(),
+    }
+}
+
+fn set_header<B: vm_memory::bitmap::BitmapSlice>(pkt: &mut VsockPacket<'_, B>, h: &Header) {
+    pkt.set_src_cid(h.src_cid)
+        .set_dst_cid(h.dst_cid)
+        .set_src_port(h.src_port)
+        .set_dst_port(h.dst_port)
+        .set_len(h.len)
+        .set_type(h.type_)
+        .set_op(h.op)
+        .set_flags(h.flags)
+        .set_buf_alloc(h.buf_alloc)
+        .set_fwd_cnt(h.fwd_cnt);
+}
+
+/// One VM's vhost-user-vsock backend: the [`Device`] behind `vhost-user-backend`.
+#[derive(Debug)]
+pub struct VsockBackend {
+    device: Device,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    exit: EventFd,
+    tx_buf: Vec<u8>,
+    rx_buf: Vec<u8>,
+    capture: Option<Arc<Capture>>,
+    event_idx: bool,
+}
+
+impl VsockBackend {
+    /// Wraps `device`.
+    pub fn new(device: Device) -> io::Result<Self> {
+        Ok(VsockBackend {
+            device,
+            mem: None,
+            exit: EventFd::new(EFD_NONBLOCK)?,
+            tx_buf: Vec::new(),
+            rx_buf: Vec::new(),
+            capture: None,
+            event_idx: false,
+        })
+    }
+
+    /// Writes every packet of this VM to `capture` while it is switched on.
+    pub fn with_capture(mut self, capture: Option<Arc<Capture>>) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The VM's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.device.counters().clone()
+    }
+
+    fn process(&mut self, vrings: &[VringRwLock]) {
+        let Some(atomic) = &self.mem else {
+            return;
+        };
+        let mem = atomic.memory();
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
+        else {
+            return;
+        };
+        // TX first: guest packets (credit updates, RSTs) change what RX may send. With
+        // EVENT_IDX, notifications are off while draining and the ring is looked at again after
+        // turning them on, so that no kick is lost; the guest is interrupted only when it asked.
+        let mut tx_used = false;
+        loop {
+            if self.event_idx {
+                let _ = tx.disable_notification();
+            }
+            tx_used |= drain_tx(
+                &mut self.device,
+                tx.get_mut().get_queue_mut(),
+                &*mem,
+                &mut self.tx_buf,
+                self.capture.as_deref(),
+            );
+            if !self.event_idx || !tx.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        if tx_used {
+            notify(tx, "TX");
+        }
+        let mut rx_used = false;
+        loop {
+            if self.event_idx {
+                let _ = rx.disable_notification();
+            }
+            rx_used |= fill_rx(
+                &mut self.device,
+                rx.get_mut().get_queue_mut(),
+                &*mem,
+                &mut self.rx_buf,
+                self.capture.as_deref(),
+            );
+            // More buffers may have come while notifications were off: look again, but only
+            // when there is something to put in them.
+            if !self.event_idx
+                || !rx.enable_notification().unwrap_or(false)
+                || !self.device.has_rx()
+            {
+                break;
+            }
+        }
+        if rx_used {
+            notify(rx, "RX");
+        }
+        if let Some(c) = &self.capture {
+            if (tx_used || rx_used) && c.enabled() {
+                c.flush();
+            }
+        }
+    }
+}
+
+impl VhostUserBackendMut for VsockBackend {
+    type Vring = VringRwLock;
+    type Bitmap = ();
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = self.device.config().guest_cid.to_le_bytes();
+        let (offset, size) = (offset as usize, size as usize);
+        match offset.checked_add(size) {
+            Some(end) if end <= config.len() => config[offset..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<EventFd> {
+        self.exit.try_clone().ok()
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Never an error: an error stops the worker thread, and nothing a guest or a host
+        // client does may stop the device.
+        match device_event {
+            RX_QUEUE | TX_QUEUE | EVT_QUEUE => {}
+            HOST_EVENT => self.device.handle_host_events(),
+            other => warn!("unexpected event id {other}"),
+        }
+        self.process(vrings);
+        Ok(())
+    }
+}
+
+/// Interrupts the guest for `vring` unless EVENT_IDX says it does not want it yet.
+fn notify(vring: &VringRwLock, name: &str) {
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("cannot notify the guest ({name}): {e}");
+        }
+    }
+}

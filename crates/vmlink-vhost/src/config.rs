@@ -1,0 +1,358 @@
+//! VM configuration: `--vm` specs and the TOML config file.
+//!
+//! A spec is `guest-cid=3,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE]`. The TOML
+//! file has one `[[vm]]` table per VM with the same keys (`groups` a list of strings):
+//!
+//! ```toml
+//! [[vm]]
+//! guest-cid = 3
+//! socket = "/run/vm3/vhost.sock"
+//! uds-path = "/run/vm3/vsock"
+//! groups = ["web"]
+//! tx-buffer-size = "256K"
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::device::DEFAULT_TX_BUFFER_SIZE;
+
+/// Smallest `tx-buffer-size`.
+pub const MIN_TX_BUFFER_SIZE: u32 = 4096;
+/// Largest `tx-buffer-size` (64 MiB): the bound on buffered bytes per connection.
+pub const MAX_TX_BUFFER_SIZE: u32 = 64 << 20;
+
+/// One VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The guest's CID, 3 to 4294967294.
+    pub guest_cid: u64,
+    /// The vhost-user socket the VMM (QEMU) connects to.
+    pub socket: PathBuf,
+    /// The hybrid vsock socket (see [`crate::device`]).
+    pub uds_path: PathBuf,
+    /// Groups: VMs that share a group may talk to each other.
+    pub groups: Vec<String>,
+    /// Per-connection buffer toward the host, in bytes.
+    pub tx_buffer_size: u32,
+}
+
+/// A bad `--vm` spec or config file. The message names the part that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A spec or file problem, with its context.
+    #[error("{0}")]
+    Bad(String),
+}
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Bad(msg.into())
+}
+
+/// Parses one `--vm` spec.
+pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
+    let ctx = |m: String| bad(format!("--vm {spec:?}: {m}"));
+    let mut cid = None;
+    let mut socket = None;
+    let mut uds = None;
+    let mut groups = Vec::new();
+    let mut tx = None;
+    for part in spec.split(',') {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(ctx(format!("`{part}` is not KEY=VALUE")));
+        };
+        if v.is_empty() {
+            return Err(ctx(format!("`{k}` has an empty value")));
+        }
+        let dup = |set: bool| {
+            if set {
+                Err(ctx(format!("`{k}` given twice")))
+            } else {
+                Ok(())
+            }
+        };
+        match k {
+            "guest-cid" => {
+                dup(cid.is_some())?;
+                cid = Some(parse_cid(v).map_err(ctx)?);
+            }
+            "socket" => {
+                dup(socket.is_some())?;
+                socket = Some(PathBuf::from(v));
+            }
+            "uds-path" => {
+                dup(uds.is_some())?;
+                uds = Some(PathBuf::from(v));
+            }
+            "groups" => {
+                dup(!groups.is_empty())?;
+                groups = v.split('+').map(str::to_owned).collect();
+            }
+            "tx-buffer-size" => {
+                dup(tx.is_some())?;
+                tx = Some(parse_size(v).map_err(ctx)?);
+            }
+            _ => {
+                return Err(ctx(format!(
+                    "unknown key `{k}` (known: guest-cid, socket, uds-path, groups, tx-buffer-size)"
+                )))
+            }
+        }
+    }
+    let vm = VmConfig {
+        guest_cid: cid.ok_or_else(|| ctx("missing guest-cid=CID".into()))?,
+        socket: socket.ok_or_else(|| ctx("missing socket=PATH".into()))?,
+        uds_path: uds.ok_or_else(|| ctx("missing uds-path=PATH".into()))?,
+        groups,
+        tx_buffer_size: tx.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
+    };
+    check_vm(&vm).map_err(ctx)?;
+    Ok(vm)
+}
+
+fn parse_cid(v: &str) -> Result<u64, String> {
+    let cid: u64 = v
+        .parse()
+        .map_err(|_| format!("guest-cid `{v}` is not a number"))?;
+    check_cid(cid)?;
+    Ok(cid)
+}
+
+fn check_cid(cid: u64) -> Result<(), String> {
+    if !(3..u64::from(u32::MAX)).contains(&cid) {
+        return Err(format!(
+            "guest-cid {cid} is reserved or too large (0, 1, 2 and 4294967295 and above are not guest CIDs)"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a size: a number of bytes, or a number with a `K` or `M` suffix (powers of 1024).
+pub fn parse_size(v: &str) -> Result<u32, String> {
+    let (num, mul) = match v.as_bytes().last() {
+        Some(b'K' | b'k') => (&v[..v.len() - 1], 1024u64),
+        Some(b'M' | b'm') => (&v[..v.len() - 1], 1024 * 1024),
+        _ => (v, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("tx-buffer-size `{v}` is not a size (bytes, or a number with K or M)")
+    })?;
+    let n = n.saturating_mul(mul);
+    if !(u64::from(MIN_TX_BUFFER_SIZE)..=u64::from(MAX_TX_BUFFER_SIZE)).contains(&n) {
+        return Err(format!(
+            "tx-buffer-size {v} is out of range ({MIN_TX_BUFFER_SIZE} bytes to 64M)"
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn check_vm(vm: &VmConfig) -> Result<(), String> {
+    check_cid(vm.guest_cid)?;
+    for g in &vm.groups {
+        if g.is_empty()
+            || !g
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!("group `{g}` must be letters, digits, `-` or `_`"));
+        }
+    }
+    // `<uds_path>_<port>` must fit a Unix socket address (108 bytes with its NUL).
+    let longest = vm.uds_path.as_os_str().len() + "_4294967295".len();
+    if longest > 107 {
+        return Err(format!(
+            "uds-path {} is too long: `<uds-path>_<port>` must fit in 107 bytes",
+            vm.uds_path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    vm: Vec<FileVm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileVm {
+    guest_cid: u64,
+    socket: PathBuf,
+    uds_path: PathBuf,
+    #[serde(default)]
+    groups: Vec<String>,
+    tx_buffer_size: Option<SizeValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Parses a TOML config file's text; `path` is used in messages.
+pub fn parse_config(text: &str, path: &Path) -> Result<Vec<VmConfig>, ConfigError> {
+    let ctx = |m: String| bad(format!("config {}: {m}", path.display()));
+    let file: File = toml::from_str(text).map_err(|e| ctx(e.message().to_owned()))?;
+    let mut vms = Vec::new();
+    for (i, v) in file.vm.into_iter().enumerate() {
+        let at = |m: String| {
+            ctx(format!(
+                "[[vm]] #{} (guest-cid {}): {m}",
+                i + 1,
+                v.guest_cid
+            ))
+        };
+        let tx_buffer_size = match &v.tx_buffer_size {
+            None => DEFAULT_TX_BUFFER_SIZE,
+            Some(SizeValue::Bytes(n)) => parse_size(&n.to_string()).map_err(at)?,
+            Some(SizeValue::Text(s)) => parse_size(s).map_err(at)?,
+        };
+        let vm = VmConfig {
+            guest_cid: v.guest_cid,
+            socket: v.socket.clone(),
+            uds_path: v.uds_path.clone(),
+            groups: v.groups.clone(),
+            tx_buffer_size,
+        };
+        check_vm(&vm).map_err(at)?;
+        vms.push(vm);
+    }
+    Ok(vms)
+}
+
+/// Reads and parses a TOML config file.
+pub fn load_config(path: &Path) -> Result<Vec<VmConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("config {}: cannot read: {e}", path.display())))?;
+    parse_config(&text, path)
+}
+
+/// Checks a whole set of VMs: at least one, and no CID, socket or uds-path used twice.
+pub fn check_all(vms: &[VmConfig]) -> Result<(), ConfigError> {
+    if vms.is_empty() {
+        return Err(bad("no VM: give --vm SPEC or --config FILE"));
+    }
+    let mut cids = HashSet::new();
+    let mut paths = HashSet::new();
+    for vm in vms {
+        if !cids.insert(vm.guest_cid) {
+            return Err(bad(format!(
+                "guest-cid {} is used by two VMs",
+                vm.guest_cid
+            )));
+        }
+        for p in [&vm.socket, &vm.uds_path] {
+            if !paths.insert(p.clone()) {
+                return Err(bad(format!(
+                    "path {} is used twice (each VM needs its own socket and uds-path)",
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_spec_parses() {
+        let vm = parse_vm_spec(
+            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a,groups=x+y,tx-buffer-size=1M",
+        )
+        .expect("valid");
+        assert_eq!(vm.guest_cid, 3);
+        assert_eq!(vm.socket, Path::new("/run/a.sock"));
+        assert_eq!(vm.uds_path, Path::new("/run/a"));
+        assert_eq!(vm.groups, ["x", "y"]);
+        assert_eq!(vm.tx_buffer_size, 1 << 20);
+    }
+
+    #[test]
+    fn spec_errors_name_the_bad_part() {
+        let cases = [
+            (
+                "guest-cid=2,socket=/a,uds-path=/b",
+                "guest-cid 2 is reserved",
+            ),
+            (
+                "guest-cid=x,socket=/a,uds-path=/b",
+                "guest-cid `x` is not a number",
+            ),
+            ("guest-cid=3,uds-path=/b", "missing socket=PATH"),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,color=red",
+                "unknown key `color`",
+            ),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,tx-buffer-size=1",
+                "out of range",
+            ),
+            (
+                "guest-cid=3,socket=/a,socket=/c,uds-path=/b",
+                "`socket` given twice",
+            ),
+            (
+                "guest-cid=3,socket,uds-path=/b",
+                "`socket` is not KEY=VALUE",
+            ),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,groups=a+",
+                "group `` must be",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = parse_vm_spec(spec).expect_err(spec).to_string();
+            assert!(e.contains(want), "{spec}: {e}");
+            assert!(e.starts_with("--vm "), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_config_file_parses_and_errors_name_the_vm() {
+        let text = r#"
+[[vm]]
+guest-cid = 3
+socket = "/run/3.sock"
+uds-path = "/run/3"
+groups = ["a"]
+
+[[vm]]
+guest-cid = 4
+socket = "/run/4.sock"
+uds-path = "/run/4"
+tx-buffer-size = "64K"
+"#;
+        let vms = parse_config(text, Path::new("c.toml")).expect("valid");
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[1].tx_buffer_size, 64 * 1024);
+        assert_eq!(vms[0].tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
+        check_all(&vms).expect("distinct");
+
+        let e = parse_config(&text.replace("\"64K\"", "12"), Path::new("c.toml"))
+            .expect_err("too small")
+            .to_string();
+        assert!(
+            e.contains("[[vm]] #2 (guest-cid 4): tx-buffer-size 12 is out of range"),
+            "{e}"
+        );
+        let e = parse_config("[[vm]]\nguest-cid = 3\n", Path::new("c.toml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.starts_with("config c.toml: ") && e.contains("socket"),
+            "{e}"
+        );
+        let e = check_all(&[vms[0].clone(), vms[0].clone()])
+            .expect_err("dup")
+            .to_string();
+        assert_eq!(e, "guest-cid 3 is used by two VMs");
+    }
+}

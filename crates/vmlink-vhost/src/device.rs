@@ -1,0 +1,1423 @@
+//! The vsock device model of one VM, independent of vhost-user.
+//!
+//! [`Device`] holds the connection table of one guest and its host side: the hybrid vsock Unix
+//! sockets (`uds_path` for host-initiated connections, `<uds_path>_<port>` for guest-initiated
+//! ones). It is driven by three calls:
+//!
+//! - [`Device::on_guest_packet`] with each packet the guest put on its TX queue;
+//! - [`Device::next_rx`] for each packet to give the guest, while [`Device::has_rx`];
+//! - [`Device::handle_host_events`] when its epoll fd ([`Device::epoll_fd`]) is readable.
+//!
+//! It never touches guest memory: the vhost-user adapter ([`crate::backend`]) turns descriptor
+//! chains into [`Header`]s and payload slices and back.
+//!
+//! # Flow control
+//!
+//! As the virtio spec's vsock section says: each side advertises `buf_alloc` (its receive buffer
+//! for the connection) and `fwd_cnt` (bytes it has consumed) in every packet header. A sender may
+//! have at most `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` bytes in flight. This device gives the
+//! guest `buf_alloc = tx_buffer_size` per connection and counts as consumed what the host socket
+//! accepted; data the host socket does not take at once is buffered, and that buffer is bounded by
+//! the credit: a guest that sends more is in violation and its connection is reset.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use vmlink_proto::hybrid::{
+    host_listener_path, ConnectReply, ConnectRequest, Handshake, MAX_LINE_LEN,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::counters::{should_log, Counter, Counters};
+use crate::router::{ForwardError, Router};
+
+/// The host's CID.
+pub const HOST_CID: u64 = 2;
+/// `VIRTIO_VSOCK_TYPE_STREAM`.
+pub const TYPE_STREAM: u16 = 1;
+/// `VIRTIO_VSOCK_TYPE_SEQPACKET`.
+pub const TYPE_SEQPACKET: u16 = 2;
+
+/// `VIRTIO_VSOCK_OP_REQUEST`.
+pub const OP_REQUEST: u16 = 1;
+/// `VIRTIO_VSOCK_OP_RESPONSE`.
+pub const OP_RESPONSE: u16 = 2;
+/// `VIRTIO_VSOCK_OP_RST`.
+pub const OP_RST: u16 = 3;
+/// `VIRTIO_VSOCK_OP_SHUTDOWN`.
+pub const OP_SHUTDOWN: u16 = 4;
+/// `VIRTIO_VSOCK_OP_RW`.
+pub const OP_RW: u16 = 5;
+/// `VIRTIO_VSOCK_OP_CREDIT_UPDATE`.
+pub const OP_CREDIT_UPDATE: u16 = 6;
+/// `VIRTIO_VSOCK_OP_CREDIT_REQUEST`.
+pub const OP_CREDIT_REQUEST: u16 = 7;
+
+/// `VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE`: the sender will receive no more data.
+pub const SHUTDOWN_RCV: u32 = 1;
+/// `VIRTIO_VSOCK_SHUTDOWN_F_SEND`: the sender will send no more data.
+pub const SHUTDOWN_SEND: u32 = 2;
+
+/// `VIRTIO_VSOCK_SEQ_EOM`: the packet ends a seqpacket message.
+pub const SEQ_EOM: u32 = 1;
+/// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
+pub const SEQ_EOR: u32 = 2;
+
+/// Host bytes read ahead per connection, at most (64 KiB): one read fills several guest RX
+/// buffers.
+const STAGE: usize = 64 * 1024;
+
+/// Largest payload of one packet, in either direction (the Linux driver's 64 KiB).
+pub const MAX_PKT_DATA: usize = 64 * 1024;
+
+/// First host port handed out to host-initiated connections (the guest sees it as its peer's
+/// port); Firecracker starts at the same place.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_TIMER: u64 = 1;
+const TOKEN_INBOX: u64 = 2;
+const TOKEN_SEQ_LISTENER: u64 = 3;
+
+/// Largest seqpacket message taken from a host socket (256 KiB); a longer one resets the
+/// connection rather than being cut.
+pub const MAX_HOST_SEQ_MSG: usize = 256 * 1024;
+
+/// Where host clients connect for seqpacket connections to the guest: `<uds_path>_seqpacket`,
+/// a `SOCK_SEQPACKET` Unix socket. The `CONNECT <port>\n` line and the `OK <port>\n` reply are
+/// one message each; every later message is one guest seqpacket message.
+pub fn seqpacket_listener_path(uds_path: &Path) -> PathBuf {
+    let mut s = uds_path.as_os_str().to_owned();
+    s.push("_seqpacket");
+    PathBuf::from(s)
+}
+const FIRST_STREAM_TOKEN: u64 = 16;
+
+/// A virtio-vsock packet header (`struct virtio_vsock_hdr`), as plain fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    /// Source CID.
+    pub src_cid: u64,
+    /// Destination CID.
+    pub dst_cid: u64,
+    /// Source port.
+    pub src_port: u32,
+    /// Destination port.
+    pub dst_port: u32,
+    /// Payload length.
+    pub len: u32,
+    /// Socket type: [`TYPE_STREAM`] or [`TYPE_SEQPACKET`].
+    pub type_: u16,
+    /// Operation: one of the `OP_*` constants.
+    pub op: u16,
+    /// Operation flags (shutdown flags, seqpacket EOM/EOR).
+    pub flags: u32,
+    /// The sender's receive buffer for this connection.
+    pub buf_alloc: u32,
+    /// Bytes the sender has consumed on this connection.
+    pub fwd_cnt: u32,
+}
+
+/// How one VM's device behaves, and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// The hybrid vsock Unix socket: host clients connect here and send `CONNECT <port>\n`;
+    /// guest connections to host port `P` go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+    /// The receive buffer given to the guest per connection (`buf_alloc`): the most data this
+    /// device buffers per connection toward the host.
+    pub tx_buffer_size: u32,
+    /// The most connections the VM may have at once (both directions, including those being
+    /// set up). More are refused with RST (guest) or closed (host).
+    pub max_connections: usize,
+    /// The most host clients that may be in their `CONNECT` handshake at once.
+    pub max_handshakes: usize,
+    /// How long a host client has to send its `CONNECT` line.
+    pub handshake_timeout: Duration,
+    /// How long the guest has to accept a host-initiated connection.
+    pub connect_timeout: Duration,
+}
+
+impl DeviceConfig {
+    /// A config with the default bounds.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Self {
+        DeviceConfig {
+            guest_cid,
+            uds_path,
+            tx_buffer_size: DEFAULT_TX_BUFFER_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: vmlink_proto::hybrid::DEFAULT_TIMEOUT,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Default per-connection buffer toward the host (256 KiB).
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = 256 * 1024;
+/// Default bound on connections per VM.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default bound on host clients in their handshake per VM.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The hybrid vsock socket could not be bound.
+    #[error("cannot listen on uds-path {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// epoll or timerfd setup failed.
+    #[error("cannot set up the event loop: {0}")]
+    Setup(#[source] io::Error),
+}
+
+/// A connection's key: the host-side port and the guest-side port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The port on the host side (CID 2).
+    pub host_port: u32,
+    /// The port on the guest side.
+    pub guest_port: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Host-initiated: REQUEST queued or sent, waiting for the guest's RESPONSE.
+    Connecting {
+        since: Instant,
+    },
+    Established,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    token: u64,
+    state: State,
+    type_: u16,
+    // Guest to host.
+    rx_cnt: u32,
+    fwd_cnt: u32,
+    reported_fwd_cnt: u32,
+    to_host: VecDeque<u8>,
+    /// Seqpacket: whole messages waiting for the host socket, and the one being assembled.
+    msgs: VecDeque<Vec<u8>>,
+    cur_msg: Vec<u8>,
+    guest_shut_send: bool,
+    guest_shut_recv: bool,
+    host_write_shut: bool,
+    host_writable: bool,
+    // Host to guest.
+    from_host: Vec<u8>,
+    /// The unsent part of `from_host` is `from_pos..from_end`.
+    from_pos: usize,
+    from_end: usize,
+    /// Seqpacket: `from_host` holds (the rest of) one host message.
+    seq_msg: bool,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    tx_cnt: u32,
+    host_readable: bool,
+    host_eof: bool,
+    eof_sent: bool,
+    in_rx_queue: bool,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, token: u64, state: State, type_: u16) -> Self {
+        Conn {
+            stream,
+            token,
+            state,
+            type_,
+            rx_cnt: 0,
+            fwd_cnt: 0,
+            reported_fwd_cnt: 0,
+            to_host: VecDeque::new(),
+            msgs: VecDeque::new(),
+            cur_msg: Vec::new(),
+            guest_shut_send: false,
+            guest_shut_recv: false,
+            host_write_shut: false,
+            host_writable: true,
+            from_host: Vec::new(),
+            from_pos: 0,
+            from_end: 0,
+            seq_msg: false,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            host_readable: true,
+            host_eof: false,
+            eof_sent: false,
+            in_rx_queue: false,
+        }
+    }
+
+    /// Whether everything the guest sent has reached the host socket.
+    fn to_host_empty(&self) -> bool {
+        self.to_host.is_empty() && self.msgs.is_empty()
+    }
+
+    /// Whether host bytes wait in `from_host`.
+    fn has_staged(&self) -> bool {
+        self.from_pos < self.from_end
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_free(&self) -> u32 {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Whether this connection may have data for the guest.
+    fn wants_rx(&self) -> bool {
+        self.state == State::Established
+            && !self.guest_shut_recv
+            && !self.eof_sent
+            && self.peer_free() > 0
+            && (self.has_staged() || self.host_readable)
+    }
+}
+
+#[derive(Debug)]
+struct PendingClient {
+    stream: UnixStream,
+    type_: u16,
+    handshake: Handshake<ConnectRequest>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Token {
+    Client,
+    Conn(ConnKey),
+}
+
+/// What closes a connection, for logs.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    GuestRst,
+    Violation,
+    HostError,
+    Done,
+    Timeout,
+}
+
+/// One VM's vsock device: its connections and its hybrid host side.
+#[derive(Debug)]
+pub struct Device {
+    cfg: DeviceConfig,
+    epoll: Epoll,
+    listener: UnixListener,
+    seq_listener: UnixListener,
+    seq_buf: Vec<u8>,
+    timer: TimerFd,
+    conns: HashMap<ConnKey, Conn>,
+    clients: HashMap<u64, PendingClient>,
+    tokens: HashMap<u64, Token>,
+    next_token: u64,
+    next_host_port: u32,
+    ctrl: VecDeque<Header>,
+    data_ready: VecDeque<ConnKey>,
+    counters: Arc<Counters>,
+    router: Option<Arc<Router>>,
+}
+
+/// Bound on queued control packets toward the guest: a guest that floods bogus packets and
+/// gives no RX buffers cannot grow this without bound.
+fn ctrl_bound(cfg: &DeviceConfig) -> usize {
+    cfg.max_connections * 4 + 1024
+}
+
+impl Device {
+    /// Binds `cfg.uds_path` (replacing a stale socket there) and sets up the event loop.
+    pub fn new(cfg: DeviceConfig, counters: Arc<Counters>) -> Result<Self, DeviceError> {
+        Self::with_router(cfg, counters, None)
+    }
+
+    /// Like [`Device::new`], with VM-to-VM routing through `router` (which must know this VM's
+    /// CID to deliver packets to it). Packets left in this VM's inbox are dropped.
+    pub fn with_router(
+        cfg: DeviceConfig,
+        counters: Arc<Counters>,
+        router: Option<Arc<Router>>,
+    ) -> Result<Self, DeviceError> {
+        let path = cfg.uds_path.clone();
+        remove_stale_socket(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| DeviceError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| DeviceError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+        let seq_path = seqpacket_listener_path(&path);
+        remove_stale_socket(&seq_path);
+        let seq_listener = listen_seqpacket(&seq_path).map_err(|source| DeviceError::Bind {
+            path: seq_path,
+            source,
+        })?;
+        let epoll = Epoll::new().map_err(DeviceError::Setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                seq_listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_SEQ_LISTENER),
+            )
+            .map_err(DeviceError::Setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            )
+            .map_err(DeviceError::Setup)?;
+        let mut timer = TimerFd::new().map_err(|e| DeviceError::Setup(e.into()))?;
+        let tick = Duration::from_millis(500);
+        timer
+            .reset(tick, Some(tick))
+            .map_err(|e| DeviceError::Setup(e.into()))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+            )
+            .map_err(DeviceError::Setup)?;
+        if let Some(inbox) = router.as_ref().and_then(|r| r.inbox(cfg.guest_cid)) {
+            inbox.clear();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    inbox.fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_INBOX),
+                )
+                .map_err(DeviceError::Setup)?;
+        }
+        Ok(Device {
+            cfg,
+            epoll,
+            listener,
+            seq_listener,
+            seq_buf: vec![0; MAX_HOST_SEQ_MSG],
+            timer,
+            conns: HashMap::new(),
+            clients: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: FIRST_STREAM_TOKEN,
+            next_host_port: FIRST_HOST_PORT,
+            ctrl: VecDeque::new(),
+            data_ready: VecDeque::new(),
+            counters,
+            router,
+        })
+    }
+
+    /// The device's config.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// The VM's counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// The fd to watch for readability: then call [`Device::handle_host_events`].
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Number of open connections (both directions, including those being set up).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Number of host clients still in their `CONNECT` handshake.
+    pub fn handshake_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Bytes buffered toward the host over all connections.
+    pub fn buffered_bytes(&self) -> usize {
+        self.conns.values().map(|c| c.to_host.len()).sum()
+    }
+
+    /// Whether [`Device::next_rx`] may have a packet for the guest.
+    pub fn has_rx(&self) -> bool {
+        !self.ctrl.is_empty()
+            || !self.data_ready.is_empty()
+            || self.inbox().is_some_and(|i| !i.is_empty())
+    }
+
+    fn inbox(&self) -> Option<&Arc<crate::router::Inbox>> {
+        self.router
+            .as_ref()
+            .and_then(|r| r.inbox(self.cfg.guest_cid))
+    }
+
+    /// Records a TX descriptor chain that could not be parsed.
+    pub fn count_malformed(&self, what: &dyn std::fmt::Display) {
+        self.counters.inc(Counter::tx_packets);
+        let n = self.counters.inc(Counter::malformed_descriptors);
+        if should_log(n) {
+            info!(
+                cid = self.cfg.guest_cid,
+                "dropped malformed TX descriptor chain ({n} so far): {what}"
+            );
+        }
+    }
+
+    // ---------------------------------------------------------------- guest to device
+
+    /// Handles one packet from the guest's TX queue. `data` is its payload (`hdr.len` bytes).
+    pub fn on_guest_packet(&mut self, hdr: &Header, data: &[u8]) {
+        self.counters.inc(Counter::tx_packets);
+        let cid = self.cfg.guest_cid;
+        if hdr.src_cid != cid {
+            let n = self.counters.inc(Counter::spoofed_cid);
+            if should_log(n) {
+                info!(
+                    cid,
+                    "dropped packet with spoofed source CID {} ({n} so far)", hdr.src_cid
+                );
+            }
+            return;
+        }
+        if data.len() != hdr.len as usize {
+            self.bad(hdr, "payload length differs from the header's len");
+            return;
+        }
+        if hdr.dst_cid != HOST_CID {
+            match self.router.as_ref().map(|r| r.forward(hdr, data)) {
+                Some(Ok(())) => {
+                    self.counters.inc(Counter::forwarded);
+                    return;
+                }
+                Some(Err(ForwardError::Full)) => {
+                    let n = self.counters.inc(Counter::forward_dropped);
+                    if should_log(n) {
+                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
+                    }
+                    self.reply_rst(hdr);
+                    return;
+                }
+                Some(Err(ForwardError::Unreachable)) | None => {}
+            }
+            let n = self.counters.inc(Counter::unroutable);
+            if should_log(n) {
+                info!(
+                    cid,
+                    "dropped packet to unreachable CID {} ({n} so far)", hdr.dst_cid
+                );
+            }
+            if hdr.op == OP_REQUEST {
+                self.reply_rst(hdr);
+            }
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM && hdr.type_ != TYPE_SEQPACKET {
+            self.bad(hdr, "unsupported socket type");
+            return;
+        }
+        let key = ConnKey {
+            host_port: hdr.dst_port,
+            guest_port: hdr.src_port,
+        };
+        match hdr.op {
+            OP_REQUEST => self.guest_request(key, hdr),
+            OP_RST => {
+                if self.conns.contains_key(&key) {
+                    self.close(key, Why::GuestRst, false);
+                }
+            }
+            op @ (OP_RESPONSE | OP_SHUTDOWN | OP_RW | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST) => {
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    // Nothing to talk to: tell the guest so that it frees its side.
+                    self.reply_rst(hdr);
+                    return;
+                };
+                if conn.type_ != hdr.type_ {
+                    self.bad(hdr, "socket type differs from the connection's");
+                    return;
+                }
+                conn.peer_buf_alloc = hdr.buf_alloc;
+                conn.peer_fwd_cnt = hdr.fwd_cnt;
+                match op {
+                    OP_RESPONSE => self.guest_response(key),
+                    OP_SHUTDOWN => self.guest_shutdown(key, hdr.flags),
+                    OP_RW => self.guest_data(key, hdr, data),
+                    OP_CREDIT_REQUEST => self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0),
+                    _ => {}
+                }
+                self.schedule(key);
+            }
+            _ => self.bad(hdr, "unknown operation"),
+        }
+    }
+
+    fn bad(&mut self, hdr: &Header, what: &str) {
+        let n = self.counters.inc(Counter::bad_packets);
+        if should_log(n) {
+            info!(
+                cid = self.cfg.guest_cid,
+                "bad packet from guest ({n} so far): {what}: op {} type {} len {} ports {}->{}",
+                hdr.op,
+                hdr.type_,
+                hdr.len,
+                hdr.src_port,
+                hdr.dst_port
+            );
+        }
+        if hdr.op != OP_RST {
+            let key = ConnKey {
+                host_port: hdr.dst_port,
+                guest_port: hdr.src_port,
+            };
+            if hdr.dst_cid == HOST_CID && self.conns.contains_key(&key) {
+                self.close(key, Why::Violation, true);
+            } else {
+                self.reply_rst(hdr);
+            }
+        }
+    }
+
+    fn guest_request(&mut self, key: ConnKey, hdr: &Header) {
+        if self.conns.contains_key(&key) {
+            self.bad(hdr, "request for a connection that exists");
+            return;
+        }
+        if self.conns.len() >= self.cfg.max_connections {
+            let n = self.counters.inc(Counter::connection_limit);
+            if should_log(n) {
+                info!(
+                    cid = self.cfg.guest_cid,
+                    "refused guest connection to port {}: the VM has {} connections, its bound ({n} so far)",
+                    key.host_port,
+                    self.conns.len()
+                );
+            }
+            self.reply_rst(hdr);
+            return;
+        }
+        let path = host_listener_path(&self.cfg.uds_path, key.host_port);
+        let stream = match connect_nonblocking(&path, hdr.type_ == TYPE_SEQPACKET) {
+            Ok(s) => s,
+            Err(e) => {
+                self.counters.inc(Counter::refused);
+                debug!(
+                    cid = self.cfg.guest_cid,
+                    "guest connection to host port {} refused: {}: {e}",
+                    key.host_port,
+                    path.display()
+                );
+                self.reply_rst(hdr);
+                return;
+            }
+        };
+        let token = self.alloc_token();
+        if let Err(e) = self.register(&stream, token, true) {
+            warn!("cannot watch {}: {e}", path.display());
+            self.reply_rst(hdr);
+            return;
+        }
+        let mut conn = Conn::new(stream, token, State::Established, hdr.type_);
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        self.conns.insert(key, conn);
+        self.tokens.insert(token, Token::Conn(key));
+        self.counters.inc(Counter::connections_opened);
+        debug!(
+            cid = self.cfg.guest_cid,
+            "guest port {} connected to {}",
+            key.guest_port,
+            path.display()
+        );
+        self.push_ctrl_for(key, OP_RESPONSE, 0);
+    }
+
+    fn guest_response(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.state == State::Established {
+            let hdr = self.header_for(key, OP_RESPONSE, 0);
+            self.bad(&hdr, "response on an established connection");
+            return;
+        }
+        conn.state = State::Established;
+        let line = ConnectReply {
+            port: key.host_port,
+        }
+        .encode();
+        // A fresh socket's buffer always has room for these few bytes; anything else means the
+        // client is gone.
+        match conn.stream.write(&line) {
+            Ok(n) if n == line.len() => {}
+            Ok(_) | Err(_) => {
+                self.close(key, Why::HostError, true);
+                return;
+            }
+        }
+        debug!(
+            cid = self.cfg.guest_cid,
+            "host connection to guest port {} accepted", key.guest_port
+        );
+    }
+
+    fn guest_shutdown(&mut self, key: ConnKey, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if flags & SHUTDOWN_SEND != 0 {
+            conn.guest_shut_send = true;
+        }
+        if flags & SHUTDOWN_RCV != 0 {
+            conn.guest_shut_recv = true;
+        }
+        self.flush(key);
+    }
+
+    fn guest_data(&mut self, key: ConnKey, hdr: &Header, data: &[u8]) {
+        let buf_alloc = self.cfg.tx_buffer_size;
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.state != State::Established || conn.guest_shut_send {
+            let hdr = *hdr;
+            self.bad(&hdr, "data on a connection not open for guest data");
+            return;
+        }
+        let used = conn.rx_cnt.wrapping_sub(conn.fwd_cnt);
+        let free = buf_alloc.saturating_sub(used);
+        if data.len() as u64 > u64::from(free) {
+            let n = self.counters.inc(Counter::credit_violations);
+            if should_log(n) {
+                info!(
+                    cid = self.cfg.guest_cid,
+                    "guest port {} sent {} bytes with {free} bytes of credit: connection reset ({n} so far)",
+                    key.guest_port,
+                    data.len()
+                );
+            }
+            self.close(key, Why::Violation, true);
+            return;
+        }
+        self.counters.add(Counter::tx_bytes, data.len() as u64);
+        conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
+        if conn.type_ == TYPE_SEQPACKET {
+            // A message goes to the host socket whole, once its last packet (EOM) is here. The
+            // credit check above bounds it by tx-buffer-size.
+            conn.cur_msg.extend_from_slice(data);
+            if hdr.flags & SEQ_EOM != 0 {
+                let msg = std::mem::take(&mut conn.cur_msg);
+                conn.msgs.push_back(msg);
+            }
+            self.flush(key);
+            return;
+        }
+        let mut rest = data;
+        if conn.to_host.is_empty() && conn.host_writable {
+            match write_some(&mut conn.stream, rest) {
+                Ok(n) => {
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+                    rest = &rest[n..];
+                    if !rest.is_empty() {
+                        conn.host_writable = false;
+                    }
+                }
+                Err(e) => {
+                    debug!("host side of guest port {} failed: {e}", key.guest_port);
+                    self.close(key, Why::HostError, true);
+                    return;
+                }
+            }
+        }
+        conn.to_host.extend(rest);
+        self.maybe_credit_update(key);
+    }
+
+    /// Writes buffered guest data to the host socket, then applies a pending shutdown.
+    fn flush(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        while conn.type_ == TYPE_SEQPACKET && conn.host_writable {
+            let Some(msg) = conn.msgs.front() else {
+                break;
+            };
+            match write_some(&mut conn.stream, msg) {
+                Ok(0) if !msg.is_empty() => conn.host_writable = false,
+                Ok(_) => {
+                    let len = msg.len() as u32;
+                    conn.msgs.pop_front();
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len);
+                }
+                Err(e) => {
+                    debug!("host side of guest port {} failed: {e}", key.guest_port);
+                    self.close(key, Why::HostError, true);
+                    return;
+                }
+            }
+        }
+        while !conn.to_host.is_empty() && conn.host_writable {
+            let (a, _) = conn.to_host.as_slices();
+            match write_some(&mut conn.stream, a) {
+                Ok(0) => conn.host_writable = false,
+                Ok(n) => {
+                    conn.to_host.drain(..n);
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) => {
+                    debug!("host side of guest port {} failed: {e}", key.guest_port);
+                    self.close(key, Why::HostError, true);
+                    return;
+                }
+            }
+        }
+        if conn.to_host_empty() && conn.guest_shut_send && !conn.host_write_shut {
+            // The guest's SHUT_WR reaches the host as end-of-file; the other direction stays open.
+            let _ = conn.stream.shutdown(Shutdown::Write);
+            conn.host_write_shut = true;
+        }
+        if conn.to_host_empty() && conn.guest_shut_send && conn.guest_shut_recv {
+            // The guest closed its socket: all its data is delivered.
+            self.close(key, Why::Done, true);
+            return;
+        }
+        if conn.host_write_shut && conn.eof_sent {
+            // Both directions are finished.
+            self.close(key, Why::Done, true);
+            return;
+        }
+        self.maybe_credit_update(key);
+    }
+
+    /// Tells the guest about freed buffer space once a quarter of its buffer is freed.
+    fn maybe_credit_update(&mut self, key: ConnKey) {
+        let quarter = self.cfg.tx_buffer_size / 4;
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        if conn.fwd_cnt.wrapping_sub(conn.reported_fwd_cnt) >= quarter.max(1) {
+            self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    fn schedule(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if !conn.in_rx_queue && conn.wants_rx() {
+                conn.in_rx_queue = true;
+                self.data_ready.push_back(key);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- device to guest
+
+    /// The next packet for the guest: returns its header and writes its payload (`len` bytes)
+    /// to the front of `buf`; the payload is at most `buf.len()` bytes. `None` when there is
+    /// nothing to send now.
+    pub fn next_rx(&mut self, buf: &mut [u8]) -> Option<Header> {
+        if let Some(mut hdr) = self.ctrl.pop_front() {
+            // Control packets carry the freshest credit of their connection.
+            let key = ConnKey {
+                host_port: hdr.src_port,
+                guest_port: hdr.dst_port,
+            };
+            if let Some(conn) = self.conns.get_mut(&key) {
+                hdr.fwd_cnt = conn.fwd_cnt;
+                conn.reported_fwd_cnt = conn.fwd_cnt;
+            }
+            self.counters.inc(Counter::rx_packets);
+            return Some(hdr);
+        }
+        if buf.is_empty() {
+            return None;
+        }
+        if let Some(p) = self.inbox().and_then(|i| i.pop(buf.len())) {
+            buf[..p.data.len()].copy_from_slice(&p.data);
+            self.counters.inc(Counter::rx_packets);
+            self.counters.add(Counter::rx_bytes, p.data.len() as u64);
+            return Some(p.hdr);
+        }
+        while let Some(key) = self.data_ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.in_rx_queue = false;
+            if !conn.wants_rx() {
+                continue;
+            }
+            let room = (conn.peer_free() as usize).min(buf.len()).min(MAX_PKT_DATA);
+            if !conn.has_staged() && !conn.host_eof {
+                // Stage up to 64 KiB (or one seqpacket message) with one read: the guest's RX
+                // buffers are often 4 KiB, and one read per buffer would cost a syscall each.
+                let read = if conn.type_ == TYPE_SEQPACKET {
+                    recv_message(&conn.stream, &mut self.seq_buf).inspect(|&n| {
+                        conn.from_host.clear();
+                        conn.from_host.extend_from_slice(&self.seq_buf[..n]);
+                    })
+                } else {
+                    if conn.from_host.len() < STAGE {
+                        conn.from_host.resize(STAGE, 0);
+                    }
+                    let want = (conn.peer_free() as usize).min(STAGE);
+                    conn.stream.read(&mut conn.from_host[..want])
+                };
+                match read {
+                    Ok(0) => conn.host_eof = true,
+                    Ok(n) => {
+                        conn.from_pos = 0;
+                        conn.from_end = n;
+                        conn.seq_msg = conn.type_ == TYPE_SEQPACKET;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.host_readable = false;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        conn.in_rx_queue = true;
+                        self.data_ready.push_back(key);
+                        continue;
+                    }
+                    Err(e) => {
+                        debug!(
+                            cid = self.cfg.guest_cid,
+                            "host side of guest port {}: {e}; connection reset", key.guest_port
+                        );
+                        self.close(key, Why::HostError, true);
+                        continue;
+                    }
+                }
+            }
+            let mut flags = 0;
+            let n = if conn.has_staged() {
+                let n = room.min(conn.from_end - conn.from_pos);
+                buf[..n].copy_from_slice(&conn.from_host[conn.from_pos..conn.from_pos + n]);
+                conn.from_pos += n;
+                if conn.seq_msg && !conn.has_staged() {
+                    conn.seq_msg = false;
+                    flags = SEQ_EOM;
+                }
+                n
+            } else {
+                // Nothing staged after a read: end-of-file.
+                0
+            };
+            if n == 0 {
+                // The host client shut its write side: SHUT_WR becomes SHUTDOWN(SEND) and the
+                // guest can still answer.
+                conn.eof_sent = true;
+                let hdr = self.header_for(key, OP_SHUTDOWN, 0);
+                let hdr = Header {
+                    flags: SHUTDOWN_SEND,
+                    ..hdr
+                };
+                if let Some(conn) = self.conns.get(&key) {
+                    if conn.host_write_shut {
+                        // Both directions finished: free the connection now.
+                        self.close(key, Why::Done, true);
+                        return self.next_rx(buf);
+                    }
+                }
+                self.counters.inc(Counter::rx_packets);
+                return Some(hdr);
+            }
+            conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+            let hdr = Header {
+                len: n as u32,
+                ..self.header_for(key, OP_RW, flags)
+            };
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.reported_fwd_cnt = conn.fwd_cnt;
+            }
+            self.counters.inc(Counter::rx_packets);
+            self.counters.add(Counter::rx_bytes, n as u64);
+            // Round robin: back of the queue if it may have more.
+            self.schedule(key);
+            return Some(hdr);
+        }
+        None
+    }
+
+    /// A header from the host side of `key` to the guest.
+    fn header_for(&self, key: ConnKey, op: u16, flags: u32) -> Header {
+        let (type_, fwd_cnt) = self
+            .conns
+            .get(&key)
+            .map_or((TYPE_STREAM, 0), |c| (c.type_, c.fwd_cnt));
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cfg.guest_cid,
+            src_port: key.host_port,
+            dst_port: key.guest_port,
+            len: 0,
+            type_,
+            op,
+            flags,
+            buf_alloc: self.cfg.tx_buffer_size,
+            fwd_cnt,
+        }
+    }
+
+    fn push_ctrl(&mut self, hdr: Header) {
+        if self.ctrl.len() >= ctrl_bound(&self.cfg) {
+            let n = self.counters.inc(Counter::rx_overflow);
+            if should_log(n) {
+                info!(
+                    cid = self.cfg.guest_cid,
+                    "guest does not take its RX queue: dropped a control packet ({n} so far)"
+                );
+            }
+            return;
+        }
+        if hdr.op == OP_RST {
+            self.counters.inc(Counter::resets_sent);
+        }
+        self.ctrl.push_back(hdr);
+    }
+
+    fn push_ctrl_for(&mut self, key: ConnKey, op: u16, flags: u32) {
+        let hdr = self.header_for(key, op, flags);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.reported_fwd_cnt = conn.fwd_cnt;
+        }
+        self.push_ctrl(hdr);
+    }
+
+    /// Answers `hdr` with RST (never answers a RST).
+    fn reply_rst(&mut self, hdr: &Header) {
+        if hdr.op == OP_RST {
+            return;
+        }
+        self.push_ctrl(Header {
+            src_cid: hdr.dst_cid,
+            dst_cid: self.cfg.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: hdr.type_,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// Frees a connection (closing its host socket); with `rst`, tells the guest.
+    fn close(&mut self, key: ConnKey, why: Why, rst: bool) {
+        let Some(conn) = self.conns.remove(&key) else {
+            return;
+        };
+        self.tokens.remove(&conn.token);
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            conn.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        self.counters.inc(Counter::connections_closed);
+        debug!(
+            cid = self.cfg.guest_cid,
+            "connection host port {} <-> guest port {} closed ({why:?})",
+            key.host_port,
+            key.guest_port
+        );
+        if rst {
+            let hdr = Header {
+                type_: conn.type_,
+                fwd_cnt: conn.fwd_cnt,
+                ..self.header_for(key, OP_RST, 0)
+            };
+            self.push_ctrl(hdr);
+        }
+    }
+
+    // ---------------------------------------------------------------- host side
+
+    /// Handles whatever is ready on the host side: new clients, their `CONNECT` lines, readable
+    /// and writable connections, timeouts. Never blocks.
+    pub fn handle_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let set = ev.event_set();
+                match ev.data() {
+                    TOKEN_LISTENER => self.accept_clients(false),
+                    TOKEN_SEQ_LISTENER => self.accept_clients(true),
+                    TOKEN_INBOX => {
+                        if let Some(inbox) = self.inbox() {
+                            inbox.clear_event();
+                        }
+                    }
+                    TOKEN_TIMER => {
+                        let _ = self.timer.wait();
+                        self.sweep(Instant::now());
+                    }
+                    token => self.stream_event(token, set),
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_clients(&mut self, seq: bool) {
+        loop {
+            let listener = if seq {
+                &self.seq_listener
+            } else {
+                &self.listener
+            };
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("accept on {}: {e}", self.cfg.uds_path.display());
+                    return;
+                }
+            };
+            if self.clients.len() >= self.cfg.max_handshakes {
+                let n = self.counters.inc(Counter::handshake_limit);
+                if should_log(n) {
+                    info!(
+                        "closed a client of {}: {} clients are already in their CONNECT handshake ({n} so far)",
+                        self.cfg.uds_path.display(),
+                        self.clients.len()
+                    );
+                }
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(true) {
+                warn!("cannot make a client socket non-blocking: {e}");
+                continue;
+            }
+            let token = self.alloc_token();
+            if let Err(e) = self.register(&stream, token, false) {
+                warn!("cannot watch a client socket: {e}");
+                continue;
+            }
+            self.clients.insert(
+                token,
+                PendingClient {
+                    stream,
+                    type_: if seq { TYPE_SEQPACKET } else { TYPE_STREAM },
+                    handshake: Handshake::new(Instant::now(), self.cfg.handshake_timeout),
+                },
+            );
+            self.tokens.insert(token, Token::Client);
+            // Bytes may already be there: an edge-triggered watch reports only new ones.
+            self.client_readable(token);
+        }
+    }
+
+    fn stream_event(&mut self, token: u64, set: EventSet) {
+        match self.tokens.get(&token).copied() {
+            None => {}
+            Some(Token::Client) => self.client_readable(token),
+            Some(Token::Conn(key)) => {
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                let hangup = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+                if set.intersects(EventSet::IN | EventSet::READ_HANG_UP) || hangup {
+                    conn.host_readable = true;
+                }
+                if set.contains(EventSet::OUT) || hangup {
+                    conn.host_writable = true;
+                }
+                self.flush(key);
+                self.schedule(key);
+            }
+        }
+    }
+
+    fn client_readable(&mut self, token: u64) {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_LINE_LEN];
+        let request = loop {
+            match client.stream.read(&mut buf) {
+                Ok(0) => {
+                    let err = client.handshake.eof().err();
+                    self.drop_client(token, err.map(|e| e.to_string()));
+                    return;
+                }
+                Ok(n) => match client.handshake.push(&buf[..n]) {
+                    Ok(Some(req)) => break req,
+                    Ok(None) if client.type_ == TYPE_SEQPACKET => {
+                        let msg = "the CONNECT line must come whole in the first message".into();
+                        self.drop_client(token, Some(msg));
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.drop_client(token, Some(e.to_string()));
+                        return;
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.drop_client(token, Some(e.to_string()));
+                    return;
+                }
+            }
+        };
+        let Some(mut client) = self.clients.remove(&token) else {
+            return;
+        };
+        if self.conns.len() >= self.cfg.max_connections {
+            let n = self.counters.inc(Counter::connection_limit);
+            if should_log(n) {
+                info!(
+                    cid = self.cfg.guest_cid,
+                    "refused host connection to guest port {}: the VM is at its bound of {} connections ({n} so far)",
+                    request.port,
+                    self.cfg.max_connections
+                );
+            }
+            self.tokens.remove(&token);
+            return;
+        }
+        let host_port = self.alloc_host_port(request.port);
+        let key = ConnKey {
+            host_port,
+            guest_port: request.port,
+        };
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Modify,
+            client.stream.as_raw_fd(),
+            EpollEvent::new(stream_events(true), token),
+        ) {
+            warn!("cannot watch a client socket: {e}");
+            self.tokens.remove(&token);
+            return;
+        }
+        let leftover = client.handshake.take_leftover();
+        if client.type_ == TYPE_SEQPACKET && !leftover.is_empty() {
+            let msg = "bytes after the CONNECT line in its message".into();
+            self.tokens.remove(&token);
+            self.drop_client(token, Some(msg));
+            return;
+        }
+        let mut conn = Conn::new(
+            client.stream,
+            token,
+            State::Connecting {
+                since: Instant::now(),
+            },
+            client.type_,
+        );
+        conn.from_end = leftover.len();
+        conn.from_host = leftover;
+        self.conns.insert(key, conn);
+        self.tokens.insert(token, Token::Conn(key));
+        self.counters.inc(Counter::connections_opened);
+        debug!(
+            cid = self.cfg.guest_cid,
+            "host client asks for guest port {}", request.port
+        );
+        self.push_ctrl_for(key, OP_REQUEST, 0);
+    }
+
+    fn drop_client(&mut self, token: u64, err: Option<String>) {
+        self.clients.remove(&token);
+        self.tokens.remove(&token);
+        if let Some(err) = err {
+            let n = self.counters.inc(Counter::handshake_errors);
+            if should_log(n) {
+                info!(
+                    "closed a client of {}: {err} ({n} so far)",
+                    self.cfg.uds_path.display()
+                );
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let expired: Vec<(u64, String)> = self
+            .clients
+            .iter()
+            .filter_map(|(t, c)| {
+                c.handshake
+                    .check_deadline(now)
+                    .err()
+                    .map(|e| (*t, e.to_string()))
+            })
+            .collect();
+        for (token, err) in expired {
+            self.drop_client(token, Some(err));
+        }
+        let timeout = self.cfg.connect_timeout;
+        let stale: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.state, State::Connecting { since } if now.saturating_duration_since(since) >= timeout)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            let n = self.counters.inc(Counter::connect_timeouts);
+            if should_log(n) {
+                info!(
+                    cid = self.cfg.guest_cid,
+                    "guest did not answer a connection to its port {} within {timeout:?}",
+                    key.guest_port
+                );
+            }
+            self.close(key, Why::Timeout, true);
+        }
+    }
+
+    fn alloc_token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    fn alloc_host_port(&mut self, guest_port: u32) -> u32 {
+        loop {
+            let p = self.next_host_port;
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_HOST_PORT);
+            if !self.conns.contains_key(&ConnKey {
+                host_port: p,
+                guest_port,
+            }) {
+                return p;
+            }
+        }
+    }
+
+    fn register(&self, stream: &UnixStream, token: u64, writable: bool) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(stream_events(writable), token),
+        )
+    }
+}
+
+fn stream_events(writable: bool) -> EventSet {
+    let mut set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+    if writable {
+        set |= EventSet::OUT;
+    }
+    set
+}
+
+/// One non-blocking write: `Ok(0)` when the socket is full.
+fn write_some(stream: &mut UnixStream, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        match stream.write(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Connects to a Unix stream socket without blocking: a listener whose backlog is full refuses
+/// (`EAGAIN`) rather than stalling every other connection of the VM.
+fn connect_nonblocking(path: &Path, seqpacket: bool) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    let fd: OwnedFd = socket(
+        AddressFamily::Unix,
+        if seqpacket {
+            SockType::SeqPacket
+        } else {
+            SockType::Stream
+        },
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Removes `path` if it is a socket nobody listens on, so that a restarted backend can bind.
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A listening, non-blocking `SOCK_SEQPACKET` Unix socket. `UnixListener` only wraps the fd:
+/// `accept` works the same for every socket type.
+fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    let fd: OwnedFd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    listen(&fd, Backlog::new(128).map_err(io::Error::from)?).map_err(io::Error::from)?;
+    Ok(UnixListener::from(fd))
+}
+
+/// Receives one seqpacket message into `buf`: `Ok(0)` is end-of-file (so an empty host message
+/// is taken as end-of-file too). A message longer than `buf` is an error, never cut.
+fn recv_message(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let n = recv(
+        stream.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_TRUNC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    if n > buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a seqpacket message of {n} bytes exceeds the {} byte bound",
+                buf.len()
+            ),
+        ));
+    }
+    Ok(n)
+}

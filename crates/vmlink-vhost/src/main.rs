@@ -1,0 +1,159 @@
+//! `vmlink-vhost`: a vhost-user-vsock backend with a hybrid vsock host side, for one or more VMs.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info};
+use vmlink_vhost::capture::Capture;
+use vmlink_vhost::config::{self, VmConfig};
+use vmlink_vhost::counters::Counters;
+use vmlink_vhost::device::Device;
+use vmlink_vhost::router::Router;
+use vmlink_vhost::serve::{device_config, serve_vm};
+
+/// A vhost-user-vsock device backend: gives QEMU guests vsock without the host's vhost_vsock
+/// module. The host side is hybrid vsock: Unix sockets, Firecracker's convention.
+#[derive(Debug, Parser)]
+#[command(name = "vmlink-vhost", version)]
+struct Args {
+    /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE].
+    /// `socket` is the vhost-user socket for QEMU; host clients connect to `uds-path` and send
+    /// `CONNECT <port>\n`; guest connections to host port P go to `<uds-path>_<P>`. Repeatable.
+    #[arg(long = "vm", value_name = "SPEC")]
+    vms: Vec<String>,
+    /// A TOML file with one [[vm]] table per VM (same keys as --vm).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Write every packet of every VM to FILE (pcap, link type 271 LINKTYPE_VSOCK, which tshark
+    /// decodes). SIGUSR2 switches capture off and on while running.
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    let vms = match vm_list(&args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vmlink-vhost: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let router = match Router::new(vms.iter().map(|v| (v.guest_cid, &v.groups[..]))) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("vmlink-vhost: cannot set up VM-to-VM routing: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let capture = match &args.pcap {
+        None => None,
+        Some(path) => match Capture::create(path, true) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                eprintln!("vmlink-vhost: --pcap {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+    // SIGUSR1 logs every VM's counters, SIGUSR2 switches capture: block them in every thread
+    // but the one that waits for them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGUSR1);
+    signals.add(Signal::SIGUSR2);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("vmlink-vhost: cannot block SIGUSR1 and SIGUSR2: {e}");
+        return ExitCode::from(1);
+    }
+    // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
+    let mut started = Vec::new();
+    for vm in vms {
+        let counters = Arc::new(Counters::default());
+        match Device::with_router(device_config(&vm), counters.clone(), Some(router.clone())) {
+            Ok(d) => started.push((vm, d, counters)),
+            Err(e) => {
+                eprintln!("vmlink-vhost: VM with guest-cid {}: {e}", vm.guest_cid);
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let all: Vec<(u64, Arc<Counters>)> = started
+        .iter()
+        .map(|(vm, _, c)| (vm.guest_cid, c.clone()))
+        .collect();
+    let signal_capture = capture.clone();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(Signal::SIGUSR1) => {
+                    for (cid, c) in &all {
+                        info!(cid, "counters: {}", c.snapshot());
+                    }
+                }
+                Ok(Signal::SIGUSR2) => match &signal_capture {
+                    Some(c) => {
+                        c.set_enabled(!c.enabled());
+                        let state = if c.enabled() { "on" } else { "off" };
+                        info!("packet capture {state}");
+                    }
+                    None => info!("SIGUSR2: no --pcap file, nothing to switch"),
+                },
+                _ => {}
+            }
+        });
+    let mut threads = Vec::new();
+    for (vm, device, counters) in started {
+        let router = router.clone();
+        let capture = capture.clone();
+        let name = format!("vm-cid{}", vm.guest_cid);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let r = serve_vm(&vm, device, counters, Some(router), capture);
+            if let Err(e) = &r {
+                error!(cid = vm.guest_cid, "{e}");
+            }
+            r.is_ok()
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                eprintln!("vmlink-vhost: cannot start a thread: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    info!("serving {} VM(s)", threads.len());
+    let mut ok = true;
+    for t in threads {
+        ok &= t.join().unwrap_or(false);
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn vm_list(args: &Args) -> Result<Vec<VmConfig>, config::ConfigError> {
+    let mut vms = Vec::new();
+    if let Some(path) = &args.config {
+        vms.extend(config::load_config(path)?);
+    }
+    for spec in &args.vms {
+        vms.push(config::parse_vm_spec(spec)?);
+    }
+    config::check_all(&vms)?;
+    Ok(vms)
+}

@@ -1,0 +1,514 @@
+//! The device model and the queue adapter driven through virtio-queue's `MockSplitQueue`: what a
+//! guest driver would put on the rings, including hostile input.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmlink_vhost::backend::{drain_tx, fill_rx};
+use vmlink_vhost::capture::Capture;
+use vmlink_vhost::counters::{Counter, Counters};
+use vmlink_vhost::device::*;
+
+const CID: u64 = 3;
+const HDR: u32 = 44;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+struct Rig<'a> {
+    mem: &'a GuestMemoryMmap,
+    tx_mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    rx_mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: Queue,
+    rx: Queue,
+    tx_slot: u16,
+    rx_slot: u16,
+    rx_seen: u16,
+    buf: Vec<u8>,
+    device: Device,
+    capture: Option<Arc<Capture>>,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    use std::path::PathBuf;
+    #[derive(Debug)]
+    pub struct Dir(pub PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn encode(h: &Header) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HDR as usize);
+    v.extend_from_slice(&h.src_cid.to_le_bytes());
+    v.extend_from_slice(&h.dst_cid.to_le_bytes());
+    v.extend_from_slice(&h.src_port.to_le_bytes());
+    v.extend_from_slice(&h.dst_port.to_le_bytes());
+    v.extend_from_slice(&h.len.to_le_bytes());
+    v.extend_from_slice(&h.type_.to_le_bytes());
+    v.extend_from_slice(&h.op.to_le_bytes());
+    v.extend_from_slice(&h.flags.to_le_bytes());
+    v.extend_from_slice(&h.buf_alloc.to_le_bytes());
+    v.extend_from_slice(&h.fwd_cnt.to_le_bytes());
+    v
+}
+
+fn decode(b: &[u8]) -> Header {
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+    Header {
+        src_cid: u64_at(0),
+        dst_cid: u64_at(8),
+        src_port: u32_at(16),
+        dst_port: u32_at(20),
+        len: u32_at(24),
+        type_: u16_at(28),
+        op: u16_at(30),
+        flags: u32_at(32),
+        buf_alloc: u32_at(36),
+        fwd_cnt: u32_at(40),
+    }
+}
+
+/// A guest-to-host header on guest port `gport` to host port `hport`.
+fn pkt(op: u16, gport: u32, hport: u32) -> Header {
+    Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: gport,
+        dst_port: hport,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 1 << 20,
+        fwd_cnt: 0,
+    }
+}
+
+const TX_BUFS: u64 = 0x10_0000;
+const RX_BUFS: u64 = 0x80_0000;
+const SLOT: u64 = 0x1_1000;
+
+impl<'a> Rig<'a> {
+    fn new(mem: &'a GuestMemoryMmap, name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-dq-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(CID, dir.join("v"));
+        tweak(&mut cfg);
+        let device = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        let tx_mock = MockSplitQueue::create(mem, GuestAddress(0), 256);
+        let rx_mock = MockSplitQueue::create(mem, GuestAddress(0x8000), 256);
+        let tx = tx_mock.create_queue::<Queue>().expect("tx queue");
+        let rx = rx_mock.create_queue::<Queue>().expect("rx queue");
+        Rig {
+            mem,
+            tx_mock,
+            rx_mock,
+            tx,
+            rx,
+            tx_slot: 0,
+            rx_slot: 0,
+            rx_seen: 0,
+            buf: Vec::new(),
+            device,
+            capture: None,
+            _dir: tempdir::Dir(dir),
+        }
+    }
+
+    fn listen(&self, port: u32) -> UnixListener {
+        let p = self.device.config().uds_path.clone();
+        UnixListener::bind(format!("{}_{port}", p.display())).expect("bind host port")
+    }
+
+    /// Puts raw descriptors (a chain) on the TX ring.
+    fn push_tx_raw(&mut self, descs: &[(u64, u32, u16)]) {
+        let n = descs.len();
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let next = self.tx_slot + i as u16 + 1;
+                let flags = if i + 1 < n { flags | F_NEXT } else { flags };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.tx_mock
+            .add_desc_chains(&raw, self.tx_slot)
+            .expect("add tx chain");
+        self.tx_slot += n as u16;
+    }
+
+    /// Sends one packet from the guest and runs the TX path.
+    fn send(&mut self, h: Header, data: &[u8]) {
+        let h = Header {
+            len: data.len() as u32,
+            ..h
+        };
+        let at = TX_BUFS + u64::from(self.tx_slot) * SLOT;
+        self.mem
+            .write_slice(&encode(&h), GuestAddress(at))
+            .expect("write hdr");
+        if data.is_empty() {
+            self.push_tx_raw(&[(at, HDR, 0)]);
+        } else {
+            self.mem
+                .write_slice(data, GuestAddress(at + 64))
+                .expect("write data");
+            self.push_tx_raw(&[(at, HDR, 0), (at + 64, data.len() as u32, 0)]);
+        }
+        self.run_tx();
+    }
+
+    fn run_tx(&mut self) {
+        assert!(drain_tx(
+            &mut self.device,
+            &mut self.tx,
+            self.mem,
+            &mut self.buf,
+            self.capture.as_deref(),
+        ));
+    }
+
+    /// Offers `n` RX buffers of 4 KiB and returns every packet the device put in them.
+    fn recv(&mut self, n: u16) -> Vec<(Header, Vec<u8>)> {
+        for _ in 0..n {
+            let at = RX_BUFS + u64::from(self.rx_slot) * SLOT;
+            let raw = [
+                RawDescriptor::from(SplitDescriptor::new(
+                    at,
+                    HDR,
+                    F_WRITE | F_NEXT,
+                    self.rx_slot + 1,
+                )),
+                RawDescriptor::from(SplitDescriptor::new(at + 64, 4096, F_WRITE, 0)),
+            ];
+            self.rx_mock
+                .add_desc_chains(&raw, self.rx_slot)
+                .expect("add rx chain");
+            self.rx_slot += 2;
+        }
+        self.device.handle_host_events();
+        fill_rx(
+            &mut self.device,
+            &mut self.rx,
+            self.mem,
+            &mut self.buf,
+            self.capture.as_deref(),
+        );
+        let mut out = Vec::new();
+        let used = self.rx_mock.used_addr();
+        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).expect("used idx");
+        while self.rx_seen != idx {
+            let e = used.unchecked_add(4 + 8 * u64::from(self.rx_seen % 256));
+            let id: u32 = self.mem.read_obj(e).expect("id");
+            let len: u32 = self.mem.read_obj(e.unchecked_add(4)).expect("len");
+            let at = RX_BUFS + u64::from(id) * SLOT;
+            let mut hb = vec![0u8; HDR as usize];
+            self.mem
+                .read_slice(&mut hb, GuestAddress(at))
+                .expect("read hdr");
+            let h = decode(&hb);
+            assert_eq!(len, HDR + h.len, "used length is header + payload");
+            let mut data = vec![0u8; h.len as usize];
+            self.mem
+                .read_slice(&mut data, GuestAddress(at + 64))
+                .expect("read data");
+            out.push((h, data));
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+        }
+        // Give back unused chains for the next call.
+        out
+    }
+
+    fn count(&self, c: Counter) -> u64 {
+        self.device.counters().get(c)
+    }
+}
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("guest memory")
+}
+
+#[test]
+fn guest_connects_sends_and_receives_through_the_rings() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "rw", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    let got = rig.recv(4);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (resp, _) = &got[0];
+    assert_eq!(
+        (resp.op, resp.src_cid, resp.dst_cid),
+        (OP_RESPONSE, HOST_CID, CID)
+    );
+    assert_eq!((resp.src_port, resp.dst_port), (1234, 5000));
+    assert_eq!(resp.buf_alloc, DEFAULT_TX_BUFFER_SIZE);
+
+    let (mut host, _) = l.accept().expect("backend connected to the host listener");
+    rig.send(pkt(OP_RW, 5000, 1234), b"hello host");
+    let mut b = [0u8; 10];
+    host.read_exact(&mut b).expect("read");
+    assert_eq!(&b, b"hello host");
+    assert_eq!(rig.count(Counter::tx_bytes), 10);
+
+    // 10 000 bytes from the host arrive in 4 KiB RX buffers, in order.
+    let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    host.write_all(&data).expect("write");
+    let mut got = Vec::new();
+    for (h, d) in rig.recv(4) {
+        assert_eq!(h.op, OP_RW);
+        got.extend(d);
+    }
+    assert_eq!(got, data);
+
+    // Host SHUT_WR reaches the guest as SHUTDOWN(SEND); the guest can still send.
+    host.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    rig.send(pkt(OP_RW, 5000, 1234), b"late answer");
+    let mut b = [0u8; 11];
+    host.read_exact(&mut b).expect("read after host SHUT_WR");
+    assert_eq!(&b, b"late answer");
+
+    // Guest SHUT_WR: the host reads EOF; both directions are done, the guest gets RST.
+    rig.send(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..pkt(OP_SHUTDOWN, 5000, 1234)
+        },
+        &[],
+    );
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).expect("EOF");
+    assert!(rest.is_empty());
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, OP_RST);
+    assert_eq!(rig.device.connection_count(), 0, "state is freed");
+}
+
+#[test]
+fn spoofed_malformed_and_unknown_packets_are_dropped_and_counted() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "bad", |_| {});
+    let _l = rig.listen(1234);
+
+    rig.send(
+        Header {
+            src_cid: 7,
+            ..pkt(OP_REQUEST, 1, 1234)
+        },
+        &[],
+    );
+    assert_eq!(rig.count(Counter::spoofed_cid), 1);
+    assert!(rig.recv(2).is_empty(), "a spoofed packet gets no answer");
+    assert_eq!(rig.device.connection_count(), 0);
+
+    // A header descriptor shorter than a header; a write-only TX descriptor.
+    rig.push_tx_raw(&[(TX_BUFS, 10, 0)]);
+    rig.push_tx_raw(&[(TX_BUFS, HDR, F_WRITE)]);
+    rig.run_tx();
+    assert_eq!(rig.count(Counter::malformed_descriptors), 2);
+
+    // A header whose len exceeds its data descriptor.
+    let at = TX_BUFS + 0x8_0000;
+    let h = Header {
+        len: 4096,
+        ..pkt(OP_RW, 1, 1234)
+    };
+    mem.write_slice(&encode(&h), GuestAddress(at)).expect("hdr");
+    rig.push_tx_raw(&[(at, HDR, 0), (at + 64, 16, 0)]);
+    rig.run_tx();
+    assert_eq!(rig.count(Counter::malformed_descriptors), 3);
+
+    // Unknown op and unknown type: RST.
+    rig.send(pkt(99, 1, 1234), &[]);
+    rig.send(
+        Header {
+            type_: 9,
+            ..pkt(OP_REQUEST, 2, 1234)
+        },
+        &[],
+    );
+    assert_eq!(rig.count(Counter::bad_packets), 2);
+    let got = rig.recv(4);
+    assert_eq!(
+        got.iter().map(|(h, _)| h.op).collect::<Vec<_>>(),
+        [OP_RST, OP_RST]
+    );
+
+    // Data on no connection: RST. A RST on no connection: nothing.
+    rig.send(pkt(OP_RW, 3, 1234), b"x");
+    rig.send(pkt(OP_RST, 4, 1234), &[]);
+    let got = rig.recv(4);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 3));
+
+    // To an unknown CID: dropped, a request answered with RST.
+    rig.send(
+        Header {
+            dst_cid: 77,
+            ..pkt(OP_REQUEST, 5, 1234)
+        },
+        &[],
+    );
+    assert_eq!(rig.count(Counter::unroutable), 1);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RST);
+}
+
+#[test]
+fn credit_violation_resets_only_that_connection() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "credit", |c| c.tx_buffer_size = 4096);
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 1, 1234), &[]);
+    rig.send(pkt(OP_REQUEST, 2, 1234), &[]);
+    let (_h1, _) = l.accept().expect("accept 1");
+    let (mut h2, _) = l.accept().expect("accept 2");
+    assert_eq!(rig.recv(4).len(), 2);
+    rig.send(pkt(OP_RW, 1, 1234), &[7u8; 5000]);
+    assert_eq!(rig.count(Counter::credit_violations), 1);
+    let got = rig.recv(2);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 1));
+    assert_eq!(rig.device.connection_count(), 1);
+    rig.send(pkt(OP_RW, 2, 1234), b"still fine");
+    let mut b = [0u8; 10];
+    h2.read_exact(&mut b)
+        .expect("the other connection still works");
+    assert_eq!(&b, b"still fine");
+}
+
+#[test]
+fn connections_per_vm_are_bounded() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "bound", |c| c.max_connections = 2);
+    let _l = rig.listen(1234);
+    for port in 1..=3 {
+        rig.send(pkt(OP_REQUEST, port, 1234), &[]);
+    }
+    let ops: Vec<(u16, u32)> = rig
+        .recv(4)
+        .iter()
+        .map(|(h, _)| (h.op, h.dst_port))
+        .collect();
+    assert_eq!(ops, [(OP_RESPONSE, 1), (OP_RESPONSE, 2), (OP_RST, 3)]);
+    assert_eq!(rig.count(Counter::connection_limit), 1);
+    assert_eq!(rig.device.connection_count(), 2);
+}
+
+#[test]
+fn host_connect_waits_for_the_guest_and_keeps_early_bytes() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "hostconn", |_| {});
+    let uds = rig.device.config().uds_path.clone();
+    let mut c = std::os::unix::net::UnixStream::connect(&uds).expect("connect");
+    // The line split over two writes, with data right behind it.
+    c.write_all(b"CONNECT 5").expect("w");
+    rig.device.handle_host_events();
+    assert_eq!(rig.device.handshake_count(), 1);
+    c.write_all(b"2\nearly").expect("w");
+    let got = rig.recv(2);
+    assert_eq!(got.len(), 1);
+    let req = got[0].0;
+    assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 52, CID));
+    // Nothing reaches the client before the guest accepts.
+    c.set_nonblocking(true).expect("nb");
+    let mut b = [0u8; 64];
+    assert!(c.read(&mut b).is_err(), "no reply before the guest accepts");
+    rig.send(
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: 52,
+            dst_port: req.src_port,
+            ..pkt(OP_RESPONSE, 0, 0)
+        },
+        &[],
+    );
+    c.set_nonblocking(false).expect("b");
+    let want = format!("OK {}\n", req.src_port);
+    let mut line = vec![0u8; want.len()];
+    c.read_exact(&mut line).expect("OK line");
+    assert_eq!(String::from_utf8_lossy(&line), want);
+    let got = rig.recv(1);
+    assert_eq!((got[0].0.op, &got[0].1[..]), (OP_RW, &b"early"[..]));
+
+    // A bad line: closed, counted.
+    let mut bad = std::os::unix::net::UnixStream::connect(&uds).expect("connect");
+    bad.write_all(b"connect 52\r\n").expect("w");
+    rig.device.handle_host_events();
+    let mut rest = Vec::new();
+    bad.read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty());
+    assert_eq!(rig.count(Counter::handshake_errors), 1);
+}
+
+#[test]
+fn captured_packets_decode_with_tshark() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "pcap", |_| {});
+    let file = rig._dir.0.join("cap.pcap");
+    rig.capture = Some(Arc::new(Capture::create(&file, true).expect("create pcap")));
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1).len(), 1);
+    let (_host, _) = l.accept().expect("accept");
+    rig.send(pkt(OP_RW, 5000, 1234), b"hello");
+    // Switched off: this one is not written.
+    rig.capture.as_ref().expect("capture").set_enabled(false);
+    rig.send(pkt(OP_RW, 5000, 1234), b"unseen");
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&file)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "vsock.src_cid",
+            "-e",
+            "vsock.dst_cid",
+            "-e",
+            "vsock.src_port",
+            "-e",
+            "vsock.dst_port",
+            "-e",
+            "vsock.op",
+            "-e",
+            "vsock.virtio.op",
+            "-e",
+            "vsock.virtio.len",
+        ])
+        .output()
+        .expect("run tshark (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "request, response, one data packet:\n{text}"
+    );
+    assert!(lines[0].starts_with("3\t2\t5000\t1234"), "{}", lines[0]);
+    assert!(lines[1].starts_with("2\t3\t1234\t5000"), "{}", lines[1]);
+    assert!(lines[2].contains("\t5"), "payload of 5 bytes: {}", lines[2]);
+}

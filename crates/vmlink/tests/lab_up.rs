@@ -1,0 +1,338 @@
+//! `vmlink lab up|ls|down` and every agent verb through `lab:NAME`, as a user runs them: the
+//! guest's vmlink-agent serves the virtio-serial ports org.vmlink.ctl + org.vmlink.data and the
+//! host reaches it through the lab's serial bridge (the stream multiplexer).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn agent_binary() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent")
+}
+
+struct Lab {
+    state: PathBuf,
+    name: String,
+}
+
+impl Lab {
+    fn cmd(&self) -> Command {
+        let mut c = common::vmlink();
+        c.env("VMLINK_LAB_STATE", &self.state);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run vmlink")
+    }
+
+    fn target(&self) -> String {
+        format!("lab:{}", self.name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["lab", "down", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.state);
+        let _ = std::fs::remove_dir_all(self.state.with_extension("files"));
+    }
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
+    let lab = Lab {
+        state: std::env::temp_dir().join(format!("vmlink-labup-{}", std::process::id())),
+        name: "ci".into(),
+    };
+    let agent = agent_binary();
+    let up = lab.run(&[
+        "lab",
+        "up",
+        &lab.name,
+        "--agent",
+        agent.to_str().expect("utf-8"),
+    ]);
+    let text = ok(&up, "lab up");
+    assert!(text.contains("is up"), "{text}");
+    let t = lab.target();
+
+    // ls: one guest, up, with its target.
+    let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
+    let v: serde_json::Value = serde_json::from_str(ls.trim()).expect("one JSON line");
+    assert_eq!(v["name"], "ci");
+    assert_eq!(v["state"], "up");
+    assert!(v["target"].as_str().expect("target").starts_with("unix:"));
+
+    // info lists both serial ports.
+    let info = ok(&lab.run(&["info", &t, "--json"]), "info");
+    let info: serde_json::Value = serde_json::from_str(info.trim()).expect("info JSON");
+    let channels = info["channels"].to_string();
+    assert!(
+        channels.contains("org.vmlink.ctl") && channels.contains("org.vmlink.data"),
+        "{channels}"
+    );
+
+    // exec: exit status and signal death pass through.
+    let st = lab.run(&["exec", &t, "--", "sh", "-c", "exit 7"]).status;
+    assert_eq!(st.code(), Some(7));
+    let st = lab
+        .run(&["exec", &t, "--", "sh", "-c", "kill -9 $$"])
+        .status;
+    assert_eq!(st.code(), Some(137));
+
+    // exec streams: the first line arrives well before the command prints the second.
+    let mut child = lab
+        .cmd()
+        .args([
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "echo first; sleep 3; echo second",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    let at_first = Instant::now();
+    let second = lines.next().expect("a second line").expect("read");
+    let gap = at_first.elapsed();
+    assert_eq!((first.as_str(), second.as_str()), ("first", "second"));
+    assert!(
+        gap > Duration::from_secs(2),
+        "the first line arrived only {gap:?} before the second: output was buffered"
+    );
+    assert!(child.wait().expect("exec ends").success());
+
+    // stdin with -i, EOF included.
+    let mut child = lab
+        .cmd()
+        .args(["exec", "-i", &t, "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec -i");
+    let input = common::payload(5, 3 << 20);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feed = {
+        let input = input.clone();
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input))
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    feed.join().expect("feeder").expect("write stdin");
+    assert!(child.wait().expect("exec ends").success());
+    let want: String = common::sha(&input)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(out.starts_with(&want), "{out} vs {want}");
+
+    // cp both ways, a file and a tree, compared by content.
+    let dir = lab.state.with_extension("files");
+    std::fs::create_dir_all(dir.join("tree/sub")).expect("mkdir");
+    let big = common::payload(9, 24 << 20);
+    std::fs::write(dir.join("big"), &big).expect("write");
+    std::fs::write(dir.join("tree/a"), b"alpha").expect("write");
+    std::fs::write(dir.join("tree/sub/b"), b"beta").expect("write");
+    std::os::unix::fs::symlink("a", dir.join("tree/link")).expect("symlink");
+    let p = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
+    ok(
+        &lab.run(&["cp", "-q", &p("big"), &format!("{t}:/dev/shm/big")]),
+        "cp up",
+    );
+    ok(
+        &lab.run(&["cp", "-q", &p("tree"), &format!("{t}:/dev/shm/")]),
+        "cp tree up",
+    );
+    ok(
+        &lab.run(&["cp", "-q", &format!("{t}:/dev/shm/big"), &p("big.back")]),
+        "cp down",
+    );
+    ok(
+        &lab.run(&["cp", "-q", &format!("{t}:/dev/shm/tree"), &p("tree.back")]),
+        "cp tree down",
+    );
+    assert!(
+        std::fs::read(dir.join("big.back")).expect("read") == big,
+        "24 MiB differs"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("tree.back/sub/b")).expect("read"),
+        b"beta"
+    );
+    assert_eq!(
+        std::fs::read_link(dir.join("tree.back/link")).expect("a symlink"),
+        Path::new("a")
+    );
+
+    // 256 MiB up while pings and an exec run: the pings stay fast (the copy has its own
+    // stream with its own credit), the exec's output is complete; then back down, equal.
+    let huge = common::payload(11, 256 << 20);
+    std::fs::write(dir.join("huge"), &huge).expect("write");
+    let mut copy = lab
+        .cmd()
+        .args(["cp", "-q", &p("huge"), &format!("{t}:/dev/shm/huge")])
+        .spawn()
+        .expect("cp 256 MiB");
+    // Wait until the copy is flowing: the temp file in the guest grows.
+    let flowing = Instant::now();
+    loop {
+        let out = lab.run(&[
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "cat /dev/shm/.huge* 2>/dev/null | head -c 1048576 | wc -c",
+        ]);
+        if String::from_utf8_lossy(&out.stdout).trim() == "1048576" {
+            break;
+        }
+        assert!(
+            flowing.elapsed() < Duration::from_secs(60),
+            "the copy never started"
+        );
+    }
+    let mut exec = lab
+        .cmd()
+        .args([
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do echo line$i; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec during the copy");
+    let out = ok(&lab.run(&["ping", &t, "-c", "10"]), "ping during the copy");
+    let mut rtts: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    assert_eq!(rtts.len(), 10, "{out}");
+    println!("measured: ping during a 256 MiB cp over virtio-serial, ms: {rtts:?}");
+    let mut lines = String::new();
+    exec.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut lines)
+        .expect("read");
+    assert!(exec.wait().expect("exec").success());
+    assert_eq!(lines, "line1\nline2\nline3\nline4\nline5\n");
+    assert!(
+        copy.wait().expect("cp").success(),
+        "the 256 MiB copy failed"
+    );
+    // The goal is 100 ms; release builds measure 3-46 ms here (docs/benchmarks.md). This
+    // is a debug build under TCG, sharing 2 cores with another test's guest in CI: the
+    // median measured 81 ms alone, so the bound here is looser; a ping stuck behind the
+    // copy would take seconds, which this still catches.
+    assert!(
+        rtts[5] < 200.0,
+        "median ping {} ms during the copy",
+        rtts[5]
+    );
+    assert!(
+        rtts[9] < 1000.0,
+        "slowest ping {} ms during the copy",
+        rtts[9]
+    );
+    ok(
+        &lab.run(&["cp", "-q", &format!("{t}:/dev/shm/huge"), &p("huge.back")]),
+        "cp 256 MiB down",
+    );
+    assert!(
+        std::fs::read(dir.join("huge.back")).expect("read") == huge,
+        "256 MiB differs"
+    );
+
+    // down: gone, and the name no longer resolves.
+    ok(&lab.run(&["lab", "down", &lab.name]), "lab down");
+    let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
+    assert!(ls.trim().is_empty(), "{ls}");
+    let out = lab.run(&["ping", &t]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no lab guest named ci"), "{err}");
+}
+
+#[test]
+fn lab_targets_with_bad_names_are_usage_errors() {
+    let out = common::vmlink()
+        .args(["ping", "lab:no/such"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lab guest name"));
+}
+
+#[test]
+fn lab_up_hvsock_reaches_the_agent_through_vmlink_vhost() {
+    let lab = Lab {
+        state: std::env::temp_dir().join(format!("vmlink-labup-hv-{}", std::process::id())),
+        name: "hv".into(),
+    };
+    let agent = agent_binary();
+    let up = lab.run(&[
+        "lab",
+        "up",
+        &lab.name,
+        "--channel",
+        "hvsock",
+        "--agent",
+        agent.to_str().expect("utf-8"),
+    ]);
+    ok(&up, "lab up --channel hvsock");
+    let t = lab.target();
+    let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
+    assert!(ls.contains("\"target\":\"hvsock:"), "{ls}");
+    let info = ok(&lab.run(&["info", &t, "--json"]), "info");
+    assert!(info.contains("vsock-listen:"), "{info}");
+    let out = lab.run(&["exec", &t, "--", "sh", "-c", "echo over-vsock; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over-vsock\n");
+    let dir = lab.state.with_extension("files");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let data = common::payload(3, 16 << 20);
+    std::fs::write(dir.join("f"), &data).expect("write");
+    let p = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
+    ok(
+        &lab.run(&["cp", "-q", &p("f"), &format!("{t}:/dev/shm/f")]),
+        "cp up",
+    );
+    ok(
+        &lab.run(&["cp", "-q", &format!("{t}:/dev/shm/f"), &p("f.back")]),
+        "cp down",
+    );
+    assert!(
+        std::fs::read(dir.join("f.back")).expect("read") == data,
+        "16 MiB differs"
+    );
+    ok(&lab.run(&["lab", "down", &lab.name]), "lab down");
+}

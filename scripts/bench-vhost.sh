@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Measures vmlink-vhost against vhost-device-vsock (VDV, a path to its binary) in the same run:
+# each backend serves one lab guest running `vmlink bench serve vsock-listen:5000`; the host
+# runs `vmlink bench run hvsock:UDS:5000` through the backend's hybrid socket (upload = host to
+# guest, download = guest to host, 1-byte round trips), then N concurrent connections.
+#
+#   scripts/bench-vhost.sh VDV [BYTES] [ROUNDS] [CONNS]      defaults: 256M 3 100
+#
+# Rounds alternate between the backends so that machine noise hits them alike; one backend and
+# its guest run at a time (a guest booted fresh for each measurement). Prints one JSON
+# line per measurement and a summary (medians). Needs release builds of vmlink and vmlink-vhost
+# (built here when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VDV=${1:?usage: scripts/bench-vhost.sh PATH-TO-vhost-device-vsock [BYTES] [ROUNDS] [CONNS]}
+BYTES=${2:-256M}
+ROUNDS=${3:-3}
+CONNS=${4:-100}
+V=target/release/vmlink
+VH=target/release/vmlink-vhost
+[ -x "$V" ] && [ -x "$VH" ] || cargo build --release -q -p vmlink -p vmlink-vhost
+D=$(mktemp -d /tmp/vmlink-vhost-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$D"; }
+trap cleanup EXIT
+wait_sock() { for _ in $(seq 1000); do [ -S "$1" ] && return 0; sleep 0.01; done; echo "no socket $1" >&2; exit 1; }
+
+start() { # name: starts the backend and its guest, waits until the guest's bench server answers
+    local n=$1 cid=3
+    rm -f "$D/$n.sock" "$D/$n.vsock"
+    RUN=()
+    case $n in
+    vmlink-vhost) $VH --vm "guest-cid=$cid,socket=$D/$n.sock,uds-path=$D/$n.vsock" 2>"$D/$n.log" & ;;
+    vdv) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" 2>"$D/$n.log" & ;;
+    vdv-256k) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" \
+        --tx-buffer-size 262144 2>"$D/$n.log" & ;;
+    esac
+    PIDS+=($!); RUN+=($!)
+    wait_sock "$D/$n.sock"
+    $V lab run --timeout 0 --vhost-user-vsock "$D/$n.sock" -- \
+        "$PWD/$V" bench serve vsock-listen:5000 >"$D/$n.guest.log" 2>&1 &
+    PIDS+=($!); RUN+=($!)
+    for _ in $(seq 600); do
+        $V bench run "hvsock:$D/$n.vsock:5000" --latency --round-trips 1 --json >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    echo "guest for $n never served" >&2; cat "$D/$n.log" "$D/$n.guest.log" >&2; exit 1
+}
+
+stop() { for p in "${RUN[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+
+concurrent() { # name: CONNS connections at once, 1M each way each; prints aggregate MiB/s
+    local n=$1 t0 t1
+    t0=$(date +%s.%N)
+    for _ in $(seq "$CONNS"); do
+        $V bench run "hvsock:$D/$n.vsock:5000" --bytes 1M --throughput --json >/dev/null &
+    done
+    local all
+    all=$(jobs -p | grep -v -F -x -f <(printf '%s\n' "${PIDS[@]}") || true)
+    for j in $all; do wait "$j"; done
+    t1=$(date +%s.%N)
+    python3 -c "print(round($CONNS * 2 / ($t1 - $t0), 1))"
+}
+
+NAMES=(vmlink-vhost vdv vdv-256k)
+for r in $(seq "$ROUNDS"); do
+    for n in "${NAMES[@]}"; do
+        start "$n"
+        echo "$n $($V bench run "hvsock:$D/$n.vsock:5000" --bytes "$BYTES" --round-trips 2000 --json)" | tee -a "$D/results"
+        echo "$n-conc {\"conc_mib_s\": $(concurrent "$n")}" | tee -a "$D/results"
+        stop
+    done
+done
+python3 - "$D/results" "$BYTES" "$CONNS" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, js = line.split(" ", 1)
+    rows.setdefault(name, []).append(json.loads(js))
+def med(name, *path):
+    vals = []
+    for r in rows[name]:
+        for p in path:
+            r = r[p]
+        vals.append(r)
+    return statistics.median(vals)
+print()
+print(f"vhost-user-vsock benchmark, {sys.argv[2]} each way, {sys.argv[3]} concurrent connections, median of {len(rows['vdv'])} rounds")
+print(f"{'backend':14} {'upload MiB/s':>13} {'download MiB/s':>15} {'rtt median us':>14} {'rtt p99 us':>11} {'concurrent MiB/s':>17}")
+for n in ["vmlink-vhost", "vdv", "vdv-256k"]:
+    print(f"{n:14} {med(n, 'upload_mib_s'):13.1f} {med(n, 'download_mib_s'):15.1f} "
+          f"{med(n, 'latency_us', 'median'):14.1f} {med(n, 'latency_us', 'p99'):11.1f} {med(n + '-conc', 'conc_mib_s'):17.1f}")
+v, d = "vmlink-vhost", "vdv"
+print(f"ratios vmlink-vhost / vdv: upload {med(v, 'upload_mib_s') / med(d, 'upload_mib_s'):.2f}x, "
+      f"download {med(v, 'download_mib_s') / med(d, 'download_mib_s'):.2f}x, "
+      f"rtt {med(v, 'latency_us', 'median') / med(d, 'latency_us', 'median'):.2f}x, "
+      f"concurrent {med(v + '-conc', 'conc_mib_s') / med(d + '-conc', 'conc_mib_s'):.2f}x")
+PY
