@@ -6,7 +6,9 @@
 //! `HEADER_LEN + MAX_FRAME_LEN` bytes and no more than were given; a decoded message re-encodes
 //! and decodes to itself; header errors are decided when the 12-byte header has arrived, other
 //! outcomes when the whole frame has, never earlier; the accumulator gives the same messages
-//! and the same error however the input is split; error messages are one bounded line.
+//! and the same error however the input is split; error messages are one bounded line. Every
+//! message type is reached (1..=22: the exec, copy, `Resize`, `Run` and `Logs` messages and
+//! `Hello` with features); the stable test seeds valid exec, `Resize`, `Run` and `Logs` frames.
 //!
 //! Run: `cargo +nightly fuzz run agent_frames` from the repository root.
 

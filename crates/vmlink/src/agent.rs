@@ -29,11 +29,12 @@ pub struct InfoArgs {
     json: bool,
 }
 
-/// Run a command in the guest; its stdout and stderr stream back as they
-/// are produced, and its exit status is this command's (128+N when a signal
-/// N killed it; 124 when --timeout killed it). Ctrl-C (SIGINT) and SIGTERM
-/// are forwarded to the command's process group; if this process dies, the
-/// agent kills the group.
+/// Run a command in a guest through its vmlink-agent, output streamed
+///
+/// Its stdout and stderr stream back as they are produced, and its exit
+/// status is this command's (128+N when a signal N killed it; 124 when
+/// --timeout killed it). Ctrl-C (SIGINT) and SIGTERM are forwarded to the
+/// command's process group; if this process dies, the agent kills the group.
 ///
 /// With -t the command gets a terminal in the guest (stdout and stderr both
 /// arrive on stdout); with -ti from a terminal, the local one is in raw mode
@@ -137,7 +138,8 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     if a.cmd.is_empty() {
         bail!("exec needs a command after --");
     }
-    crate::runtime()?.block_on(async {
+    let rt = crate::runtime()?;
+    let result = rt.block_on(async {
         let addr = match a.target.resolve()? {
             Resolved::Qga(q) => {
                 if a.tty || a.user.is_some() || a.timeout.is_some() {
@@ -175,5 +177,9 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
             timeout: a.timeout,
         })
         .await
-    })
+    });
+    // A read of a terminal stdin (-i) may still be blocked on a thread: exit without waiting
+    // for a key press that would end it.
+    rt.shutdown_background();
+    result
 }

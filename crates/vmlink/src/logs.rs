@@ -9,10 +9,12 @@ use vmlink_proto::agent::{Logs, MAX_LOG_LINES};
 
 use crate::target::Target;
 
-/// Print the last lines of a file in the guest; with -f, keep printing
-/// what is appended to it, following it across rotation (renamed and
-/// recreated) and truncation, like tail -F, until interrupted. The agent
-/// checks a followed file every 200 ms. The first tail is at most 16 MiB.
+/// Print the end of a file in a guest; -f follows it like tail -F
+///
+/// Prints the last lines of the file; with -f, keeps printing what is
+/// appended to it, following it across rotation (renamed and recreated)
+/// and truncation, like tail -F, until interrupted. The agent checks a
+/// followed file every 200 ms. The first tail is at most 16 MiB.
 ///
 /// Examples:
 ///   vmlink logs vsock:3:7878 /var/log/syslog

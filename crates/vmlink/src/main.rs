@@ -68,13 +68,7 @@ enum Command {
     Ping(agent::PingArgs),
     /// Show a guest's hostname, OS, kernel, uptime and agent version.
     Info(agent::InfoArgs),
-    /// Run a command in a guest through its vmlink-agent, output streamed.
-    ///
-    /// The exit status is the command's (128+N when signal N killed it).
-    /// Over qga+ADDR (a guest with only qemu-guest-agent): the output arrives
-    /// only when the command has ended (qemu-ga keeps up to 16 MiB per
-    /// stream), -i reads stdin to EOF first (at most 32 MiB), and Ctrl-C is
-    /// forwarded with `kill` to the command's own process.
+    // The help (with examples) is on the argument structs.
     Exec(agent::ExecArgs),
     /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
     ///
@@ -82,9 +76,7 @@ enum Command {
     /// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
     /// temporary file, checked with the guest's sha256sum and renamed with mv.
     Cp(cp::Args),
-    /// Run a local script in a guest (nothing saved there), output streamed.
     Run(run::Args),
-    /// Print the end of a file in a guest; -f follows it like tail -F.
     Logs(logs::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),

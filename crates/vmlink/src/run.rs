@@ -10,12 +10,14 @@ use vmlink_proto::agent::MAX_SCRIPT_LEN;
 
 use crate::target::Target;
 
-/// Run a local script in the guest, with arguments; output streams back as
-/// for exec and the exit status is the script's (128+N for signal N, 124
-/// after --timeout). A script with a #! line runs with that interpreter;
-/// without one, with /bin/sh. The script travels in the request (at most
-/// 16 MiB) and the agent keeps it in memory (a memfd): nothing is saved in
-/// the guest, and its $0 there is /proc/self/fd/N.
+/// Run a local script in a guest (nothing saved there), output streamed
+///
+/// The script runs with the arguments given; output streams back as for
+/// exec and the exit status is the script's (128+N for signal N, 124 after
+/// --timeout). A script with a #! line runs with that interpreter; without
+/// one, with /bin/sh. The script travels in the request (at most 16 MiB)
+/// and the agent keeps it in memory (a memfd): nothing is saved in the
+/// guest, and its $0 there is /proc/self/fd/N.
 ///
 /// Examples:
 ///   vmlink run vsock:3:7878 ./check-disk.sh /var
@@ -27,15 +29,15 @@ pub struct Args {
     /// The agent: an address (vsock:3:7878, unix:PATH, hvsock:UDS:PORT), lab:NAME, or qga+ADDR.
     #[arg(value_parser = crate::target::parse_target)]
     target: Target,
-    /// The local script to run.
-    script: std::path::PathBuf,
-    /// Arguments for the script.
+    /// The local script to run, then its arguments (everything after SCRIPT goes to the
+    /// script, flags included: give vmlink's own flags before SCRIPT).
     #[arg(
+        required = true,
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        value_name = "ARGS"
+        value_name = "SCRIPT [ARGS]"
     )]
-    args: Vec<String>,
+    script: Vec<String>,
     /// Set an environment variable for the script (repeatable).
     #[arg(long, value_name = "K=V", value_parser = crate::session::parse_env)]
     env: Vec<(String, String)>,
@@ -55,25 +57,29 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let script = std::fs::read(&a.script)
-        .with_context(|| format!("cannot read the script {}", a.script.display()))?;
+    let Some((path, args)) = a.script.split_first() else {
+        anyhow::bail!("run needs a script");
+    };
+    let path = std::path::Path::new(path);
+    let script = std::fs::read(path)
+        .with_context(|| format!("cannot read the script {}", path.display()))?;
     if script.len() as u64 > MAX_SCRIPT_LEN {
         anyhow::bail!(
             "the script {} has {} bytes; vmlink run carries at most {MAX_SCRIPT_LEN}",
-            a.script.display(),
+            path.display(),
             script.len()
         );
     }
-    let name = a
-        .script
+    let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("script")
         .to_string();
-    crate::runtime()?.block_on(async {
+    let rt = crate::runtime()?;
+    let result = rt.block_on(async {
         let addr = a.target.resolve()?.agent("run")?;
         let mut argv = vec![name];
-        argv.extend(a.args);
+        argv.extend(args.iter().cloned());
         let req = ExecRequest {
             argv,
             env: a.env,
@@ -91,5 +97,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             timeout: a.timeout,
         })
         .await
-    })
+    });
+    // A read of a terminal stdin (-i) may still be blocked on a thread: exit without waiting
+    // for a key press that would end it.
+    rt.shutdown_background();
+    result
 }

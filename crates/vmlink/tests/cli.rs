@@ -307,3 +307,163 @@ fn exec_user_needs_a_root_agent_and_says_so_and_usage_errors_are_status_2() {
         "{err}"
     );
 }
+
+/// The `termios` of `fd`.
+fn termios(fd: i32) -> libc::termios {
+    // SAFETY: an all-zero termios is a valid value for tcgetattr to overwrite.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes one termios through the pointer, valid for the call.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0, "tcgetattr");
+    t
+}
+
+/// Reads the pty master until `want` appears, within 20 s (poll, no blind sleeps).
+fn read_master_until(master: i32, seen: &mut Vec<u8>, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(seen).contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {want:?}; got {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        let mut p = libc::pollfd {
+            fd: master,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd through the pointer, valid for the call.
+        let r = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
+        if r <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        // SAFETY: read writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(
+            n > 0,
+            "the terminal closed; got {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n as usize]);
+    }
+}
+
+#[test]
+fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_timeout() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let d = tmp("raw");
+    let sock = d.join("agent.sock");
+    let agent_bin =
+        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(agent_bin)
+        .args(["--listen", &format!("unix-listen:{}", sock.display())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmlink-agent");
+    let stderr = child.stderr.take().expect("stderr");
+    let _agent = Agent(child);
+    let line = BufReader::new(stderr)
+        .lines()
+        .next()
+        .expect("a line")
+        .expect("read");
+    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
+    let target = format!("unix:{}", sock.display());
+
+    // A local terminal for vmlink: its stdin, stdout and stderr.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors through the pointers; the rest may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: both descriptors were just created and are owned here.
+    let (master_fd, slave_fd) =
+        unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let cooked = termios(slave);
+    assert_ne!(cooked.c_lflag & libc::ICANON, 0, "a new terminal is cooked");
+    let on_terminal = |args: &[&str]| {
+        let io = || Stdio::from(slave_fd.try_clone().expect("dup"));
+        common::vmlink()
+            .args(args)
+            .stdin(io())
+            .stdout(io())
+            .stderr(io())
+            .spawn()
+            .expect("vmlink on the terminal")
+    };
+    let same = |a: &libc::termios, b: &libc::termios| {
+        (a.c_iflag, a.c_oflag, a.c_lflag, a.c_cflag) == (b.c_iflag, b.c_oflag, b.c_lflag, b.c_cflag)
+    };
+
+    // Raw while the command runs; a key typed locally reaches it; cooked again after.
+    let mut vm = Agent(on_terminal(&[
+        "exec",
+        "-ti",
+        &target,
+        "--",
+        "sh",
+        "-c",
+        "echo ready; read x; echo got-$x",
+    ]));
+    let mut seen = Vec::new();
+    read_master_until(master, &mut seen, "ready");
+    assert_eq!(
+        termios(slave).c_lflag & (libc::ICANON | libc::ECHO),
+        0,
+        "raw while running"
+    );
+    // SAFETY: write reads 3 bytes from the literal.
+    let typed = unsafe { libc::write(master, b"go\r".as_ptr().cast(), 3) };
+    assert_eq!(typed, 3);
+    read_master_until(master, &mut seen, "got-go");
+    let status =
+        vm.0.wait()
+            .expect("vmlink exits once the command has (no key needed)");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        same(&termios(slave), &cooked),
+        "the terminal was not restored"
+    );
+
+    // The same after a timeout (status 124).
+    let mut vm = Agent(on_terminal(&[
+        "exec",
+        "-ti",
+        "--timeout",
+        "1s",
+        &target,
+        "--",
+        "sh",
+        "-c",
+        "echo sleeping; sleep 30",
+    ]));
+    read_master_until(master, &mut seen, "sleeping");
+    assert_eq!(
+        termios(slave).c_lflag & libc::ICANON,
+        0,
+        "raw while running"
+    );
+    let status = vm.0.wait().expect("vmlink exits after the timeout");
+    assert_eq!(status.code(), Some(124));
+    assert!(
+        same(&termios(slave), &cooked),
+        "the terminal was not restored after a timeout"
+    );
+    drop((master_fd, slave_fd));
+}

@@ -81,6 +81,20 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if !args.allow_exec.is_empty()
+        && args
+            .allow_exec
+            .iter()
+            .all(|l| vmlink_agent::parse_program_list(l).is_empty())
+    {
+        use clap::CommandFactory;
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--allow-exec needs at least one program (use --no-exec to refuse all)",
+            )
+            .exit();
+    }
     if let Err(e) = real_main(args) {
         eprintln!("vmlink-agent: {e:#}");
         std::process::exit(1);
@@ -95,9 +109,6 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             .collect()
     };
     let allow = list(&args.allow_exec);
-    if !args.allow_exec.is_empty() && allow.is_empty() {
-        anyhow::bail!("--allow-exec needs at least one program (use --no-exec to refuse all)");
-    }
     let policy = Policy {
         allow_cids,
         max_sessions: args.max_sessions,
