@@ -101,6 +101,22 @@ fn dir_of(name: &str) -> anyhow::Result<PathBuf> {
     Ok(state_root().join(name))
 }
 
+/// The state directory may sit in a shared /tmp: refuse one that another user made (or a
+/// symlink), since its sockets give control of the guest.
+fn check_owned(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    anyhow::ensure!(
+        m.file_type().is_dir() && m.uid() == uid && m.mode() & 0o022 == 0,
+        "{} is not a directory owned by uid {uid} and writable only by it; remove it or set \
+         VMLINK_LAB_STATE",
+        dir.display()
+    );
+    Ok(())
+}
+
 /// The supervisor's pid, if it is alive.
 fn live_pid(dir: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
@@ -198,6 +214,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    check_owned(&state_root())?;
+    check_owned(&dir)?;
     let log = std::fs::File::create(dir.join(LOG_FILE))?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = std::process::Command::new(exe);
