@@ -31,6 +31,8 @@ start() { # name: starts the backend and its guest, waits until the guest's benc
     RUN=()
     case $n in
     vmlink-vhost) $VH --vm "guest-cid=$cid,socket=$D/$n.sock,uds-path=$D/$n.vsock" 2>"$D/$n.log" & ;;
+    vmlink-vhost-1m) $VH --vm "guest-cid=$cid,socket=$D/$n.sock,uds-path=$D/$n.vsock,tx-buffer-size=1M" \
+        2>"$D/$n.log" & ;;
     vdv) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" 2>"$D/$n.log" & ;;
     vdv-256k) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" \
         --tx-buffer-size 262144 2>"$D/$n.log" & ;;
@@ -62,7 +64,8 @@ concurrent() { # name: CONNS connections at once, 1M each way each; prints aggre
     python3 -c "print(round($CONNS * 2 / ($t1 - $t0), 1))"
 }
 
-NAMES=(vmlink-vhost vdv vdv-256k)
+# NAMES="vmlink-vhost vdv" limits the run to some backends (vmlink-vhost-1m is another).
+read -r -a NAMES <<<"${NAMES:-vmlink-vhost vdv vdv-256k}"
 for r in $(seq "$ROUNDS"); do
     for n in "${NAMES[@]}"; do
         start "$n"
@@ -85,13 +88,14 @@ def med(name, *path):
         vals.append(r)
     return statistics.median(vals)
 print()
-print(f"vhost-user-vsock benchmark, {sys.argv[2]} each way, {sys.argv[3]} concurrent connections, median of {len(rows['vdv'])} rounds")
+print(f"vhost-user-vsock benchmark, {sys.argv[2]} each way, {sys.argv[3]} concurrent connections, median of {len(next(iter(rows.values())))} rounds")
 print(f"{'backend':14} {'upload MiB/s':>13} {'download MiB/s':>15} {'rtt median us':>14} {'rtt p99 us':>11} {'concurrent MiB/s':>17}")
-for n in ["vmlink-vhost", "vdv", "vdv-256k"]:
+for n in [k for k in rows if not k.endswith("-conc")]:
     print(f"{n:14} {med(n, 'upload_mib_s'):13.1f} {med(n, 'download_mib_s'):15.1f} "
           f"{med(n, 'latency_us', 'median'):14.1f} {med(n, 'latency_us', 'p99'):11.1f} {med(n + '-conc', 'conc_mib_s'):17.1f}")
 v, d = "vmlink-vhost", "vdv"
-print(f"ratios vmlink-vhost / vdv: upload {med(v, 'upload_mib_s') / med(d, 'upload_mib_s'):.2f}x, "
+if v in rows and d in rows:
+  print(f"ratios vmlink-vhost / vdv: upload {med(v, 'upload_mib_s') / med(d, 'upload_mib_s'):.2f}x, "
       f"download {med(v, 'download_mib_s') / med(d, 'download_mib_s'):.2f}x, "
       f"rtt {med(v, 'latency_us', 'median') / med(d, 'latency_us', 'median'):.2f}x, "
       f"concurrent {med(v + '-conc', 'conc_mib_s') / med(d + '-conc', 'conc_mib_s'):.2f}x")
