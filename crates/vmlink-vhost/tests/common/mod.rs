@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+#[allow(unused_imports)]
 pub use vmlink_lab::testing::payload;
 
 pub fn sha(b: &[u8]) -> Vec<u8> {
