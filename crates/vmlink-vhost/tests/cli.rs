@@ -87,3 +87,18 @@ fn a_config_file_starts_every_vm() {
         );
     }
 }
+
+#[test]
+fn a_socket_in_use_is_not_taken_over() {
+    let dir = common::test_dir("cli-inuse");
+    let uds = common::uds_path(&dir, 3);
+    let _other = std::os::unix::net::UnixListener::bind(&uds).expect("another process's socket");
+    let spec = common::vm_arg(&dir, 3, "");
+    let (code, err) = run(&["--vm", &spec]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is in use", uds.display())),
+        "{err}"
+    );
+    // A stale file (nobody listens) is replaced: see guest_restart.rs.
+}
