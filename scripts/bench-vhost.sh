@@ -8,7 +8,8 @@
 #
 # Rounds alternate between the backends so that machine noise hits them alike; one backend and
 # its guest run at a time (a guest booted fresh for each measurement). Prints one JSON
-# line per measurement and a summary (medians). Needs release builds of vmlink and vmlink-vhost
+# line per measurement and a summary (medians), including each backend's CPU time (user +
+# system) during the throughput and round-trip run. Needs release builds of vmlink and vmlink-vhost
 # (built here when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ start() { # name: starts the backend and its guest, waits until the guest's benc
     RUN=()
     case $n in
     vmlink-vhost) $VH --vm "guest-cid=$cid,socket=$D/$n.sock,uds-path=$D/$n.vsock" 2>"$D/$n.log" & ;;
+    vmlink-vhost-1m) $VH --vm "guest-cid=$cid,socket=$D/$n.sock,uds-path=$D/$n.vsock,tx-buffer-size=1M" \
+        2>"$D/$n.log" & ;;
     vdv) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" 2>"$D/$n.log" & ;;
     vdv-256k) "$VDV" --guest-cid $cid --socket "$D/$n.sock" --uds-path "$D/$n.vsock" \
         --tx-buffer-size 262144 2>"$D/$n.log" & ;;
@@ -47,6 +50,9 @@ start() { # name: starts the backend and its guest, waits until the guest's benc
     echo "guest for $n never served" >&2; cat "$D/$n.log" "$D/$n.guest.log" >&2; exit 1
 }
 
+# The backend's user + system CPU time, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 stop() { for p in "${RUN[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 
 concurrent() { # name: CONNS connections at once, 1M each way each; prints aggregate MiB/s
@@ -62,11 +68,16 @@ concurrent() { # name: CONNS connections at once, 1M each way each; prints aggre
     python3 -c "print(round($CONNS * 2 / ($t1 - $t0), 1))"
 }
 
-NAMES=(vmlink-vhost vdv vdv-256k)
+# NAMES="vmlink-vhost vdv" limits the run to some backends (vmlink-vhost-1m is another).
+read -r -a NAMES <<<"${NAMES:-vmlink-vhost vdv vdv-256k}"
 for r in $(seq "$ROUNDS"); do
     for n in "${NAMES[@]}"; do
         start "$n"
-        echo "$n $($V bench run "hvsock:$D/$n.vsock:5000" --bytes "$BYTES" --round-trips 2000 --json)" | tee -a "$D/results"
+        t0=$(cpu_ticks "${RUN[0]}")
+        out=$($V bench run "hvsock:$D/$n.vsock:5000" --bytes "$BYTES" --round-trips 2000 --json)
+        t1=$(cpu_ticks "${RUN[0]}")
+        echo "$n $out" | tee -a "$D/results"
+        echo "$n-cpu {\"cpu_s\": $(python3 -c "print(($t1 - $t0) / $(getconf CLK_TCK))")}" | tee -a "$D/results"
         echo "$n-conc {\"conc_mib_s\": $(concurrent "$n")}" | tee -a "$D/results"
         stop
     done
@@ -85,14 +96,16 @@ def med(name, *path):
         vals.append(r)
     return statistics.median(vals)
 print()
-print(f"vhost-user-vsock benchmark, {sys.argv[2]} each way, {sys.argv[3]} concurrent connections, median of {len(rows['vdv'])} rounds")
-print(f"{'backend':14} {'upload MiB/s':>13} {'download MiB/s':>15} {'rtt median us':>14} {'rtt p99 us':>11} {'concurrent MiB/s':>17}")
-for n in ["vmlink-vhost", "vdv", "vdv-256k"]:
+print(f"vhost-user-vsock benchmark, {sys.argv[2]} each way, {sys.argv[3]} concurrent connections, median of {len(next(iter(rows.values())))} rounds")
+print(f"{'backend':14} {'upload MiB/s':>13} {'download MiB/s':>15} {'rtt median us':>14} {'rtt p99 us':>11} {'concurrent MiB/s':>17} {'backend CPU s':>14}")
+for n in [k for k in rows if not k.endswith("-conc") and not k.endswith("-cpu")]:
     print(f"{n:14} {med(n, 'upload_mib_s'):13.1f} {med(n, 'download_mib_s'):15.1f} "
-          f"{med(n, 'latency_us', 'median'):14.1f} {med(n, 'latency_us', 'p99'):11.1f} {med(n + '-conc', 'conc_mib_s'):17.1f}")
+          f"{med(n, 'latency_us', 'median'):14.1f} {med(n, 'latency_us', 'p99'):11.1f} {med(n + '-conc', 'conc_mib_s'):17.1f} {med(n + '-cpu', 'cpu_s'):14.2f}")
 v, d = "vmlink-vhost", "vdv"
-print(f"ratios vmlink-vhost / vdv: upload {med(v, 'upload_mib_s') / med(d, 'upload_mib_s'):.2f}x, "
+if v in rows and d in rows:
+  print(f"ratios vmlink-vhost / vdv: upload {med(v, 'upload_mib_s') / med(d, 'upload_mib_s'):.2f}x, "
       f"download {med(v, 'download_mib_s') / med(d, 'download_mib_s'):.2f}x, "
       f"rtt {med(v, 'latency_us', 'median') / med(d, 'latency_us', 'median'):.2f}x, "
-      f"concurrent {med(v + '-conc', 'conc_mib_s') / med(d + '-conc', 'conc_mib_s'):.2f}x")
+      f"concurrent {med(v + '-conc', 'conc_mib_s') / med(d + '-conc', 'conc_mib_s'):.2f}x, "
+      f"backend CPU {med(v + '-cpu', 'cpu_s') / med(d + '-cpu', 'cpu_s'):.2f}x")
 PY

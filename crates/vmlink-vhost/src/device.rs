@@ -146,6 +146,8 @@ pub struct DeviceConfig {
     pub handshake_timeout: Duration,
     /// How long the guest has to accept a host-initiated connection.
     pub connect_timeout: Duration,
+    /// How often timeouts are checked and unannounced credit is sent (default 500 ms).
+    pub tick: Duration,
 }
 
 impl DeviceConfig {
@@ -159,6 +161,7 @@ impl DeviceConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             handshake_timeout: vmlink_proto::hybrid::DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
+            tick: Duration::from_millis(500),
         }
     }
 }
@@ -391,7 +394,7 @@ impl Device {
             )
             .map_err(DeviceError::Setup)?;
         let mut timer = TimerFd::new().map_err(|e| DeviceError::Setup(e.into()))?;
-        let tick = Duration::from_millis(500);
+        let tick = cfg.tick;
         timer
             .reset(tick, Some(tick))
             .map_err(|e| DeviceError::Setup(e.into()))?;
@@ -811,13 +814,21 @@ impl Device {
         self.maybe_credit_update(key);
     }
 
-    /// Tells the guest about freed buffer space once a quarter of its buffer is freed.
+    /// Tells the guest about freed buffer space before it can run out.
     fn maybe_credit_update(&mut self, key: ConnKey) {
-        let quarter = self.cfg.tx_buffer_size / 4;
+        let buf = self.cfg.tx_buffer_size;
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
-        if conn.fwd_cnt.wrapping_sub(conn.reported_fwd_cnt) >= quarter.max(1) {
+        // The credit the guest believes it has, from the last fwd_cnt it was told. Update it
+        // only once that falls below half the buffer: the guest never runs dry while the host
+        // keeps up, and a stream costs one update per half buffer, not one per packet. Linux
+        // also stops at its own buffer size (the buf_alloc it advertises), whatever ours is, so
+        // the smaller of the two counts.
+        let buf = buf.min(conn.peer_buf_alloc.max(1));
+        let believed_free = buf.saturating_sub(conn.rx_cnt.wrapping_sub(conn.reported_fwd_cnt));
+        let freed = conn.fwd_cnt.wrapping_sub(conn.reported_fwd_cnt);
+        if freed > 0 && believed_free < buf / 2 {
             self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0);
         }
     }
@@ -1277,6 +1288,17 @@ impl Device {
             .collect();
         for (token, err) in expired {
             self.drop_client(token, Some(err));
+        }
+        // Safety net for any sender policy: a connection with freed credit the guest has not
+        // heard of gets an update on each tick (twice a second), so it cannot stall for long.
+        let stale_credit: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Established && c.fwd_cnt != c.reported_fwd_cnt)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale_credit {
+            self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0);
         }
         let timeout = self.cfg.connect_timeout;
         let stale: Vec<ConnKey> = self

@@ -78,6 +78,21 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
+    // A socket file someone still listens on belongs to a running process (another backend, or
+    // this one started twice): refuse rather than take it over. Stale files are replaced.
+    for vm in &vms {
+        let seq = vmlink_vhost::device::seqpacket_listener_path(&vm.uds_path);
+        for path in [&vm.socket, &vm.uds_path, &seq] {
+            if is_in_use(path) {
+                eprintln!(
+                    "vmlink-vhost: VM with guest-cid {}: {} is in use: another process listens on it",
+                    vm.guest_cid,
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
     let mut started = Vec::new();
     for vm in vms {
         let counters = Arc::new(Counters::default());
@@ -156,4 +171,19 @@ fn vm_list(args: &Args) -> Result<Vec<VmConfig>, config::ConfigError> {
     }
     config::check_all(&vms)?;
     Ok(vms)
+}
+
+/// Whether a process listens on the Unix socket at `path` (stream or seqpacket).
+fn is_in_use(path: &std::path::Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    [SockType::Stream, SockType::SeqPacket]
+        .into_iter()
+        .any(|ty| {
+            socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)
+                .is_ok_and(|fd| connect(fd.as_raw_fd(), &addr).is_ok())
+        })
 }

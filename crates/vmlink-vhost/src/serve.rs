@@ -5,6 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use tracing::{info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -76,19 +77,27 @@ pub fn serve_vm(
                 .register_listener(epoll_fd, EventSet::IN, u64::from(HOST_EVENT))
                 .map_err(|e| vhost_err(format!("cannot watch the host side: {e}")))?;
         }
+        // Bind before saying so: a VMM started on that line finds the socket there.
+        let listener = Listener::new(&vm.socket, true)
+            .map_err(|e| vhost_err(format!("cannot listen: {e}")))?;
         info!(
             cid = vm.guest_cid,
             "waiting for the VMM on {}",
             vm.socket.display()
         );
-        match daemon.serve(&vm.socket) {
-            Ok(()) => info!(
+        let session = daemon.start(listener).and_then(|()| daemon.wait());
+        // The session is over however it ended: stop the worker threads.
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        match session {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!(
                 cid = vm.guest_cid,
                 "VMM disconnected; freeing the VM's state"
             ),
-            Err(vhost_user_backend::Error::CreateVhostUserListener(e)) => {
-                return Err(vhost_err(format!("cannot listen: {e}")));
-            }
             Err(e) => warn!(cid = vm.guest_cid, "vhost-user session ended: {e}"),
         }
         info!(cid = vm.guest_cid, "counters: {}", counters.snapshot());

@@ -57,6 +57,10 @@ fn killed_guest_frees_state_and_restarted_backend_serves() {
         guest_side();
         return;
     }
+    let _watchdog = common::watchdog(
+        "killed_guest_frees_state_and_restarted_backend_serves",
+        std::time::Duration::from_secs(420),
+    );
     let dir = common::test_dir("restart");
     let args = vec!["--vm".to_string(), common::vm_arg(&dir, CID, "")];
     let mut backend = common::Backend::start(&args, 1);

@@ -52,6 +52,10 @@ fn seqpacket_both_ways_keeps_message_boundaries() {
         guest_side();
         return;
     }
+    let _watchdog = common::watchdog(
+        "seqpacket_both_ways_keeps_message_boundaries",
+        std::time::Duration::from_secs(420),
+    );
     let dir = common::test_dir("seqpacket");
     let mut backend = common::Backend::start(&["--vm".into(), common::vm_arg(&dir, CID, "")], 1);
     let l1100 = common::listen_seqpacket(&dir.join(format!("vsock-{CID}_1100")));

@@ -56,6 +56,10 @@ fn stream_both_ways_split_connect_half_close_and_refusals() {
         guest_side();
         return;
     }
+    let _watchdog = common::watchdog(
+        "stream_both_ways_split_connect_half_close_and_refusals",
+        std::time::Duration::from_secs(420),
+    );
     let dir = common::test_dir("stream");
     let pcap = dir.join("cap.pcap");
     let mut backend = common::Backend::start(

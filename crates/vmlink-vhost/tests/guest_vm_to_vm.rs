@@ -56,6 +56,10 @@ fn two_vms_talk_within_a_group_and_not_across() {
         }
         return;
     }
+    let _watchdog = common::watchdog(
+        "two_vms_talk_within_a_group_and_not_across",
+        std::time::Duration::from_secs(420),
+    );
     let dir = common::test_dir("v2v");
     let mut backend = common::Backend::start(
         &[

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+#[allow(unused_imports)]
 pub use vmlink_lab::testing::payload;
 
 pub fn sha(b: &[u8]) -> Vec<u8> {
@@ -23,6 +24,9 @@ pub fn test_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create test dir");
     dir
 }
+
+/// Every backend process started by this test binary, for the watchdog.
+static BACKENDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
 /// A running `vmlink-vhost`, killed on drop. Its log lines arrive on `log`.
 pub struct Backend {
@@ -41,6 +45,10 @@ impl Backend {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start vmlink-vhost");
+        BACKENDS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -160,4 +168,25 @@ pub fn connect_seqpacket(path: &Path) -> std::os::unix::net::UnixStream {
     )
     .expect("connect");
     std::os::unix::net::UnixStream::from(fd)
+}
+
+/// Ends the test process if the test is still running after `limit`: a host side blocked in
+/// `accept` or `read` (a guest that never boots, a stalled connection) fails in minutes, never
+/// hangs CI. Dropping the guard disarms it.
+pub struct Watchdog(#[allow(dead_code)] mpsc::Sender<()>);
+
+pub fn watchdog(name: &'static str, limit: Duration) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{name}: still running after {limit:?}: failing the test");
+            // Exiting skips destructors: kill the backends this test started first.
+            for pid in BACKENDS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let pid = nix::unistd::Pid::from_raw(*pid as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            std::process::exit(101);
+        }
+    });
+    Watchdog(tx)
 }
