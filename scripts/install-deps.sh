@@ -8,12 +8,13 @@
 #                                     initramfs-tools avoids a udev/systemd upgrade)
 #   socat                             the peer the relay is tested and measured against
 #   tshark                            reads vmlink-vhost's packet captures back in its tests
+#   iproute2                          `ip link add type vsockmon` for vmlink capture (tested in a guest)
 set -euo pipefail
 
 is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
 pkgs=()
-for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark; do
+for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark iproute2; do
     is_installed "$p" || pkgs+=("$p")
 done
 if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then

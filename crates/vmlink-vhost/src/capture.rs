@@ -115,7 +115,15 @@ impl Capture {
         if !self.enabled() {
             return;
         }
-        let rec = record(h, payload);
+        self.raw(&record(h, payload));
+    }
+
+    /// Writes one record that is already in the link type's layout (the vsockmon header, the
+    /// transport header, the payload), as the kernel's vsockmon device delivers it.
+    pub fn raw(&self, rec: &[u8]) {
+        if !self.enabled() {
+            return;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

@@ -13,6 +13,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod agent;
 mod bench;
 mod bridge;
+mod capture;
 mod cp;
 mod demo;
 mod lab;
@@ -80,6 +81,8 @@ enum Command {
     Logs(logs::Args),
     /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
+    /// Capture this guest's vsock packets (vsockmon) into a pcap file for tshark/Wireshark.
+    Capture(capture::Args),
     /// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket.
     SerialBridge(bridge::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => logs::run(a),
         Command::Qga(a) => qga::run(a),
         Command::SerialBridge(a) => bridge::run(a),
+        Command::Capture(a) => capture::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmlink", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
