@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use anyhow::Context;
 
 use crate::target::{valid_lab_name, Target};
@@ -209,12 +211,20 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     }
     // Fail early on a bad --agent.
     agent_command(a.agent.clone(), &a.channel)?;
+    let root = state_root();
+    if !root.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .with_context(|| format!("creating {}", root.display()))?;
+    }
+    check_owned(&root)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    check_owned(&state_root())?;
     check_owned(&dir)?;
     let log = std::fs::File::create(dir.join(LOG_FILE))?;
     let exe = std::env::current_exe().context("finding this executable")?;
