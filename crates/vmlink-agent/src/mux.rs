@@ -327,9 +327,14 @@ impl Session {
     fn reset(&self, id: u32, reason: &str) {
         if lock(&self.streams).remove(&id).is_some() {
             debug!("mux stream {id} reset: {reason}");
-            let r = &reason.as_bytes()[..reason.len().min(vmlink_proto::mux::MAX_REASON)];
-            self.send(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
+            self.send_rst(id, reason);
         }
+    }
+
+    /// Sends RST for stream `id`, its reason cut to the frame's bound.
+    fn send_rst(&self, id: u32, reason: &str) {
+        let r = &reason.as_bytes()[..reason.len().min(vmlink_proto::mux::MAX_REASON)];
+        self.send(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
     }
 
     fn reset_all(&self, reason: &str) {
@@ -389,14 +394,7 @@ impl Session {
         };
         let (ours, theirs) = match pair {
             Ok(p) => p,
-            Err(r) => {
-                self.send(
-                    false,
-                    Header::new(Kind::Rst, id, r.len() as u32, 0),
-                    r.as_bytes(),
-                );
-                return;
-            }
+            Err(r) => return self.send_rst(id, &r),
         };
         let Some(incoming) = &self.incoming else {
             return;
@@ -404,13 +402,7 @@ impl Session {
         let parts = self.register(id);
         if incoming.try_send(theirs).is_err() {
             lock(&self.streams).remove(&id);
-            let r = "the agent is not accepting streams";
-            self.send(
-                false,
-                Header::new(Kind::Rst, id, r.len() as u32, 0),
-                r.as_bytes(),
-            );
-            return;
+            return self.send_rst(id, "the agent is not accepting streams");
         }
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);

@@ -32,6 +32,18 @@ impl Lab {
     fn target(&self) -> String {
         format!("lab:{}", self.name)
     }
+
+    /// Runs `script` in the guest until its output is `want`; fails with `what` after `within`.
+    fn wait_for(&self, script: &str, want: &str, within: Duration, what: &str) {
+        let start = Instant::now();
+        loop {
+            let out = self.run(&["exec", &self.target(), "--", "sh", "-c", script]);
+            if String::from_utf8_lossy(&out.stdout).trim() == want {
+                return;
+            }
+            assert!(start.elapsed() < within, "{what}");
+        }
+    }
 }
 
 impl Drop for Lab {
@@ -189,24 +201,12 @@ fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
     assert_eq!(first, "started\n");
     child.kill().expect("kill the client");
     let _ = child.wait();
-    let gone = Instant::now();
-    loop {
-        let out = lab.run(&[
-            "exec",
-            &t,
-            "--",
-            "sh",
-            "-c",
-            "ps -o args | grep -c '^sleep 1234' || true",
-        ]);
-        if String::from_utf8_lossy(&out.stdout).trim() == "0" {
-            break;
-        }
-        assert!(
-            gone.elapsed() < Duration::from_secs(30),
-            "the guest command outlived its client"
-        );
-    }
+    lab.wait_for(
+        "ps -o args | grep -c '^sleep 1234' || true",
+        "0",
+        Duration::from_secs(30),
+        "the guest command outlived its client",
+    );
 
     // cp both ways, a file and a tree, compared by content.
     let dir = lab.state.with_extension("files");
@@ -256,24 +256,12 @@ fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
         .spawn()
         .expect("cp 256 MiB");
     // Wait until the copy is flowing: the temp file in the guest grows.
-    let flowing = Instant::now();
-    loop {
-        let out = lab.run(&[
-            "exec",
-            &t,
-            "--",
-            "sh",
-            "-c",
-            "cat /dev/shm/.huge* 2>/dev/null | head -c 1048576 | wc -c",
-        ]);
-        if String::from_utf8_lossy(&out.stdout).trim() == "1048576" {
-            break;
-        }
-        assert!(
-            flowing.elapsed() < Duration::from_secs(60),
-            "the copy never started"
-        );
-    }
+    lab.wait_for(
+        "cat /dev/shm/.huge* 2>/dev/null | head -c 1048576 | wc -c",
+        "1048576",
+        Duration::from_secs(60),
+        "the copy never started",
+    );
     let mut exec = lab
         .cmd()
         .args([
