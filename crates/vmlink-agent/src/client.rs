@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmlink_proto::agent::{
-    ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run, Signal,
-    WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION,
+    Checksum, ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run,
+    Signal, WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
@@ -537,14 +537,16 @@ impl Client {
                 )
             }
         };
-        let (conn, _) = self.open().await?;
+        let (conn, hello) = self.open().await?;
         let Conn { mut reader, mut w } = conn;
+        let checksum = checksum_for(&hello);
         let put = Put {
             path: dest.to_string(),
             exact,
+            checksum,
         };
         self.send(&mut w, &Message::Put(put)).await?;
-        let sending = files::send_frames(&mut w, progress, produce);
+        let sending = files::send_frames(&mut w, progress, checksum, produce);
         tokio::pin!(sending);
         let mut sent: Option<CopySummary> = None;
         loop {
@@ -591,13 +593,15 @@ impl Client {
             }
             GetDest::Writer(w) => Receiver::to_writer(w, progress),
         };
-        let (conn, _) = self.open().await?;
+        let (conn, hello) = self.open().await?;
         let Conn { mut reader, mut w } = conn;
+        let checksum = checksum_for(&hello);
         let get = Get {
             path: src.to_string(),
+            checksum,
         };
         self.send(&mut w, &Message::Get(get)).await?;
-        files::receive_frames(&mut reader, receiver)
+        files::receive_frames(&mut reader, receiver.checksum(checksum))
             .await
             .map_err(|e| self.copy_error(e))
     }
@@ -758,6 +762,16 @@ impl Client {
             addr: self.addr.to_string(),
             source,
         }
+    }
+}
+
+/// The checksum a copy with this agent uses: XXH64 when it announces it, else SHA-256 (the
+/// protocol's default, which every version-1 agent has).
+fn checksum_for(agent: &Hello) -> Checksum {
+    if agent.features.iter().any(|f| f == "xxh64") {
+        Checksum::Xxh64
+    } else {
+        Checksum::Sha256
     }
 }
 

@@ -4,14 +4,15 @@
 //! # The stream
 //!
 //! A copy is a sequence of `Entry` messages in pre-order (a directory before what it holds),
-//! each regular file followed by its `Data` frames and one `FileEnd` carrying the SHA-256 of
-//! the data, and a final `Done`. The first entry is the copy's root; every later entry's path
+//! each regular file followed by its `Data` frames and one `FileEnd` carrying the checksum of
+//! the data (the [`Checksum`] the `Put` or `Get` named: XXH64 between current peers, SHA-256
+//! with older ones), and a final `Done`. The first entry is the copy's root; every later entry's path
 //! starts with the root's name.
 //!
 //! # Receiving: atomic, checksummed, confined
 //!
 //! - Every file is written to a temporary file `.NAME.vmlink-PID-N.tmp` created (`O_EXCL`,
-//!   mode 0600) in the directory it is going to, then checked (size, SHA-256), given its mode and
+//!   mode 0600) in the directory it is going to, then checked (size, checksum), given its mode and
 //!   mtime, `fsync`ed and renamed over its name. A temporary file is removed when anything fails
 //!   and when the stream ends early ([`TempFile`] removes it on drop), so no partial file is ever
 //!   visible under a real name.
@@ -45,10 +46,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::debug;
 use vmlink_proto::agent::{
-    encode_header, Entry, EntryKind, ErrorKind, FileEnd, Get, Message, MessageType, Put,
+    encode_header, Checksum, Entry, EntryKind, ErrorKind, FileEnd, Get, Message, MessageType, Put,
     HEADER_LEN, MAX_ENTRIES,
 };
 use vmlink_transport::{ReadHalf, WriteHalf};
+use xxhash_rust::xxh64::Xxh64;
 
 use crate::framed::{write_message, FrameReader, WireError};
 use crate::server::SessionError;
@@ -82,12 +84,22 @@ pub enum FilesError {
         /// Why.
         reason: String,
     },
+    /// A file's `FileEnd` carries another checksum than the copy agreed on.
+    #[error("the sender checksummed {entry:?} with {got}, not with the agreed {expected}")]
+    OtherChecksum {
+        /// The entry.
+        entry: String,
+        /// What the `Put` or `Get` named.
+        expected: &'static str,
+        /// What the `FileEnd` carries.
+        got: &'static str,
+    },
     /// A file's data does not match the checksum its sender computed.
     #[error("checksum mismatch for {entry:?}: sent {expected}, received data hashes to {got}; nothing was renamed")]
     Checksum {
         /// The entry.
         entry: String,
-        /// The sender's SHA-256.
+        /// The sender's digest.
         expected: String,
         /// The receiver's.
         got: String,
@@ -146,7 +158,9 @@ impl FilesError {
         match self {
             FilesError::Io { .. } | FilesError::Unsupported(_) => ErrorKind::Io,
             FilesError::UnsafePath { .. } | FilesError::TooManyEntries => ErrorKind::UnsafePath,
-            FilesError::Checksum { .. } | FilesError::Size { .. } => ErrorKind::ChecksumMismatch,
+            FilesError::Checksum { .. }
+            | FilesError::OtherChecksum { .. }
+            | FilesError::Size { .. } => ErrorKind::ChecksumMismatch,
             FilesError::Peer { kind, .. } => *kind,
             FilesError::Sequence { .. } | FilesError::Wire(WireError::Frame(_)) => {
                 ErrorKind::BadRequest
@@ -247,13 +261,52 @@ fn temp_name(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{short}.vmlink-{}-{n}.tmp", std::process::id()))
 }
 
+/// The running checksum of one file's data.
+enum Hasher {
+    Sha256(Sha256),
+    Xxh64(Xxh64),
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hasher::Sha256(_) => "Sha256",
+            Hasher::Xxh64(_) => "Xxh64",
+        })
+    }
+}
+
+impl Hasher {
+    fn new(checksum: Checksum) -> Hasher {
+        match checksum {
+            Checksum::Sha256 => Hasher::Sha256(Sha256::new()),
+            Checksum::Xxh64 => Hasher::Xxh64(Xxh64::new(0)),
+        }
+    }
+
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(d),
+            Hasher::Xxh64(h) => h.update(d),
+        }
+    }
+
+    /// The digest as lowercase hex.
+    fn finish(self) -> String {
+        match self {
+            Hasher::Sha256(h) => hex(&h.finalize()),
+            Hasher::Xxh64(h) => format!("{:016x}", h.digest()),
+        }
+    }
+}
+
 /// The file being received.
 #[derive(Debug)]
 struct Current {
     entry: Entry,
     target: PathBuf,
     temp: TempFile,
-    sha: Sha256,
+    hasher: Hasher,
     len: u64,
 }
 
@@ -282,6 +335,8 @@ pub struct Receiver {
     stream_out: Option<Box<dyn WriteDebug>>,
     summary: CopySummary,
     progress: Arc<AtomicU64>,
+    /// The checksum the sender's `FileEnd`s must carry.
+    checksum: Checksum,
 }
 
 /// A `Write` that can sit in a `Debug` struct.
@@ -350,7 +405,15 @@ impl Receiver {
             stream_out: out,
             summary: CopySummary::default(),
             progress,
+            checksum: Checksum::Sha256,
         }
+    }
+
+    /// Expects the sender's `FileEnd`s to carry `checksum` (what the `Put` or `Get` named; the
+    /// default is SHA-256).
+    pub fn checksum(mut self, checksum: Checksum) -> Receiver {
+        self.checksum = checksum;
+        self
     }
 
     /// Handles one message of the copy.
@@ -458,7 +521,7 @@ impl Receiver {
                     path: PathBuf::new(),
                     file: None,
                 },
-                sha: Sha256::new(),
+                hasher: Hasher::new(self.checksum),
                 len: 0,
             });
             return Ok(());
@@ -526,7 +589,7 @@ impl Receiver {
                         path: temp,
                         file: Some(file),
                     },
-                    sha: Sha256::new(),
+                    hasher: Hasher::new(self.checksum),
                     len: 0,
                 });
             }
@@ -538,7 +601,7 @@ impl Receiver {
         let Some(cur) = &mut self.current else {
             return Ok(());
         };
-        cur.sha.update(d);
+        cur.hasher.update(d);
         cur.len += d.len() as u64;
         self.progress.fetch_add(d.len() as u64, Ordering::Relaxed);
         if let Some(out) = &mut self.stream_out {
@@ -557,7 +620,8 @@ impl Receiver {
         let Some(mut cur) = self.current.take() else {
             return Ok(());
         };
-        let got = hex(&std::mem::take(&mut cur.sha).finalize());
+        let hasher = std::mem::replace(&mut cur.hasher, Hasher::new(self.checksum));
+        let got = hasher.finish();
         if let Some(expected) = cur.entry.size {
             if expected != cur.len {
                 return Err(FilesError::Size {
@@ -567,12 +631,23 @@ impl Receiver {
                 });
             }
         }
-        if got != end.sha256 {
-            return Err(FilesError::Checksum {
-                entry: cur.entry.path,
-                expected: end.sha256.clone(),
-                got,
-            });
+        match end.digest() {
+            Some((c, expected)) if c == self.checksum => {
+                if got != expected {
+                    return Err(FilesError::Checksum {
+                        entry: cur.entry.path,
+                        expected: format!("{} {expected}", c.name()),
+                        got: format!("{} {got}", c.name()),
+                    });
+                }
+            }
+            other => {
+                return Err(FilesError::OtherChecksum {
+                    entry: cur.entry.path,
+                    expected: self.checksum.name(),
+                    got: other.map_or("nothing", |(c, _)| c.name()),
+                });
+            }
         }
         self.summary.bytes += cur.len;
         if let Some(out) = &mut self.stream_out {
@@ -621,6 +696,7 @@ impl Receiver {
 pub struct FrameSink {
     tx: mpsc::Sender<Vec<u8>>,
     progress: Arc<AtomicU64>,
+    checksum: Checksum,
 }
 
 impl FrameSink {
@@ -635,7 +711,7 @@ impl FrameSink {
 
     /// Sends a file's data from `r`, then its `FileEnd`. Returns its length.
     fn data_from(&self, r: &mut dyn Read, path: &Path) -> Result<u64, FilesError> {
-        let mut sha = Sha256::new();
+        let mut hasher = Hasher::new(self.checksum);
         let mut len = 0u64;
         loop {
             let mut buf = vec![0u8; HEADER_LEN + COPY_CHUNK];
@@ -649,7 +725,7 @@ impl FrameSink {
             if n == 0 {
                 break;
             }
-            sha.update(&buf[HEADER_LEN..HEADER_LEN + n]);
+            hasher.update(&buf[HEADER_LEN..HEADER_LEN + n]);
             len += n as u64;
             let header = encode_header(MessageType::Data, n).map_err(WireError::Frame)?;
             buf[..HEADER_LEN].copy_from_slice(&header);
@@ -657,9 +733,10 @@ impl FrameSink {
             self.frame(buf)?;
             self.progress.fetch_add(n as u64, Ordering::Relaxed);
         }
-        self.message(&Message::FileEnd(FileEnd {
-            sha256: hex(&sha.finalize()),
-        }))?;
+        self.message(&Message::FileEnd(FileEnd::new(
+            self.checksum,
+            hasher.finish(),
+        )))?;
         Ok(len)
     }
 }
@@ -761,17 +838,25 @@ pub fn send_stream(
 // ---------------------------------------------------------------------------------------------
 // Async glue: one side of a connection.
 
-/// Runs `produce` on a blocking thread and writes its frames to `w` in order.
+/// Runs `produce` on a blocking thread and writes its frames to `w` in order; file data is
+/// checksummed with `checksum`.
 pub(crate) async fn send_frames<F>(
     w: &mut WriteHalf,
     progress: Arc<AtomicU64>,
+    checksum: Checksum,
     produce: F,
 ) -> Result<CopySummary, FilesError>
 where
     F: FnOnce(&FrameSink) -> Result<CopySummary, FilesError> + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let producer = tokio::task::spawn_blocking(move || produce(&FrameSink { tx, progress }));
+    let producer = tokio::task::spawn_blocking(move || {
+        produce(&FrameSink {
+            tx,
+            progress,
+            checksum,
+        })
+    });
     let mut write_error = None;
     while let Some(frame) = rx.recv().await {
         if let Err(e) = w.write_all(&frame).await {
@@ -840,7 +925,7 @@ pub(crate) async fn serve_put(
     w: &mut WriteHalf,
 ) -> Result<(), SessionError> {
     let result = match Receiver::new(Path::new(&put.path), put.exact, Arc::default()) {
-        Ok(receiver) => receive_frames(&mut reader, receiver).await,
+        Ok(receiver) => receive_frames(&mut reader, receiver.checksum(put.checksum)).await,
         Err(e) => Err(e),
     };
     match result {
@@ -868,7 +953,12 @@ pub(crate) async fn serve_get(
             return fail(reader, w, e).await;
         }
     };
-    match send_frames(w, Arc::default(), move |sink| send_tree(sink, &path, &name)).await {
+    let checksum = get.checksum;
+    match send_frames(w, Arc::default(), checksum, move |sink| {
+        send_tree(sink, &path, &name)
+    })
+    .await
+    {
         Ok(summary) => {
             debug!(path = get.path, ?summary, "get done");
             let _ = w.shutdown_write();

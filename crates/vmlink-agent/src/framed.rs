@@ -4,7 +4,8 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use vmlink_proto::agent::{Decoder, FrameError, Message};
+use bytes::BufMut;
+use vmlink_proto::agent::{Decoder, FrameError, Message, MessageType, HEADER_LEN};
 
 /// Reading or writing frames failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,11 +22,20 @@ pub enum WireError {
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Reads whole messages from a byte stream.
+///
+/// Big raw payloads (`Data`, `Stdout`, ...) are read from the stream straight into the
+/// message's own buffer ([`Decoder::take_partial_raw`]): a copy's bytes are copied once, by the
+/// kernel, not three times. While such frames follow each other, the reader asks for one
+/// header at a time, so that the next payload also lands in its own buffer.
 #[derive(Debug)]
 pub(crate) struct FrameReader<R> {
     inner: R,
     decoder: Decoder,
     buf: Vec<u8>,
+    /// A raw frame whose payload is being read: its type, length and what has arrived.
+    partial: Option<(MessageType, usize, Vec<u8>)>,
+    /// The last frame was a big raw one: read the next header alone.
+    bulk: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -34,6 +44,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             decoder: Decoder::new(),
             buf: vec![0; READ_CHUNK],
+            partial: None,
+            bulk: false,
         }
     }
 
@@ -44,14 +56,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next message; `None` when the peer closed between frames.
     ///
-    /// Cancel-safe: bytes are handed to the decoder in the same poll that reads them, so a
-    /// `select!` that drops this future loses nothing.
+    /// Cancel-safe: bytes are handed to the decoder (or the payload being filled) in the same
+    /// poll that reads them, so a `select!` that drops this future loses nothing.
     pub(crate) async fn next(&mut self) -> Result<Option<Message>, WireError> {
         loop {
+            if let Some((ty, len, payload)) = self.partial.as_mut() {
+                if payload.len() < *len {
+                    let want = *len - payload.len();
+                    let n = self.inner.read_buf(&mut (&mut *payload).limit(want)).await?;
+                    if n == 0 {
+                        return Err(WireError::Frame(FrameError::Truncated {
+                            partial_len: HEADER_LEN + payload.len(),
+                        }));
+                    }
+                    continue;
+                }
+                let (ty, payload) = (*ty, std::mem::take(payload));
+                self.partial = None;
+                self.bulk = true;
+                // `take_partial_raw` hands out raw-bytes types only.
+                return Message::from_raw(ty, payload)
+                    .map(Some)
+                    .ok_or(WireError::Frame(FrameError::UnknownType { ty: ty as u8 }));
+            }
             if let Some(m) = self.decoder.next_message()? {
+                self.bulk = false;
                 return Ok(Some(m));
             }
-            let n = self.inner.read(&mut self.buf).await?;
+            if let Some(p) = self.decoder.take_partial_raw()? {
+                self.partial = Some(p);
+                continue;
+            }
+            let want = match (self.bulk, self.decoder.buffered()) {
+                (true, b) if b < HEADER_LEN => HEADER_LEN - b,
+                _ => READ_CHUNK,
+            };
+            let n = self.inner.read(&mut self.buf[..want]).await?;
             if n == 0 {
                 self.decoder.eof()?;
                 return Ok(None);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cp_fixtures::{describe, fresh_dir, make_tree, Raw};
 use vmlink_agent::client::{Client, GetDest, PutSource};
-use vmlink_proto::agent::{Entry, EntryKind, ErrorKind, Message, Put};
+use vmlink_proto::agent::{Checksum, Entry, EntryKind, ErrorKind, Message, Put};
 
 guest_test! {
     fn copies_over_vsock_keep_trees_refuse_escapes_and_never_block_a_ping() {
@@ -58,7 +58,7 @@ guest_test! {
                 size: None, link_target: link,
             };
             let mut raw = Raw::open(&agent.addr).await;
-            raw.send(&Message::Put(Put { path: path(&up), exact: false })).await;
+            raw.send(&Message::Put(Put { path: path(&up), exact: false, checksum: Checksum::Sha256 })).await;
             let mut frame = Message::Entry(entry(EntryKind::File, "xx", None)).encode().expect("encodes");
             let at = frame.windows(2).position(|w| w == b"xx").expect("path");
             frame[at..at + 2].copy_from_slice(b"..");
@@ -68,7 +68,7 @@ guest_test! {
                 other => panic!("`..` was not refused: {other:?}"),
             }
             let mut raw = Raw::open(&agent.addr).await;
-            raw.send(&Message::Put(Put { path: path(&up), exact: false })).await;
+            raw.send(&Message::Put(Put { path: path(&up), exact: false, checksum: Checksum::Sha256 })).await;
             raw.send(&Message::Entry(entry(EntryKind::Dir, "d", None))).await;
             raw.send(&Message::Entry(entry(EntryKind::Symlink, "d/l", Some(path(&outside))))).await;
             raw.send(&Message::Entry(entry(EntryKind::Dir, "d/l/planted", None))).await;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cp_fixtures::{describe, eventually, fresh_dir, make_tree, temp_files, Raw};
 use vmlink_agent::client::{Client, ClientError, GetDest, PutSource};
 use vmlink_agent::Policy;
-use vmlink_proto::agent::{Entry, EntryKind, ErrorKind, FileEnd, Message, Put};
+use vmlink_proto::agent::{Checksum, Entry, EntryKind, ErrorKind, FileEnd, Message, Put};
 
 fn unix_agent() -> common::Agent {
     common::start_agent(
@@ -42,6 +42,7 @@ async fn put_with_dir(agent: &vmlink_transport::Addr, dest: &Path, dir: &str) ->
     raw.send(&Message::Put(Put {
         path: s(dest),
         exact: false,
+        checksum: Checksum::Sha256,
     }))
     .await;
     let entry = Entry {
@@ -182,6 +183,7 @@ fn entries_that_would_escape_the_destination_are_refused_naming_the_entry() {
         raw.send(&Message::Put(Put {
             path: s(&dest),
             exact: false,
+            checksum: Checksum::Sha256,
         }))
         .await;
         let mut frame = Message::Entry(file_entry("xx/evil", None))
@@ -240,13 +242,12 @@ fn a_bad_checksum_or_a_dropped_connection_leaves_no_file_and_no_temp_file() {
         raw.send(&Message::Put(Put {
             path: s(&dest),
             exact: false,
+            checksum: Checksum::Sha256,
         }))
         .await;
         raw.send(&Message::Entry(file_entry("f", Some(3)))).await;
         raw.send(&Message::Data(b"abc".to_vec())).await;
-        raw.send(&Message::FileEnd(FileEnd {
-            sha256: "00".repeat(32),
-        }))
+        raw.send(&Message::FileEnd(FileEnd::new(Checksum::Sha256, "00".repeat(32))))
         .await;
         let (kind, message) = agent_error(raw.recv().await);
         assert_eq!(kind, ErrorKind::ChecksumMismatch, "{message}");
@@ -256,11 +257,39 @@ fn a_bad_checksum_or_a_dropped_connection_leaves_no_file_and_no_temp_file() {
             temp_files(&dest).is_empty()
         });
 
+        // The same with XXH64, and a FileEnd that carries another checksum than the Put named.
+        for (end, expect) in [
+            (
+                FileEnd::new(Checksum::Xxh64, "0123456789abcdef".into()),
+                "checksum mismatch for \"f\": sent xxh64 0123456789abcdef, received data hashes to xxh64 ",
+            ),
+            (
+                FileEnd::new(Checksum::Sha256, "00".repeat(32)),
+                "checksummed \"f\" with sha256, not with the agreed xxh64",
+            ),
+        ] {
+            let mut raw = Raw::open(&agent.addr).await;
+            raw.send(&Message::Put(Put {
+                path: s(&dest),
+                exact: false,
+                checksum: Checksum::Xxh64,
+            }))
+            .await;
+            raw.send(&Message::Entry(file_entry("f", Some(3)))).await;
+            raw.send(&Message::Data(b"abc".to_vec())).await;
+            raw.send(&Message::FileEnd(end)).await;
+            let (kind, message) = agent_error(raw.recv().await);
+            assert_eq!(kind, ErrorKind::ChecksumMismatch, "{message}");
+            assert!(message.contains(expect), "{message}");
+            assert!(!dest.join("f").exists());
+        }
+
         // The client goes away mid-file: the temp file appears, then is removed.
         let mut raw = Raw::open(&agent.addr).await;
         raw.send(&Message::Put(Put {
             path: s(&dest),
             exact: false,
+            checksum: Checksum::Sha256,
         }))
         .await;
         raw.send(&Message::Entry(file_entry("g", Some(1 << 20))))
@@ -279,13 +308,12 @@ fn a_bad_checksum_or_a_dropped_connection_leaves_no_file_and_no_temp_file() {
         raw.send(&Message::Put(Put {
             path: s(&dest),
             exact: false,
+            checksum: Checksum::Sha256,
         }))
         .await;
         raw.send(&Message::Entry(file_entry("h", Some(10)))).await;
         raw.send(&Message::Data(b"abc".to_vec())).await;
-        raw.send(&Message::FileEnd(FileEnd {
-            sha256: "00".repeat(32),
-        }))
+        raw.send(&Message::FileEnd(FileEnd::new(Checksum::Sha256, "00".repeat(32))))
         .await;
         let (kind, message) = agent_error(raw.recv().await);
         assert_eq!(kind, ErrorKind::ChecksumMismatch, "{message}");
@@ -296,4 +324,46 @@ fn a_bad_checksum_or_a_dropped_connection_leaves_no_file_and_no_temp_file() {
         client.ping().await.expect("the agent still answers");
         assert_eq!(fs::read_dir(&dest).expect("readdir").count(), 0);
     });
+}
+
+#[test]
+fn a_get_that_names_no_checksum_is_answered_with_sha256_as_version_1_peers_expect() {
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let src = fresh_dir("get-sha");
+        fs::write(src.join("f"), b"hello, version 1").expect("write");
+        for (checksum, expect) in [
+            (
+                Checksum::Sha256,
+                FileEnd::new(Checksum::Sha256, hex(&common::sha(b"hello, version 1"))),
+            ),
+            (
+                Checksum::Xxh64,
+                FileEnd::new(
+                    Checksum::Xxh64,
+                    format!("{:016x}", xxhash_rust::xxh64::xxh64(b"hello, version 1", 0)),
+                ),
+            ),
+        ] {
+            let mut raw = Raw::open(&agent.addr).await;
+            raw.send(&Message::Get(vmlink_proto::agent::Get {
+                path: s(&src.join("f")),
+                checksum,
+            }))
+            .await;
+            let mut end = None;
+            while let Some(m) = raw.recv().await {
+                match m {
+                    Message::FileEnd(e) => end = Some(e),
+                    Message::Done => break,
+                    _ => {}
+                }
+            }
+            assert_eq!(end, Some(expect), "{checksum:?}");
+        }
+    });
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }
