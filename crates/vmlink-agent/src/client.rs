@@ -478,6 +478,11 @@ impl Client {
         }
     }
 
+    /// The checksum copies with this agent use (XXH64 when the agent has it, else SHA-256).
+    pub fn copy_checksum(&self) -> Checksum {
+        checksum_for(&self.agent)
+    }
+
     /// Copies `source` to `dest` (absolute) in the guest, on a connection of its own. `progress`
     /// counts the file bytes sent. Returns once the agent has committed everything (every file
     /// checksummed, `fsync`ed and renamed into place).

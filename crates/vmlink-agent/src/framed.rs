@@ -3,8 +3,8 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use vmlink_proto::agent::{Decoder, FrameError, Message, MessageType, HEADER_LEN};
 
 /// Reading or writing frames failed.
@@ -63,7 +63,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some((ty, len, payload)) = self.partial.as_mut() {
                 if payload.len() < *len {
                     let want = *len - payload.len();
-                    let n = self.inner.read_buf(&mut (&mut *payload).limit(want)).await?;
+                    let n = self
+                        .inner
+                        .read_buf(&mut (&mut *payload).limit(want))
+                        .await?;
                     if n == 0 {
                         return Err(WireError::Frame(FrameError::Truncated {
                             partial_len: HEADER_LEN + payload.len(),

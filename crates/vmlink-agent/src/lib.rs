@@ -312,15 +312,7 @@ async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
                 s = incoming.recv() => match s {
                     Some(s) => {
                         let label = format!("{} stream", ports.ctl);
-                        let stream = match vmlink_transport::AsyncStream::from_std(
-                            vmlink_transport::Stream::from_unix(s, label),
-                        ) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                warn!("{}", vmlink_transport::error_chain(&e));
-                                continue;
-                            }
-                        };
+                        let stream = vmlink_transport::AsyncStream::in_memory(s, label);
                         let permit = shared.sessions.clone().try_acquire_owned().ok();
                         connections.spawn(server::serve(stream, ports.ctl.clone(), shared.clone(), permit));
                     }

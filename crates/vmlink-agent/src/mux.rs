@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BufMut;
+use tokio::io::DuplexStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -50,6 +50,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 const CREDIT_STEP: u64 = WINDOW / 4;
 /// How much a lane reader buffers.
 const READ_BUF: usize = 256 * 1024;
+/// The buffer of the in-process pipe between the guest's mux and the session it serves a
+/// stream to (`tokio::io::duplex`); the credit window bounds what waits beyond it.
+const PIPE_BUF: usize = 256 * 1024;
 
 /// A byte pipe's reading side.
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
@@ -145,7 +148,7 @@ struct Session {
     next_id: AtomicU32,
     peer_ready: watch::Sender<bool>,
     closed: watch::Sender<bool>,
-    incoming: Option<mpsc::Sender<std::os::unix::net::UnixStream>>,
+    incoming: Option<mpsc::Sender<DuplexStream>>,
     counters: Counters,
     /// The nonce of the last PONG.
     pong: AtomicU64,
@@ -172,12 +175,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Mux {
     /// Starts a session over `ctl` and an optional `data` lane. For [`Role::Guest`] the
-    /// receiver yields one Unix socket per stream the host opens.
-    pub fn start(
-        role: Role,
-        ctl: Lane,
-        data: Option<Lane>,
-    ) -> (Mux, mpsc::Receiver<std::os::unix::net::UnixStream>) {
+    /// receiver yields one in-process pipe end per stream the host opens (no socket pair: a
+    /// copy's bytes cross no extra system calls or kernel copies inside the guest).
+    pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<DuplexStream>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(ctl.w, ctl_rx));
@@ -353,8 +353,13 @@ impl Session {
         }
     }
 
-    fn pump(self: Arc<Self>, id: u32, local: UnixStream, parts: Parts) {
-        let (rd, wr) = local.into_split();
+    fn pump<S: AsyncRead + AsyncWrite + Send + 'static>(
+        self: Arc<Self>,
+        id: u32,
+        local: S,
+        parts: Parts,
+    ) {
+        let (rd, wr) = tokio::io::split(local);
         tokio::spawn(outbound(
             self.clone(),
             id,
@@ -383,19 +388,10 @@ impl Session {
         } else {
             None
         };
-        let pair = match reason {
-            Some(r) => Err(r),
-            None => std::os::unix::net::UnixStream::pair()
-                .and_then(|(a, b)| {
-                    a.set_nonblocking(true)?;
-                    Ok((UnixStream::from_std(a)?, b))
-                })
-                .map_err(|e| format!("socketpair: {e}")),
-        };
-        let (ours, theirs) = match pair {
-            Ok(p) => p,
-            Err(r) => return self.send_rst(id, &r),
-        };
+        if let Some(r) = reason {
+            return self.send_rst(id, &r);
+        }
+        let (ours, theirs) = tokio::io::duplex(PIPE_BUF);
         let Some(incoming) = &self.incoming else {
             return;
         };
@@ -548,9 +544,6 @@ async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
 async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     let lane = if data_lane { "data" } else { "control" };
     let mut decoder = LaneDecoder::new();
-    // An initialised buffer: reading into uninitialised spare capacity makes some readers
-    // zero it first, every read, which costs more than the copy into the decoder.
-    let mut buf = vec![0u8; READ_BUF];
     loop {
         while let Some(event) = decoder.next_event() {
             match event {
@@ -564,12 +557,17 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
                 }
             }
         }
-        match r.read(&mut buf).await {
+        // Straight into the decoder's buffer: the lanes' readers (vmlink's transport, tokio's
+        // sockets) fill uninitialised memory without zeroing it first.
+        match r
+            .read_buf(&mut decoder.spare(READ_BUF).limit(READ_BUF))
+            .await
+        {
             Ok(0) => {
                 debug!("mux {lane} lane: end of file");
                 break;
             }
-            Ok(n) => decoder.push(&buf[..n]),
+            Ok(_) => {}
             Err(e) => {
                 debug!("mux {lane} lane: {e}");
                 break;
@@ -582,10 +580,10 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
 }
 
 /// Local socket -> DATA frames, within the peer's credit; FIN at EOF.
-async fn outbound(
+async fn outbound<R: AsyncRead + Unpin>(
     s: Arc<Session>,
     id: u32,
-    mut rd: OwnedReadHalf,
+    mut rd: R,
     mut credit: watch::Receiver<u64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
@@ -640,10 +638,10 @@ async fn outbound(
 }
 
 /// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN.
-async fn inbound(
+async fn inbound<W: AsyncWrite + Unpin>(
     s: Arc<Session>,
     id: u32,
-    mut wr: OwnedWriteHalf,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
     limit: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
@@ -778,9 +776,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {
                 tokio::spawn(async move {
-                    s.set_nonblocking(true).expect("nonblocking");
-                    let s = UnixStream::from_std(s).expect("tokio");
-                    let (mut r, mut w) = s.into_split();
+                    let (mut r, mut w) = tokio::io::split(s);
                     let _ = tokio::io::copy(&mut r, &mut w).await;
                     let _ = w.shutdown().await;
                 });
@@ -878,10 +874,8 @@ mod tests {
         };
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {
-                s.set_nonblocking(true).expect("nonblocking");
-                let s = UnixStream::from_std(s).expect("tokio");
                 tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
+                    let (mut r, mut w) = tokio::io::split(s);
                     let _ = tokio::io::copy(&mut r, &mut w).await;
                     let _ = w.shutdown().await;
                 });

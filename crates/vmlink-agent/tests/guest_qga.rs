@@ -327,7 +327,7 @@ fn script() -> Vec<Vec<u8>> {
     s.push(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":9}}".to_vec());
     // Big and deep: a 1 MiB member, and nesting past the bound of 1024.
     let mut big = br#"{"execute":"guest-ping","x":""#.to_vec();
-    big.extend(std::iter::repeat(b'a').take(1 << 20));
+    big.extend(std::iter::repeat_n(b'a', 1 << 20));
     big.extend(br#""}"#);
     s.push(big);
     let mut deep = vec![b'['; 1100];

@@ -1152,7 +1152,9 @@ impl Decoder {
     /// stream into that buffer and makes the message with [`Message::from_raw`]; the decoder
     /// continues after the frame. `Ok(None)` in every other case (nothing is taken); an error
     /// when the header is invalid, as [`Decoder::next_message`] would report it.
-    pub fn take_partial_raw(&mut self) -> Result<Option<(MessageType, usize, Vec<u8>)>, FrameError> {
+    pub fn take_partial_raw(
+        &mut self,
+    ) -> Result<Option<(MessageType, usize, Vec<u8>)>, FrameError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -1526,7 +1528,10 @@ mod tests {
             assert_eq!(got, want, "step {step}");
             assert_eq!(d.eof(), Ok(()));
             if step < 65536 {
-                assert!(taken >= 2, "step {step}: the big payloads went the partial way");
+                assert!(
+                    taken >= 2,
+                    "step {step}: the big payloads went the partial way"
+                );
             }
         }
         // Nothing is taken from a frame that is complete, not raw, or has no whole header.

@@ -52,16 +52,20 @@ impl FdIo {
     fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.afd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // SAFETY: the kernel writes only initialised bytes into it; `assume_init` below
+            // covers exactly the `n` bytes it reports.
+            let unfilled = unsafe { buf.unfilled_mut() };
             let seqpacket = self.kind == StreamKind::Seqpacket;
             match guard.try_io(|fd| {
                 if seqpacket {
                     sys::recv_dontwait(fd.get_ref().as_fd(), unfilled)
                 } else {
-                    sys::read(fd.get_ref().as_fd(), unfilled)
+                    sys::read_uninit(fd.get_ref().as_fd(), unfilled)
                 }
             }) {
                 Ok(Ok(n)) => {
+                    // SAFETY: the read filled the first `n` bytes of the unfilled part.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -109,6 +113,7 @@ enum RInner {
         pos: usize,
     },
     Stdin(tokio::io::Stdin),
+    Mem(tokio::io::ReadHalf<tokio::io::DuplexStream>),
 }
 
 /// The writing half of an [`AsyncStream`]. `poll_shutdown` half-closes.
@@ -125,6 +130,7 @@ enum WInner {
         pending: Option<tokio::task::JoinHandle<io::Result<usize>>>,
     },
     Stdout(Option<tokio::io::Stdout>),
+    Mem(tokio::io::WriteHalf<tokio::io::DuplexStream>),
 }
 
 /// A non-blocking channel for tokio: any [`Addr`] that connects.
@@ -198,6 +204,18 @@ impl AsyncStream {
         Ok(AsyncStream { r, w, label })
     }
 
+    /// A stream over one end of an in-process pipe (`tokio::io::duplex`): what a multiplexer
+    /// inside the process hands out as a connection, without a socket pair's system calls
+    /// and kernel copies. It has no descriptor (no `splice`, no vsock peer).
+    pub fn in_memory(end: tokio::io::DuplexStream, label: impl Into<String>) -> AsyncStream {
+        let (r, w) = tokio::io::split(end);
+        AsyncStream {
+            r: ReadHalf(RInner::Mem(r)),
+            w: WriteHalf(WInner::Mem(w)),
+            label: label.into(),
+        }
+    }
+
     /// The address this stream was opened from or accepted on.
     pub fn label(&self) -> &str {
         &self.label
@@ -225,9 +243,9 @@ impl ReadHalf {
     pub fn vsock_peer(&self) -> io::Result<(u32, u32)> {
         match &self.0 {
             RInner::Fd { io, .. } => sys::vsock_name(io.afd.get_ref().as_fd(), true),
-            RInner::Stdin(_) => Err(io::Error::new(
+            RInner::Stdin(_) | RInner::Mem(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "stdin has no vsock peer",
+                "stdin and in-process streams have no vsock peer",
             )),
         }
     }
@@ -259,9 +277,9 @@ impl ReadHalf {
                     Err(_would_block) => continue,
                 }
             },
-            RInner::Stdin(_) => Err(io::Error::new(
+            RInner::Stdin(_) | RInner::Mem(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "stdin has no descriptor to wait on",
+                "stdin and in-process streams have no descriptor to wait on",
             )),
         }
     }
@@ -291,7 +309,7 @@ impl WriteHalf {
                     Err(_would_block) => continue,
                 }
             },
-            WInner::Record { .. } | WInner::Stdout(_) => Err(io::Error::new(
+            WInner::Record { .. } | WInner::Stdout(_) | WInner::Mem(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "no descriptor to wait on for this kind",
             )),
@@ -305,6 +323,18 @@ impl WriteHalf {
             WInner::Stdout(s) => {
                 *s = None;
                 Ok(())
+            }
+            WInner::Mem(w) => {
+                // A duplex end shuts down at once (it only marks the pipe closed and wakes
+                // the reader), so one poll is the whole operation.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match Pin::new(w).poll_shutdown(&mut cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "in-process stream shutdown pending",
+                    )),
+                }
             }
         }
     }
@@ -331,6 +361,7 @@ impl AsyncRead for ReadHalf {
                 io.poll_read(cx, buf)
             }
             RInner::Stdin(s) => Pin::new(s).poll_read(cx, buf),
+            RInner::Mem(m) => Pin::new(m).poll_read(cx, buf),
         }
     }
 }
@@ -359,6 +390,7 @@ impl AsyncWrite for WriteHalf {
                 io::ErrorKind::BrokenPipe,
                 "stdout was shut down",
             ))),
+            WInner::Mem(m) => Pin::new(m).poll_write(cx, buf),
         }
     }
 

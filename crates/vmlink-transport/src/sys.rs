@@ -8,7 +8,7 @@
 //! layer above adds what was being attempted.
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::{size_of, zeroed, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -264,10 +264,19 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
+/// [`read`] into memory that need not be initialised (a tokio `ReadBuf`'s unfilled part): no
+/// zeroing of buffers that the kernel is about to fill anyway. Returns how many bytes of `buf`
+/// are now initialised.
+pub(crate) fn read_uninit(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of buf.len() bytes during the call; the kernel writes
+    // only initialised bytes, and only the first `n` it reports.
+    cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
 /// `recv(2)` with `MSG_DONTWAIT`: a non-blocking read on a descriptor that
-/// is itself in blocking mode.
-pub(crate) fn recv_dontwait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of buf.len() bytes during the call.
+/// is itself in blocking mode. Into possibly uninitialised memory, as [`read_uninit`].
+pub(crate) fn recv_dontwait(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: as for `read_uninit`.
     cvt_size(unsafe {
         libc::recv(
             fd.as_raw_fd(),

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::target::{Resolved, Target, TargetError};
 use anyhow::Context;
 use vmlink_agent::client::{Client, GetDest, PutSource};
+use vmlink_agent::files::CopySummary;
 
 /// Copy files and directories to or from a guest through its vmlink-agent.
 ///
@@ -36,9 +37,9 @@ use vmlink_agent::client::{Client, GetDest, PutSource};
 /// "-" (stdin as SRC: one file written as exactly PATH; stdout as DST: one
 /// regular file). Directories copy recursively; modes and mtimes are kept;
 /// symlinks are copied as symlinks, never followed. Every file is written to
-/// a temporary file beside its destination, checked against a SHA-256 sent
-/// with the data, fsynced and renamed into place: a failed or interrupted
-/// copy leaves no partial file. Like cp: when DST is an existing directory,
+/// a temporary file beside its destination, checked against a checksum sent
+/// with the data (XXH64, or SHA-256 with an older agent), fsynced and renamed
+/// into place: a failed or interrupted copy leaves no partial file. Like cp: when DST is an existing directory,
 /// SRC goes inside it under its own name; otherwise it is created as DST.
 ///
 /// Examples:
@@ -46,6 +47,7 @@ use vmlink_agent::client::{Client, GetDest, PutSource};
 ///   vmlink cp vsock:3:7878:/var/log/syslog .
 ///   tar c dir | vmlink cp - vsock:3:7878:/tmp/dir.tar
 ///   vmlink cp vsock:3:7878:/etc/os-release - | head
+///   vmlink cp --json big.img lab:demo:/tmp/   # {"bytes":..,"seconds":..,"mib_s":..}
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -56,6 +58,11 @@ pub struct Args {
     /// No progress bar (there is none anyway unless stderr is a terminal).
     #[arg(short, long)]
     quiet: bool,
+    /// When done, print one JSON object on stdout: direction ("put" or "get"), entries, bytes,
+    /// checksum, seconds (from connecting to the agent to the end of the copy, process start
+    /// excluded, as `vmlink bench` measures) and mib_s. Not with "-" as DST.
+    #[arg(long)]
+    json: bool,
 }
 
 /// An operand that cannot be used.
@@ -69,6 +76,9 @@ pub enum CpError {
         /// DST as given.
         dst: String,
     },
+    /// `--json` with stdout as the destination.
+    #[error("--json cannot be used when the copy itself goes to stdout (DST -)")]
+    JsonToStdout,
     /// The address part is a listening address.
     #[error("{addr} is a listening address; cp needs the agent's connecting address")]
     Listening {
@@ -197,6 +207,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     Resolved::Qga(q) => return qga_put(&q, &local, &path, a.quiet, counter).await,
                     r => r.agent("cp")?,
                 };
+                let started = Instant::now();
                 let client = Client::connect(&addr)
                     .await
                     .with_context(|| format!("agent at {target}"))?;
@@ -212,12 +223,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(130));
                 };
                 progress.finish(summary.bytes);
+                report(a.json, "put", &client, &summary, started.elapsed());
             }
             (Side::Remote(target, path), local @ (Side::Local(_) | Side::Std)) => {
                 let addr = match target.resolve()? {
                     Resolved::Qga(q) => return qga_get(&q, &path, &local, a.quiet, counter).await,
                     r => r.agent("cp")?,
                 };
+                if a.json && matches!(local, Side::Std) {
+                    return usage(CpError::JsonToStdout);
+                }
+                let started = Instant::now();
                 let client = Client::connect(&addr)
                     .await
                     .with_context(|| format!("agent at {target}"))?;
@@ -230,6 +246,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(130));
                 };
                 progress.finish(summary.bytes);
+                report(a.json, "get", &client, &summary, started.elapsed());
             }
             _ => {
                 return usage(CpError::Sides {
@@ -240,6 +257,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `--json`: one line describing the finished copy.
+fn report(json: bool, direction: &str, client: &Client, summary: &CopySummary, took: Duration) {
+    if !json {
+        return;
+    }
+    let secs = took.as_secs_f64();
+    let v = serde_json::json!({
+        "direction": direction,
+        "entries": summary.entries,
+        "bytes": summary.bytes,
+        "checksum": client.copy_checksum().name(),
+        "seconds": secs,
+        "mib_s": summary.bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9),
+    });
+    println!("{v}");
 }
 
 /// Runs a copy until it ends or Ctrl-C: then the copy is dropped, which closes the connection

@@ -75,7 +75,7 @@ pub struct QgaPolicy {
 impl QgaPolicy {
     /// Whether `command` is enabled. Unknown names are irrelevant: they are not found anyway.
     pub fn enabled(&self, command: &str) -> bool {
-        !self.block.contains(command) && self.allow.as_ref().map_or(true, |a| a.contains(command))
+        !self.block.contains(command) && self.allow.as_ref().is_none_or(|a| a.contains(command))
     }
 
     /// Parses qemu-ga's comma lists (`--allow-rpcs`, `--block-rpcs`).
