@@ -251,10 +251,11 @@ async fn agent_demo(
         },
         note: Some(format!(
             "cp vs raw virtio-serial: up {}, down {}; exec `true` round trip p50 {:.1} ms; \
-             sha-256 checked; guest says: {uname}; logs -f: {followed}",
+             {} checksums, compared; guest says: {uname}; logs -f: {followed}",
             pct(up, raw.upload_mib_s),
             pct(down, raw.download_mib_s),
-            exec_lat.median / 1e3
+            exec_lat.median / 1e3,
+            c.copy_checksum().name()
         )),
     }])
 }
