@@ -236,6 +236,8 @@ struct Conn {
     peer_fwd_cnt: u32,
     tx_cnt: u32,
     host_readable: bool,
+    /// The host socket reported a hang-up: read it until end-of-file even after a short read.
+    host_hup: bool,
     host_eof: bool,
     eof_sent: bool,
     in_rx_queue: bool,
@@ -266,6 +268,7 @@ impl Conn {
             peer_fwd_cnt: 0,
             tx_cnt: 0,
             host_readable: true,
+            host_hup: false,
             host_eof: false,
             eof_sent: false,
             in_rx_queue: false,
@@ -882,6 +885,7 @@ impl Device {
             if !conn.has_staged() && !conn.host_eof {
                 // Stage up to 64 KiB (or one seqpacket message) with one read: the guest's RX
                 // buffers are often 4 KiB, and one read per buffer would cost a syscall each.
+                let want = (conn.peer_free() as usize).min(STAGE);
                 let read = if conn.type_ == TYPE_SEQPACKET {
                     recv_message(&conn.stream, &mut self.seq_buf).inspect(|&n| {
                         conn.from_host.clear();
@@ -891,7 +895,6 @@ impl Device {
                     if conn.from_host.len() < STAGE {
                         conn.from_host.resize(STAGE, 0);
                     }
-                    let want = (conn.peer_free() as usize).min(STAGE);
                     conn.stream.read(&mut conn.from_host[..want])
                 };
                 match read {
@@ -900,6 +903,13 @@ impl Device {
                         conn.from_pos = 0;
                         conn.from_end = n;
                         conn.seq_msg = conn.type_ == TYPE_SEQPACKET;
+                        // A stream read that did not fill what was asked emptied the socket:
+                        // the edge-triggered watch reports the next bytes (or the hang-up), so
+                        // the read that would only say EAGAIN is saved. After a hang-up was
+                        // seen, read on to end-of-file.
+                        if conn.type_ == TYPE_STREAM && n < want && !conn.host_hup {
+                            conn.host_readable = false;
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         conn.host_readable = false;
@@ -1065,16 +1075,18 @@ impl Device {
     // ---------------------------------------------------------------- host side
 
     /// Handles whatever is ready on the host side: new clients, their `CONNECT` lines, readable
-    /// and writable connections, timeouts. Never blocks.
-    pub fn handle_host_events(&mut self) {
+    /// and writable connections, timeouts. Never blocks. Returns whether the periodic tick
+    /// ([`DeviceConfig::tick`]) was among the events.
+    pub fn handle_host_events(&mut self) -> bool {
         let mut events = [EpollEvent::default(); 64];
+        let mut tick = false;
         loop {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("epoll_wait failed: {e}");
-                    return;
+                    return tick;
                 }
             };
             for ev in &events[..n] {
@@ -1090,12 +1102,13 @@ impl Device {
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
                         self.sweep(Instant::now());
+                        tick = true;
                     }
                     token => self.stream_event(token, set),
                 }
             }
             if n < events.len() {
-                return;
+                return tick;
             }
         }
     }
@@ -1161,6 +1174,9 @@ impl Device {
                 let hangup = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
                 if set.intersects(EventSet::IN | EventSet::READ_HANG_UP) || hangup {
                     conn.host_readable = true;
+                }
+                if set.contains(EventSet::READ_HANG_UP) || hangup {
+                    conn.host_hup = true;
                 }
                 if set.contains(EventSet::OUT) || hangup {
                     conn.host_writable = true;
