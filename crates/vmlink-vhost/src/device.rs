@@ -225,6 +225,9 @@ struct Conn {
     guest_shut_recv: bool,
     host_write_shut: bool,
     host_writable: bool,
+    /// Whether epoll watches the host socket for writability: only while bytes wait for it, so
+    /// that a host reader's every read does not wake the device.
+    out_watched: bool,
     // Host to guest.
     from_host: Vec<u8>,
     /// The unsent part of `from_host` is `from_pos..from_end`.
@@ -260,6 +263,7 @@ impl Conn {
             guest_shut_recv: false,
             host_write_shut: false,
             host_writable: true,
+            out_watched: false,
             from_host: Vec::new(),
             from_pos: 0,
             from_end: 0,
@@ -640,7 +644,7 @@ impl Device {
             }
         };
         let token = self.alloc_token();
-        if let Err(e) = self.register(&stream, token, true) {
+        if let Err(e) = self.register(&stream, token) {
             warn!("cannot watch {}: {e}", path.display());
             self.reply_rst(hdr);
             return;
@@ -758,7 +762,32 @@ impl Device {
             }
         }
         conn.to_host.extend(rest);
+        self.watch_writable(key);
         self.maybe_credit_update(key);
+    }
+
+    /// Watches the host socket of `key` for writability exactly while guest bytes wait for it.
+    /// Adding the watch reports a socket that is writable already (epoll looks at the socket's
+    /// state on `EPOLL_CTL_MOD`), so no wake-up is lost.
+    fn watch_writable(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let want = !conn.host_writable;
+        if want == conn.out_watched {
+            return;
+        }
+        match self.epoll.ctl(
+            ControlOperation::Modify,
+            conn.stream.as_raw_fd(),
+            EpollEvent::new(stream_events(want), conn.token),
+        ) {
+            Ok(()) => conn.out_watched = want,
+            Err(e) => {
+                warn!("cannot watch a host socket: {e}");
+                self.close(key, Why::HostError, true);
+            }
+        }
     }
 
     /// Writes buffered guest data to the host socket, then applies a pending shutdown.
@@ -814,6 +843,7 @@ impl Device {
             self.close(key, Why::Done, true);
             return;
         }
+        self.watch_writable(key);
         self.maybe_credit_update(key);
     }
 
@@ -1145,7 +1175,7 @@ impl Device {
                 continue;
             }
             let token = self.alloc_token();
-            if let Err(e) = self.register(&stream, token, false) {
+            if let Err(e) = self.register(&stream, token) {
                 warn!("cannot watch a client socket: {e}");
                 continue;
             }
@@ -1244,7 +1274,7 @@ impl Device {
         if let Err(e) = self.epoll.ctl(
             ControlOperation::Modify,
             client.stream.as_raw_fd(),
-            EpollEvent::new(stream_events(true), token),
+            EpollEvent::new(stream_events(false), token),
         ) {
             warn!("cannot watch a client socket: {e}");
             self.tokens.remove(&token);
@@ -1360,18 +1390,20 @@ impl Device {
         }
     }
 
-    fn register(&self, stream: &UnixStream, token: u64, writable: bool) -> io::Result<()> {
+    fn register(&self, stream: &UnixStream, token: u64) -> io::Result<()> {
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(stream_events(writable), token),
+            EpollEvent::new(stream_events(false), token),
         )
     }
 }
 
-fn stream_events(writable: bool) -> EventSet {
+/// What a host socket is watched for: readability and hang-ups always (edge-triggered),
+/// writability only with `out` (see `Device::watch_writable`).
+fn stream_events(out: bool) -> EventSet {
     let mut set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-    if writable {
+    if out {
         set |= EventSet::OUT;
     }
     set
