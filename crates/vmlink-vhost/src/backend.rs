@@ -40,17 +40,20 @@ pub const QUEUE_SIZE: usize = 1024;
 pub const VIRTIO_VSOCK_F_SEQPACKET: u64 = 1;
 
 /// Takes every available TX chain, hands its packet to `device`, and returns it to the guest.
-/// Returns whether any chain was used (then the guest should be notified).
+/// Returns how many descriptors were returned (0: none, the guest needs no notification).
 pub fn drain_tx<M: GuestMemory>(
     device: &mut Device,
     queue: &mut Queue,
     mem: &M,
     buf: &mut Vec<u8>,
     capture: Option<&Capture>,
-) -> bool {
-    let mut used = false;
+) -> usize {
+    let mut used = 0;
     while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
+        // The chain's length in descriptors (the iterator stops after the queue size, so a
+        // looping chain cannot make this spin): what the guest gets back below.
+        used += chain.clone().count().max(1);
         match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
             Ok(pkt) => {
                 let hdr = header_of(&pkt);
@@ -79,7 +82,6 @@ pub fn drain_tx<M: GuestMemory>(
         if let Err(e) = queue.add_used(mem, head, 0) {
             warn!("cannot return a TX descriptor to the guest: {e}");
         }
-        used = true;
     }
     used
 }
@@ -174,6 +176,8 @@ pub struct VsockBackend {
     rx_buf: Vec<u8>,
     capture: Option<Arc<Capture>>,
     event_idx: bool,
+    /// TX descriptors returned to the guest since it was last notified about TX.
+    tx_unsignalled: usize,
 }
 
 impl VsockBackend {
@@ -187,6 +191,7 @@ impl VsockBackend {
             rx_buf: Vec::new(),
             capture: None,
             event_idx: false,
+            tx_unsignalled: 0,
         })
     }
 
@@ -206,7 +211,9 @@ impl VsockBackend {
         self.device.counters().clone()
     }
 
-    fn process(&mut self, vrings: &[VringRwLock]) {
+    /// Moves packets both ways. `tick`: the device's periodic tick came, so that TX
+    /// descriptors returned without a notification are signalled now.
+    fn process(&mut self, vrings: &[VringRwLock], tick: bool) {
         let Some(atomic) = &self.mem else {
             return;
         };
@@ -215,15 +222,20 @@ impl VsockBackend {
         else {
             return;
         };
+        // A host event or the tick may come after the VMM stopped the rings (it is
+        // disconnecting): leave them alone.
+        if !rx.get_ref().get_queue().ready() || !tx.get_ref().get_queue().ready() {
+            return;
+        }
         // TX first: guest packets (credit updates, RSTs) change what RX may send. With
         // EVENT_IDX, notifications are off while draining and the ring is looked at again after
-        // turning them on, so that no kick is lost; the guest is interrupted only when it asked.
-        let mut tx_used = false;
+        // turning them on, so that no kick is lost.
+        let mut tx_used = 0;
         loop {
             if self.event_idx {
                 let _ = tx.disable_notification();
             }
-            tx_used |= drain_tx(
+            tx_used += drain_tx(
                 &mut self.device,
                 tx.get_mut().get_queue_mut(),
                 &*mem,
@@ -234,8 +246,16 @@ impl VsockBackend {
                 break;
             }
         }
-        if tx_used {
+        // TX descriptors go back to the used ring at once, but the guest is interrupted for
+        // them only once a quarter of the ring waits (or on the next tick): a TX interrupt
+        // only lets the guest free buffers, and under a ping-pong it costs the guest an
+        // interrupt and two work items per message, in the middle of the round trip. A guest
+        // that fills its ring is always told before it runs out of descriptors.
+        self.tx_unsignalled += tx_used;
+        let tx_size = usize::from(tx.get_ref().get_queue().size());
+        if self.tx_unsignalled > 0 && (tick || self.tx_unsignalled >= (tx_size / 4).max(1)) {
             notify(tx, "TX");
+            self.tx_unsignalled = 0;
         }
         let mut rx_used = false;
         loop {
@@ -262,7 +282,7 @@ impl VsockBackend {
             notify(rx, "RX");
         }
         if let Some(c) = &self.capture {
-            if (tx_used || rx_used) && c.enabled() {
+            if (tx_used > 0 || rx_used) && c.enabled() {
                 c.flush();
             }
         }
@@ -324,12 +344,13 @@ impl VhostUserBackendMut for VsockBackend {
     ) -> io::Result<()> {
         // Never an error: an error stops the worker thread, and nothing a guest or a host
         // client does may stop the device.
+        let mut tick = false;
         match device_event {
             RX_QUEUE | TX_QUEUE | EVT_QUEUE => {}
-            HOST_EVENT => self.device.handle_host_events(),
+            HOST_EVENT => tick = self.device.handle_host_events(),
             other => warn!("unexpected event id {other}"),
         }
-        self.process(vrings);
+        self.process(vrings, tick);
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! VM configuration: `--vm` specs and the TOML config file.
 //!
-//! A spec is `guest-cid=3,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE]`. The TOML
+//! A spec is `guest-cid=3,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE]
+//! [,max-connections=N]`. The TOML
 //! file has one `[[vm]]` table per VM with the same keys (`groups` a list of strings):
 //!
 //! ```toml
@@ -10,6 +11,7 @@
 //! uds-path = "/run/vm3/vsock"
 //! groups = ["web"]
 //! tx-buffer-size = "256K"
+//! max-connections = 1024
 //! ```
 
 use std::collections::HashSet;
@@ -17,12 +19,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::device::DEFAULT_TX_BUFFER_SIZE;
+use crate::device::{DEFAULT_MAX_CONNECTIONS, DEFAULT_TX_BUFFER_SIZE};
 
 /// Smallest `tx-buffer-size`.
 pub const MIN_TX_BUFFER_SIZE: u32 = 4096;
 /// Largest `tx-buffer-size` (64 MiB): the bound on buffered bytes per connection.
 pub const MAX_TX_BUFFER_SIZE: u32 = 64 << 20;
+/// Largest `max-connections`.
+pub const MAX_MAX_CONNECTIONS: usize = 65536;
 
 /// One VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +41,8 @@ pub struct VmConfig {
     pub groups: Vec<String>,
     /// Per-connection buffer toward the host, in bytes.
     pub tx_buffer_size: u32,
+    /// The most connections the VM may have at once (1 to 65536, default 1024).
+    pub max_connections: usize,
 }
 
 /// A bad `--vm` spec or config file. The message names the part that is wrong.
@@ -59,6 +65,7 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
     let mut uds = None;
     let mut groups = Vec::new();
     let mut tx = None;
+    let mut max_conns = None;
     for part in spec.split(',') {
         let Some((k, v)) = part.split_once('=') else {
             return Err(ctx(format!("`{part}` is not KEY=VALUE")));
@@ -94,9 +101,13 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
                 dup(tx.is_some())?;
                 tx = Some(parse_size(v).map_err(ctx)?);
             }
+            "max-connections" => {
+                dup(max_conns.is_some())?;
+                max_conns = Some(parse_max_connections(v).map_err(ctx)?);
+            }
             _ => {
                 return Err(ctx(format!(
-                    "unknown key `{k}` (known: guest-cid, socket, uds-path, groups, tx-buffer-size)"
+                    "unknown key `{k}` (known: guest-cid, socket, uds-path, groups, tx-buffer-size, max-connections)"
                 )))
             }
         }
@@ -107,6 +118,7 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
         uds_path: uds.ok_or_else(|| ctx("missing uds-path=PATH".into()))?,
         groups,
         tx_buffer_size: tx.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
+        max_connections: max_conns.unwrap_or(DEFAULT_MAX_CONNECTIONS),
     };
     check_vm(&vm).map_err(ctx)?;
     Ok(vm)
@@ -127,6 +139,15 @@ fn check_cid(cid: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn parse_max_connections(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if (1..=MAX_MAX_CONNECTIONS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "max-connections `{v}` is not a number from 1 to {MAX_MAX_CONNECTIONS}"
+        )),
+    }
 }
 
 /// Parses a size: a number of bytes, or a number with a `K` or `M` suffix (powers of 1024).
@@ -185,6 +206,7 @@ struct FileVm {
     #[serde(default)]
     groups: Vec<String>,
     tx_buffer_size: Option<SizeValue>,
+    max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,12 +234,17 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Vec<VmConfig>, ConfigErro
             Some(SizeValue::Bytes(n)) => parse_size(&n.to_string()).map_err(at)?,
             Some(SizeValue::Text(s)) => parse_size(s).map_err(at)?,
         };
+        let max_connections = match v.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) => parse_max_connections(&n.to_string()).map_err(at)?,
+        };
         let vm = VmConfig {
             guest_cid: v.guest_cid,
             socket: v.socket.clone(),
             uds_path: v.uds_path.clone(),
             groups: v.groups.clone(),
             tx_buffer_size,
+            max_connections,
         };
         check_vm(&vm).map_err(at)?;
         vms.push(vm);
@@ -265,9 +292,10 @@ mod tests {
     #[test]
     fn a_full_spec_parses() {
         let vm = parse_vm_spec(
-            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a,groups=x+y,tx-buffer-size=1M",
+            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a,groups=x+y,tx-buffer-size=1M,max-connections=64",
         )
         .expect("valid");
+        assert_eq!(vm.max_connections, 64);
         assert_eq!(vm.guest_cid, 3);
         assert_eq!(vm.socket, Path::new("/run/a.sock"));
         assert_eq!(vm.uds_path, Path::new("/run/a"));
@@ -294,6 +322,10 @@ mod tests {
             (
                 "guest-cid=3,socket=/a,uds-path=/b,tx-buffer-size=1",
                 "out of range",
+            ),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,max-connections=0",
+                "max-connections `0` is not a number from 1 to 65536",
             ),
             (
                 "guest-cid=3,socket=/a,socket=/c,uds-path=/b",
@@ -329,11 +361,14 @@ guest-cid = 4
 socket = "/run/4.sock"
 uds-path = "/run/4"
 tx-buffer-size = "64K"
+max-connections = 8
 "#;
         let vms = parse_config(text, Path::new("c.toml")).expect("valid");
         assert_eq!(vms.len(), 2);
         assert_eq!(vms[1].tx_buffer_size, 64 * 1024);
         assert_eq!(vms[0].tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
+        assert_eq!(vms[1].max_connections, 8);
+        assert_eq!(vms[0].max_connections, DEFAULT_MAX_CONNECTIONS);
         check_all(&vms).expect("distinct");
 
         let e = parse_config(&text.replace("\"64K\"", "12"), Path::new("c.toml"))

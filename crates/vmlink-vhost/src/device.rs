@@ -225,6 +225,9 @@ struct Conn {
     guest_shut_recv: bool,
     host_write_shut: bool,
     host_writable: bool,
+    /// Whether epoll watches the host socket for writability: only while bytes wait for it, so
+    /// that a host reader's every read does not wake the device.
+    out_watched: bool,
     // Host to guest.
     from_host: Vec<u8>,
     /// The unsent part of `from_host` is `from_pos..from_end`.
@@ -236,6 +239,8 @@ struct Conn {
     peer_fwd_cnt: u32,
     tx_cnt: u32,
     host_readable: bool,
+    /// The host socket reported a hang-up: read it until end-of-file even after a short read.
+    host_hup: bool,
     host_eof: bool,
     eof_sent: bool,
     in_rx_queue: bool,
@@ -258,6 +263,7 @@ impl Conn {
             guest_shut_recv: false,
             host_write_shut: false,
             host_writable: true,
+            out_watched: false,
             from_host: Vec::new(),
             from_pos: 0,
             from_end: 0,
@@ -266,6 +272,7 @@ impl Conn {
             peer_fwd_cnt: 0,
             tx_cnt: 0,
             host_readable: true,
+            host_hup: false,
             host_eof: false,
             eof_sent: false,
             in_rx_queue: false,
@@ -637,7 +644,7 @@ impl Device {
             }
         };
         let token = self.alloc_token();
-        if let Err(e) = self.register(&stream, token, true) {
+        if let Err(e) = self.register(&stream, token) {
             warn!("cannot watch {}: {e}", path.display());
             self.reply_rst(hdr);
             return;
@@ -755,7 +762,32 @@ impl Device {
             }
         }
         conn.to_host.extend(rest);
+        self.watch_writable(key);
         self.maybe_credit_update(key);
+    }
+
+    /// Watches the host socket of `key` for writability exactly while guest bytes wait for it.
+    /// Adding the watch reports a socket that is writable already (epoll looks at the socket's
+    /// state on `EPOLL_CTL_MOD`), so no wake-up is lost.
+    fn watch_writable(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let want = !conn.host_writable;
+        if want == conn.out_watched {
+            return;
+        }
+        match self.epoll.ctl(
+            ControlOperation::Modify,
+            conn.stream.as_raw_fd(),
+            EpollEvent::new(stream_events(want), conn.token),
+        ) {
+            Ok(()) => conn.out_watched = want,
+            Err(e) => {
+                warn!("cannot watch a host socket: {e}");
+                self.close(key, Why::HostError, true);
+            }
+        }
     }
 
     /// Writes buffered guest data to the host socket, then applies a pending shutdown.
@@ -811,6 +843,7 @@ impl Device {
             self.close(key, Why::Done, true);
             return;
         }
+        self.watch_writable(key);
         self.maybe_credit_update(key);
     }
 
@@ -882,6 +915,7 @@ impl Device {
             if !conn.has_staged() && !conn.host_eof {
                 // Stage up to 64 KiB (or one seqpacket message) with one read: the guest's RX
                 // buffers are often 4 KiB, and one read per buffer would cost a syscall each.
+                let want = (conn.peer_free() as usize).min(STAGE);
                 let read = if conn.type_ == TYPE_SEQPACKET {
                     recv_message(&conn.stream, &mut self.seq_buf).inspect(|&n| {
                         conn.from_host.clear();
@@ -891,7 +925,6 @@ impl Device {
                     if conn.from_host.len() < STAGE {
                         conn.from_host.resize(STAGE, 0);
                     }
-                    let want = (conn.peer_free() as usize).min(STAGE);
                     conn.stream.read(&mut conn.from_host[..want])
                 };
                 match read {
@@ -900,6 +933,13 @@ impl Device {
                         conn.from_pos = 0;
                         conn.from_end = n;
                         conn.seq_msg = conn.type_ == TYPE_SEQPACKET;
+                        // A stream read that did not fill what was asked emptied the socket:
+                        // the edge-triggered watch reports the next bytes (or the hang-up), so
+                        // the read that would only say EAGAIN is saved. After a hang-up was
+                        // seen, read on to end-of-file.
+                        if conn.type_ == TYPE_STREAM && n < want && !conn.host_hup {
+                            conn.host_readable = false;
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         conn.host_readable = false;
@@ -1065,16 +1105,18 @@ impl Device {
     // ---------------------------------------------------------------- host side
 
     /// Handles whatever is ready on the host side: new clients, their `CONNECT` lines, readable
-    /// and writable connections, timeouts. Never blocks.
-    pub fn handle_host_events(&mut self) {
+    /// and writable connections, timeouts. Never blocks. Returns whether the periodic tick
+    /// ([`DeviceConfig::tick`]) was among the events.
+    pub fn handle_host_events(&mut self) -> bool {
         let mut events = [EpollEvent::default(); 64];
+        let mut tick = false;
         loop {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("epoll_wait failed: {e}");
-                    return;
+                    return tick;
                 }
             };
             for ev in &events[..n] {
@@ -1090,12 +1132,13 @@ impl Device {
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
                         self.sweep(Instant::now());
+                        tick = true;
                     }
                     token => self.stream_event(token, set),
                 }
             }
             if n < events.len() {
-                return;
+                return tick;
             }
         }
     }
@@ -1132,7 +1175,7 @@ impl Device {
                 continue;
             }
             let token = self.alloc_token();
-            if let Err(e) = self.register(&stream, token, false) {
+            if let Err(e) = self.register(&stream, token) {
                 warn!("cannot watch a client socket: {e}");
                 continue;
             }
@@ -1161,6 +1204,9 @@ impl Device {
                 let hangup = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
                 if set.intersects(EventSet::IN | EventSet::READ_HANG_UP) || hangup {
                     conn.host_readable = true;
+                }
+                if set.contains(EventSet::READ_HANG_UP) || hangup {
+                    conn.host_hup = true;
                 }
                 if set.contains(EventSet::OUT) || hangup {
                     conn.host_writable = true;
@@ -1228,7 +1274,7 @@ impl Device {
         if let Err(e) = self.epoll.ctl(
             ControlOperation::Modify,
             client.stream.as_raw_fd(),
-            EpollEvent::new(stream_events(true), token),
+            EpollEvent::new(stream_events(false), token),
         ) {
             warn!("cannot watch a client socket: {e}");
             self.tokens.remove(&token);
@@ -1344,18 +1390,20 @@ impl Device {
         }
     }
 
-    fn register(&self, stream: &UnixStream, token: u64, writable: bool) -> io::Result<()> {
+    fn register(&self, stream: &UnixStream, token: u64) -> io::Result<()> {
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(stream_events(writable), token),
+            EpollEvent::new(stream_events(false), token),
         )
     }
 }
 
-fn stream_events(writable: bool) -> EventSet {
+/// What a host socket is watched for: readability and hang-ups always (edge-triggered),
+/// writability only with `out` (see `Device::watch_writable`).
+fn stream_events(out: bool) -> EventSet {
     let mut set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-    if writable {
+    if out {
         set |= EventSet::OUT;
     }
     set

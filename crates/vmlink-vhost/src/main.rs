@@ -20,7 +20,7 @@ use vmlink_vhost::serve::{device_config, serve_vm};
 #[derive(Debug, Parser)]
 #[command(name = "vmlink-vhost", version)]
 struct Args {
-    /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE].
+    /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE][,max-connections=N].
     /// `socket` is the vhost-user socket for QEMU; host clients connect to `uds-path` and send
     /// `CONNECT <port>\n`; guest connections to host port P go to `<uds-path>_<P>`. Repeatable.
     #[arg(long = "vm", value_name = "SPEC")]

@@ -37,6 +37,7 @@ pub enum ServeError {
 pub fn device_config(vm: &VmConfig) -> DeviceConfig {
     DeviceConfig {
         tx_buffer_size: vm.tx_buffer_size,
+        max_connections: vm.max_connections,
         ..DeviceConfig::new(vm.guest_cid, vm.uds_path.clone())
     }
 }

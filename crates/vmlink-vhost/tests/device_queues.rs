@@ -175,13 +175,15 @@ impl<'a> Rig<'a> {
     }
 
     fn run_tx(&mut self) {
-        assert!(drain_tx(
-            &mut self.device,
-            &mut self.tx,
-            self.mem,
-            &mut self.buf,
-            self.capture.as_deref(),
-        ));
+        assert!(
+            drain_tx(
+                &mut self.device,
+                &mut self.tx,
+                self.mem,
+                &mut self.buf,
+                self.capture.as_deref(),
+            ) > 0
+        );
     }
 
     /// Offers `n` RX buffers of 4 KiB and returns every packet the device put in them.
@@ -575,4 +577,73 @@ fn unannounced_credit_is_sent_on_the_tick() {
     }
     assert_eq!(got.len(), 1, "one update within 10 s");
     assert_eq!((got[0].0.op, got[0].0.fwd_cnt), (OP_CREDIT_UPDATE, 1000));
+}
+
+#[test]
+fn host_bytes_after_a_short_read_and_eof_behind_data_reach_the_guest() {
+    // A short read ends the device's reading until the socket reports more (edge-triggered);
+    // bytes that come later, and a hang-up that came with the last bytes, must still arrive.
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "short", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    for (i, len) in [100usize, 50, 1].into_iter().enumerate() {
+        let data = vec![i as u8; len];
+        host.write_all(&data).expect("write");
+        let got = rig.recv(2);
+        assert_eq!(got.len(), 1, "one packet for {len} bytes: {got:?}");
+        assert_eq!((got[0].0.op, &got[0].1), (OP_RW, &data));
+    }
+    host.write_all(b"last words").expect("write");
+    host.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let got = rig.recv(4);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!((got[0].0.op, &got[0].1[..]), (OP_RW, &b"last words"[..]));
+    assert_eq!((got[1].0.op, got[1].0.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+}
+
+#[test]
+fn bytes_buffered_for_a_full_host_socket_flow_once_it_drains() {
+    // The device watches a host socket for writability only while bytes wait for it: the
+    // watch must be on when the socket fills, and must report the socket once the host reads.
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "drain", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 1, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    let mut sent = Vec::new();
+    for i in 0..4u8 {
+        let data = vec![i; 60_000];
+        rig.send(pkt(OP_RW, 1, 1234), &data);
+        sent.extend(data);
+    }
+    assert!(
+        rig.device.buffered_bytes() > 0,
+        "240 000 bytes do not fit a Unix socket's buffer"
+    );
+    host.set_nonblocking(true).expect("non-blocking");
+    let mut got = Vec::new();
+    let mut b = vec![0u8; 65536];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while got.len() < sent.len() && std::time::Instant::now() < deadline {
+        match host.read(&mut b) {
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The device hears that the socket drained and writes the rest.
+                rig.recv(0);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert!(
+        got == sent,
+        "{} of {} bytes arrived in order",
+        got.len(),
+        sent.len()
+    );
+    assert_eq!(rig.device.buffered_bytes(), 0);
 }
