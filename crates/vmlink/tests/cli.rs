@@ -317,42 +317,10 @@ fn termios(fd: i32) -> libc::termios {
     t
 }
 
-/// Reads the pty master until `want` appears, within 20 s (poll, no blind sleeps).
-fn read_master_until(master: i32, seen: &mut Vec<u8>, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !String::from_utf8_lossy(seen).contains(want) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "no {want:?}; got {:?}",
-            String::from_utf8_lossy(seen)
-        );
-        let mut p = libc::pollfd {
-            fd: master,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one pollfd through the pointer, valid for the call.
-        let r = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
-        if r <= 0 {
-            continue;
-        }
-        let mut buf = [0u8; 4096];
-        // SAFETY: read writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
-        assert!(
-            n > 0,
-            "the terminal closed; got {:?}",
-            String::from_utf8_lossy(seen)
-        );
-        seen.extend_from_slice(&buf[..n as usize]);
-    }
-}
-
 #[test]
 fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_timeout() {
     use std::io::{BufRead, BufReader};
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
     let d = tmp("raw");
     let sock = d.join("agent.sock");
     let agent_bin =
@@ -380,21 +348,8 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
     let target = format!("unix:{}", sock.display());
 
     // A local terminal for vmlink: its stdin, stdout and stderr.
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors through the pointers; the rest may be null.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty");
-    // SAFETY: both descriptors were just created and are owned here.
-    let (master_fd, slave_fd) =
-        unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (master_fd, slave_fd) = common::openpty(24, 80);
+    let (master, slave) = (master_fd.as_raw_fd(), slave_fd.as_raw_fd());
     let cooked = termios(slave);
     assert_ne!(cooked.c_lflag & libc::ICANON, 0, "a new terminal is cooked");
     let on_terminal = |args: &[&str]| {
@@ -422,7 +377,7 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
         "echo ready; read x; echo got-$x",
     ]));
     let mut seen = Vec::new();
-    read_master_until(master, &mut seen, "ready");
+    common::read_master_until(master, &mut seen, Duration::from_secs(20), "ready");
     assert_eq!(
         termios(slave).c_lflag & (libc::ICANON | libc::ECHO),
         0,
@@ -431,7 +386,7 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
     // SAFETY: write reads 3 bytes from the literal.
     let typed = unsafe { libc::write(master, b"go\r".as_ptr().cast(), 3) };
     assert_eq!(typed, 3);
-    read_master_until(master, &mut seen, "got-go");
+    common::read_master_until(master, &mut seen, Duration::from_secs(20), "got-go");
     let status =
         vm.0.wait()
             .expect("vmlink exits once the command has (no key needed)");
@@ -453,7 +408,7 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
         "-c",
         "echo sleeping; sleep 30",
     ]));
-    read_master_until(master, &mut seen, "sleeping");
+    common::read_master_until(master, &mut seen, Duration::from_secs(20), "sleeping");
     assert_eq!(
         termios(slave).c_lflag & libc::ICANON,
         0,

@@ -50,33 +50,9 @@ fn vmlink(args: &[&str], stdin: &[u8]) -> Output {
 /// Runs `vmlink ARGS` on a new pseudo-terminal of 24x80 as its controlling terminal (stdin,
 /// stdout and stderr), as in a terminal emulator. Returns the child and the master side.
 fn vmlink_on_pty(args: &[&str]) -> (Child, std::fs::File) {
-    use std::os::fd::FromRawFd;
     use std::os::unix::process::CommandExt;
-    let (mut master, mut slave) = (-1, -1);
-    let mut ws = libc::winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two descriptors through valid pointers; no name buffer, no termios.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &mut ws,
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned here alone.
-    let (master, slave) = unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            std::fs::File::from_raw_fd(slave),
-        )
-    };
+    let (master, slave) = common::openpty(24, 80);
+    let (master, slave) = (std::fs::File::from(master), std::fs::File::from(slave));
     let mut cmd = common::vmlink();
     cmd.args(args)
         .stdin(slave.try_clone().expect("dup"))
@@ -93,34 +69,6 @@ fn vmlink_on_pty(args: &[&str]) -> (Child, std::fs::File) {
         });
     }
     (cmd.spawn().expect("run vmlink on a pty"), master)
-}
-
-/// Reads the pty's master side on a thread; returns a receiver of everything it reads.
-fn pty_reader(mut master: std::fs::File) -> std::sync::mpsc::Receiver<Vec<u8>> {
-    use std::io::Read;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        // EIO once the last slave descriptor closes (the child exited).
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Collects pty output until it contains `want`; panics with what came after 60 s.
-fn pty_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut String, want: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !seen.contains(want) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
-            Err(e) => panic!("waiting for {want:?} on the terminal ({e}); it showed {seen:?}"),
-        }
-    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -145,17 +93,17 @@ guest_test! {
         let (mut child, master) = vmlink_on_pty(&["exec", "-t", &t, "--", "sh", "-c",
             "stty size; trap 'echo resized to; stty size; exit 5' WINCH; echo ready; while :; do sleep 0.1; done"]);
         let master_fd = std::os::fd::AsRawFd::as_raw_fd(&master);
-        let rx = pty_reader(master.try_clone().expect("dup master"));
-        let mut seen = String::new();
-        pty_until(&rx, &mut seen, "ready");
-        assert!(seen.contains("24 80"), "the guest pty did not start at 24x80: {seen:?}");
+        let within = std::time::Duration::from_secs(60);
+        let mut seen = Vec::new();
+        common::read_master_until(master_fd, &mut seen, within, "ready");
+        assert!(text(&seen).contains("24 80"), "the guest pty did not start at 24x80: {:?}", text(&seen));
         let ws = libc::winsize { ws_row: 33, ws_col: 111, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCSWINSZ reads one `winsize` through a valid pointer; the kernel then sends
         // SIGWINCH to the terminal's foreground process group (vmlink).
         assert_eq!(unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) }, 0);
-        pty_until(&rx, &mut seen, "resized to");
-        pty_until(&rx, &mut seen, "33 111");
-        assert_eq!(child.wait().expect("wait").code(), Some(5), "{seen:?}");
+        common::read_master_until(master_fd, &mut seen, within, "resized to");
+        common::read_master_until(master_fd, &mut seen, within, "33 111");
+        assert_eq!(child.wait().expect("wait").code(), Some(5), "{:?}", text(&seen));
         drop(master);
 
         // -ti: an interactive shell fed over stdin; its exit status comes back.

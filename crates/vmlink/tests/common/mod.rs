@@ -68,3 +68,69 @@ pub fn vsock_port(listen: &str) -> u32 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {listen}"))
 }
+
+/// A new pseudo-terminal of `rows` x `cols`: (master, slave).
+#[allow(dead_code)]
+pub fn openpty(rows: u16, cols: u16) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors through valid pointers and reads the window size;
+    // no name buffer, no termios.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned here alone.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Reads the pty master until `want` appears, within `within` (poll, no blind sleeps).
+#[allow(dead_code)]
+pub fn read_master_until(master: i32, seen: &mut Vec<u8>, within: std::time::Duration, want: &str) {
+    use std::time::Instant;
+    let deadline = Instant::now() + within;
+    while !String::from_utf8_lossy(seen).contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {want:?}; got {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        let mut p = libc::pollfd {
+            fd: master,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd through the pointer, valid for the call.
+        let r = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
+        if r <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        // SAFETY: read writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(
+            n > 0,
+            "the terminal closed; got {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n as usize]);
+    }
+}
