@@ -113,3 +113,62 @@ pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
     w.write_all(&frame).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlink_proto::agent::encode_header;
+
+    /// Big payloads go the direct way (in pieces, as a socket delivers them) and come out whole
+    /// and in order with the small frames around them; a stream that ends inside a payload is
+    /// `Truncated`, naming how much of the frame arrived.
+    #[tokio::test]
+    async fn big_payloads_read_directly_arrive_whole_and_a_cut_one_is_truncated() {
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i * 7) as u8).collect();
+        let mut stream = Vec::new();
+        for m in [
+            Message::Ping,
+            Message::Data(big.clone()),
+            Message::Stdout(b"small".to_vec()),
+            Message::Data(big[..70_000].to_vec()),
+            Message::Done,
+        ] {
+            m.encode_into(&mut stream).expect("encodes");
+        }
+        let (mut w, r) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            for piece in stream.chunks(1000) {
+                w.write_all(piece).await.expect("write");
+            }
+        });
+        let mut reader = FrameReader::new(r);
+        let mut got = Vec::new();
+        while let Some(m) = reader.next().await.expect("valid stream") {
+            got.push(m);
+        }
+        writer.await.expect("writer");
+        assert_eq!(
+            got,
+            vec![
+                Message::Ping,
+                Message::Data(big.clone()),
+                Message::Stdout(b"small".to_vec()),
+                Message::Data(big[..70_000].to_vec()),
+                Message::Done,
+            ]
+        );
+
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let header = encode_header(MessageType::Data, 100_000).expect("header");
+        w.write_all(&header).await.expect("write");
+        w.write_all(&big[..10_000]).await.expect("write");
+        drop(w);
+        let mut reader = FrameReader::new(r);
+        match reader.next().await {
+            Err(WireError::Frame(FrameError::Truncated { partial_len })) => {
+                assert_eq!(partial_len, HEADER_LEN + 10_000);
+            }
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    }
+}
