@@ -1275,6 +1275,66 @@ pub mod fuzzing {
             }
             (Some(e), Ok(())) => panic!("decoder failed with {e:?}, one-shot did not"),
         }
+        check_partial_reader(payload, chunk, &expected, end.is_err());
+    }
+
+    /// A reader that takes raw payloads out of the decoder ([`Decoder::take_partial_raw`]) and
+    /// fills them straight from the stream, as `vmlink_agent`'s does, sees the same messages,
+    /// and fails exactly when the one-shot decode does.
+    fn check_partial_reader(payload: &[u8], chunk: usize, expected: &[Message], fails: bool) {
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        let mut partial: Option<(MessageType, usize, Vec<u8>)> = None;
+        let mut failed = false;
+        let mut at = 0;
+        'feed: while at < payload.len() {
+            let n = chunk.min(payload.len() - at);
+            if let Some((ty, len, buf)) = &mut partial {
+                let n = n.min(*len - buf.len());
+                buf.extend_from_slice(&payload[at..at + n]);
+                at += n;
+                if buf.len() == *len {
+                    let m = Message::from_raw(*ty, std::mem::take(buf));
+                    got.push(m.expect("take_partial_raw hands out raw types only"));
+                    partial = None;
+                }
+                continue;
+            }
+            d.extend(&payload[at..at + n]);
+            at += n;
+            loop {
+                match d.next_message() {
+                    Ok(Some(m)) => got.push(m),
+                    Ok(None) => match d.take_partial_raw() {
+                        Ok(Some(p)) => {
+                            assert!(p.2.len() < p.1 && p.1 <= MAX_FRAME_LEN);
+                            assert_eq!(d.buffered(), 0, "the frame left the decoder whole");
+                            partial = Some(p);
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            failed = true;
+                            break 'feed;
+                        }
+                    },
+                    Err(_) => {
+                        failed = true;
+                        break 'feed;
+                    }
+                }
+            }
+        }
+        let ended_inside = partial.is_some() || d.eof().is_err();
+        assert_eq!(got, expected[..got.len().min(expected.len())].to_vec());
+        if !failed && !ended_inside {
+            assert_eq!(got, expected);
+        }
+        assert_eq!(
+            failed || ended_inside,
+            fails,
+            "the partial reader and decode disagree"
+        );
     }
 
     /// The outcome is decided when the header (for header errors) or the whole frame has arrived,
