@@ -10,8 +10,8 @@
 //!
 //! Each stream has its own credit window ([`WINDOW`] bytes per direction): a reader that
 //! stops reading stalls only its own stream, never a lane, so a stalled 1 GiB copy never
-//! delays a ping. Each stream is a Unix socket on this side: on the guest, one end of a
-//! socketpair that the agent serves like any accepted connection; on the host, the client's
+//! delays a ping. On the guest each stream is one end of an in-process pipe
+//! (`tokio::io::duplex`) that the agent serves like any accepted connection; on the host, the client's
 //! own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
 //!
 //! Threads: one reader and one writer task per lane, and two pump tasks per stream
