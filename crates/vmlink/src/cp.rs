@@ -204,7 +204,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         match (src, dst) {
             (local @ (Side::Local(_) | Side::Std), Side::Remote(target, path)) => {
                 let addr = match target.resolve()? {
-                    Resolved::Qga(q) => return qga_put(&q, &local, &path, a.quiet, counter).await,
+                    Resolved::Qga(q) => {
+                        return qga_put(&q, &local, &path, a.quiet, a.json, counter).await
+                    }
                     r => r.agent("cp")?,
                 };
                 let started = Instant::now();
@@ -223,16 +225,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(130));
                 };
                 progress.finish(summary.bytes);
-                report(a.json, "put", &client, &summary, started.elapsed());
+                report(
+                    a.json,
+                    "put",
+                    client.copy_checksum().name(),
+                    &summary,
+                    started.elapsed(),
+                );
             }
             (Side::Remote(target, path), local @ (Side::Local(_) | Side::Std)) => {
-                let addr = match target.resolve()? {
-                    Resolved::Qga(q) => return qga_get(&q, &path, &local, a.quiet, counter).await,
-                    r => r.agent("cp")?,
-                };
                 if a.json && matches!(local, Side::Std) {
                     return usage(CpError::JsonToStdout);
                 }
+                let addr = match target.resolve()? {
+                    Resolved::Qga(q) => {
+                        return qga_get(&q, &path, &local, a.quiet, a.json, counter).await
+                    }
+                    r => r.agent("cp")?,
+                };
                 let started = Instant::now();
                 let client = Client::connect(&addr)
                     .await
@@ -246,7 +256,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(130));
                 };
                 progress.finish(summary.bytes);
-                report(a.json, "get", &client, &summary, started.elapsed());
+                report(
+                    a.json,
+                    "get",
+                    client.copy_checksum().name(),
+                    &summary,
+                    started.elapsed(),
+                );
             }
             _ => {
                 return usage(CpError::Sides {
@@ -260,7 +276,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// `--json`: one line describing the finished copy.
-fn report(json: bool, direction: &str, client: &Client, summary: &CopySummary, took: Duration) {
+fn report(json: bool, direction: &str, checksum: &str, summary: &CopySummary, took: Duration) {
     if !json {
         return;
     }
@@ -269,7 +285,7 @@ fn report(json: bool, direction: &str, client: &Client, summary: &CopySummary, t
         "direction": direction,
         "entries": summary.entries,
         "bytes": summary.bytes,
-        "checksum": client.copy_checksum().name(),
+        "checksum": checksum,
         "seconds": secs,
         "mib_s": summary.bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9),
     });
@@ -291,14 +307,20 @@ async fn interruptible<T>(
     }
 }
 
+/// What `--json` names as the checksum of a `qga+` copy: `crate::qga_target` compares SHA-256
+/// (with the guest's `sha256sum`, when it has one).
+const QGA_CHECKSUM: &str = "sha256";
+
 /// Host -> guest over `qga+` (`crate::qga_target::put`), with the progress bar.
 async fn qga_put(
     q: &vmlink_transport::Addr,
     local: &Side,
     path: &str,
     quiet: bool,
+    json: bool,
     counter: Arc<AtomicU64>,
 ) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
     let src = match local {
         Side::Local(p) => Some(p.as_path()),
         _ => None,
@@ -309,6 +331,8 @@ async fn qga_put(
         return Ok(ExitCode::from(130));
     };
     progress.finish(bytes);
+    let summary = CopySummary { entries: 1, bytes };
+    report(json, "put", QGA_CHECKSUM, &summary, started.elapsed());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -320,8 +344,10 @@ async fn qga_get(
     path: &str,
     local: &Side,
     quiet: bool,
+    json: bool,
     counter: Arc<AtomicU64>,
 ) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
     let dst = match local {
         Side::Local(p) => Some(p.as_path()),
         _ => None,
@@ -335,7 +361,12 @@ async fn qga_get(
         }
     };
     tokio::select! {
-        r = crate::qga_target::get(q, path, dst, counter, total) => progress.finish(r?),
+        r = crate::qga_target::get(q, path, dst, counter, total) => {
+            let bytes = r?;
+            progress.finish(bytes);
+            let summary = CopySummary { entries: 1, bytes };
+            report(json, "get", QGA_CHECKSUM, &summary, started.elapsed());
+        }
         _ = tokio::signal::ctrl_c() => {
             eprintln!("vmlink: cp interrupted; nothing partial was left");
             return Ok(ExitCode::from(130));

@@ -125,6 +125,7 @@ fn qga_cp_keeps_the_mode_leaves_no_temporary_file_and_copies_back_exactly() {
     let out = run(
         &[
             "cp",
+            "--json",
             &format!("{t}:{}", copied.display()),
             back.to_str().expect("utf-8"),
         ],
@@ -132,6 +133,19 @@ fn qga_cp_keeps_the_mode_leaves_no_temporary_file_and_copies_back_exactly() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(std::fs::read(&back).expect("back"), data);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cp --json: one object");
+    assert_eq!(v["direction"], "get", "{v}");
+    assert_eq!(v["bytes"], data.len() as u64, "{v}");
+    assert_eq!(v["checksum"], "sha256", "{v}");
+    let out = run(
+        &["cp", "--json", &format!("{t}:{}", copied.display()), "-"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--json with stdout as DST: {out:?}"
+    );
     let out = run(&["cp", &format!("{t}:{}", copied.display()), "-"], None);
     assert_eq!(out.stdout, data);
 
