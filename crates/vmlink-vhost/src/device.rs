@@ -610,21 +610,29 @@ impl Device {
         }
     }
 
+    /// Whether the VM holds its bound of connections; if so, counts (`connection_limit`) and
+    /// logs (rate-limited) that `refused` was refused.
+    fn at_connection_limit(&self, refused: std::fmt::Arguments<'_>) -> bool {
+        if self.conns.len() < self.cfg.max_connections {
+            return false;
+        }
+        let n = self.counters.inc(Counter::connection_limit);
+        if should_log(n) {
+            info!(
+                cid = self.cfg.guest_cid,
+                "refused {refused}: the VM is at its bound of {} connections ({n} so far)",
+                self.cfg.max_connections
+            );
+        }
+        true
+    }
+
     fn guest_request(&mut self, key: ConnKey, hdr: &Header) {
         if self.conns.contains_key(&key) {
             self.bad(hdr, "request for a connection that exists");
             return;
         }
-        if self.conns.len() >= self.cfg.max_connections {
-            let n = self.counters.inc(Counter::connection_limit);
-            if should_log(n) {
-                info!(
-                    cid = self.cfg.guest_cid,
-                    "refused guest connection to port {}: the VM has {} connections, its bound ({n} so far)",
-                    key.host_port,
-                    self.conns.len()
-                );
-            }
+        if self.at_connection_limit(format_args!("guest connection to port {}", key.host_port)) {
             self.reply_rst(hdr);
             return;
         }
@@ -1253,16 +1261,10 @@ impl Device {
         let Some(mut client) = self.clients.remove(&token) else {
             return;
         };
-        if self.conns.len() >= self.cfg.max_connections {
-            let n = self.counters.inc(Counter::connection_limit);
-            if should_log(n) {
-                info!(
-                    cid = self.cfg.guest_cid,
-                    "refused host connection to guest port {}: the VM is at its bound of {} connections ({n} so far)",
-                    request.port,
-                    self.cfg.max_connections
-                );
-            }
+        if self.at_connection_limit(format_args!(
+            "host connection to guest port {}",
+            request.port
+        )) {
             self.tokens.remove(&token);
             return;
         }
