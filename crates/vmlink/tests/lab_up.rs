@@ -20,6 +20,21 @@ struct Lab {
 }
 
 impl Lab {
+    /// `vmlink lab up NAME --agent <the built agent> EXTRA...` in a state directory of its own
+    /// (tagged `tag`); returns the lab and what `lab up` printed.
+    fn up(name: &str, tag: &str, extra: &[&str]) -> (Lab, String) {
+        let lab = Lab {
+            state: std::env::temp_dir().join(format!("vmlink-labup-{tag}{}", std::process::id())),
+            name: name.into(),
+        };
+        let agent = agent_binary();
+        let mut args = vec!["lab", "up", name];
+        args.extend_from_slice(extra);
+        args.extend(["--agent", agent.to_str().expect("utf-8")]);
+        let text = ok(&lab.run(&args), &format!("lab up {extra:?}"));
+        (lab, text)
+    }
+
     fn cmd(&self) -> Command {
         let mut c = common::vmlink();
         c.env("VMLINK_LAB_STATE", &self.state);
@@ -289,19 +304,7 @@ fn every_verb(lab: &Lab, channel: &str) {
 
 #[test]
 fn lab_up_serves_every_verb_over_virtio_serial_and_lab_down_stops_it() {
-    let lab = Lab {
-        state: std::env::temp_dir().join(format!("vmlink-labup-{}", std::process::id())),
-        name: "ci".into(),
-    };
-    let agent = agent_binary();
-    let up = lab.run(&[
-        "lab",
-        "up",
-        &lab.name,
-        "--agent",
-        agent.to_str().expect("utf-8"),
-    ]);
-    let text = ok(&up, "lab up");
+    let (lab, text) = Lab::up("ci", "", &[]);
     assert!(text.contains("is up"), "{text}");
     let t = lab.target();
 
@@ -345,21 +348,7 @@ fn lab_targets_with_bad_names_are_usage_errors() {
 
 #[test]
 fn lab_up_hvsock_serves_every_verb_through_vmlink_vhost() {
-    let lab = Lab {
-        state: std::env::temp_dir().join(format!("vmlink-labup-hv-{}", std::process::id())),
-        name: "hv".into(),
-    };
-    let agent = agent_binary();
-    let up = lab.run(&[
-        "lab",
-        "up",
-        &lab.name,
-        "--channel",
-        "hvsock",
-        "--agent",
-        agent.to_str().expect("utf-8"),
-    ]);
-    ok(&up, "lab up --channel hvsock");
+    let (lab, _) = Lab::up("hv", "hv-", &["--channel", "hvsock"]);
     let t = lab.target();
     let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
     assert!(ls.contains("\"target\":\"hvsock:"), "{ls}");
