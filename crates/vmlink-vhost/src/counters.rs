@@ -60,7 +60,8 @@ counters! {
     connect_timeouts,
     /// Connections opened (both directions).
     connections_opened,
-    /// Connections closed and freed.
+    /// Connections closed and freed, including those freed with the device when its VMM goes
+    /// away: `connections_opened - connections_closed` is the number open.
     connections_closed,
     /// Packets forwarded to another VM of this process.
     forwarded,
