@@ -114,6 +114,19 @@ impl Snapshot {
     }
 }
 
+/// A JSON object (or any serde map) of every counter by name, in display order, zeros included:
+/// what the stats socket shows.
+impl serde::Serialize for Snapshot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (c, v) in &self.0 {
+            m.serialize_entry(c.name(), v)?;
+        }
+        m.end()
+    }
+}
+
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
