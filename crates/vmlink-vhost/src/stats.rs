@@ -18,8 +18,10 @@
 //!
 //! One thread serves the socket, one client at a time. A client cannot hold it: the reply is
 //! written with a deadline of [`WRITE_TIMEOUT`] in all (a client that does not read is dropped
-//! then), and the server never waits to read from a client.
+//! then), and the server never waits to read from a client (see [`serve`] for what it does
+//! with bytes a client sends).
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -98,11 +100,55 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Serves `listener` forever: each client gets `doc()` and is closed.
+/// Served clients kept open at most this long, so that a client still sending (`echo | nc -U`)
+/// is not reset; then closed.
+pub const LINGER: Duration = Duration::from_secs(1);
+/// Served clients kept open at most at once; the oldest is closed first.
+pub const MAX_LINGERING: usize = 64;
+
+/// Serves `listener` forever: each client gets `doc()` and end-of-file.
+///
+/// Closing a Unix socket with unread bytes makes the peer's next read fail with ECONNRESET (after
+/// the data), and a peer that writes after the close gets EPIPE: `echo | nc -U PATH` or `socat -
+/// UNIX-CONNECT:PATH` would fail or lose the document. So a served client is only shut down for
+/// writing; its socket stays open for [`LINGER`] (at most [`MAX_LINGERING`] of them), and what
+/// it sent is discarded without waiting before it is closed. Nothing a client does makes the
+/// server wait for it.
 pub fn serve(listener: &UnixListener, doc: impl Fn() -> String) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut lingering: VecDeque<(Instant, UnixStream)> = VecDeque::new();
     let mut errors = 0u64;
-    for client in listener.incoming() {
-        let result = client.and_then(|c| reply(c, doc().as_bytes()));
+    loop {
+        while lingering
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() >= LINGER || lingering.len() > MAX_LINGERING)
+        {
+            if let Some((_, c)) = lingering.pop_front() {
+                close_quietly(c);
+            }
+        }
+        if let Some((t, _)) = lingering.front() {
+            // Wait for a client, or for the oldest lingering one's time.
+            let left = LINGER.saturating_sub(t.elapsed()).as_millis();
+            let timeout = PollTimeout::from(u16::try_from(left + 1).unwrap_or(u16::MAX));
+            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("stats socket: poll: {e}; not serving stats any more");
+                    return;
+                }
+            }
+        }
+        let result = listener.accept().and_then(|(mut c, _)| {
+            let sent = reply(&mut c, doc().as_bytes());
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            lingering.push_back((Instant::now(), c));
+            sent
+        });
         if let Err(e) = result {
             errors += 1;
             if should_log(errors) {
@@ -120,11 +166,10 @@ pub fn serve(listener: &UnixListener, doc: impl Fn() -> String) {
             }
         }
     }
-    warn!("stats socket: the listener failed; not serving stats any more");
 }
 
-/// Writes `doc` to `client` within [`WRITE_TIMEOUT`], then closes it.
-fn reply(mut client: UnixStream, doc: &[u8]) -> io::Result<()> {
+/// Writes `doc` to `client` within [`WRITE_TIMEOUT`] in all.
+fn reply(client: &mut UnixStream, doc: &[u8]) -> io::Result<()> {
     let deadline = Instant::now() + WRITE_TIMEOUT;
     let mut left = doc;
     while !left.is_empty() {
@@ -143,18 +188,21 @@ fn reply(mut client: UnixStream, doc: &[u8]) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    // Discard what the client already sent (`echo | nc -U`), without waiting for more:
-    // closing a Unix socket with unread bytes makes the client's read fail with
-    // ECONNRESET instead of seeing end-of-file after the document.
-    client.set_nonblocking(true)?;
-    let mut buf = [0u8; 1024];
-    for _ in 0..16 {
-        match client.read(&mut buf) {
-            Ok(n) if n > 0 => {}
-            _ => break,
+    Ok(())
+}
+
+/// Discards what `client` sent, without waiting for more, and closes it.
+fn close_quietly(client: UnixStream) {
+    if client.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 4096];
+        let mut client = &client;
+        for _ in 0..16 {
+            match client.read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
         }
     }
-    Ok(())
 }
 
 /// Reads the document from the stats socket at `path` (the `--print-stats` client), waiting at
@@ -232,26 +280,50 @@ mod tests {
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
-    /// Closing a Unix socket with unread bytes resets the peer (its read fails with ECONNRESET
-    /// after the data): what the client sent before it was served is discarded first.
+    /// `echo | nc -U PATH`: the client's line may arrive before or after it was served; either
+    /// way it reads the document and end-of-file, no reset, and its write does not fail.
     #[test]
     fn bytes_the_client_sent_do_not_reset_it() {
         let (path, l) = listener("sent");
         // Connected and sent before the server accepts: the bytes are there when it replies.
-        let mut clients = Vec::new();
+        let mut early = Vec::new();
         for _ in 0..3 {
             let mut s = UnixStream::connect(&path).expect("connect");
-            s.write_all(b"\n")
-                .expect("send a line, as echo | nc -U does");
-            clients.push(s);
+            s.write_all(b"\n").expect("send a line before being served");
+            early.push(s);
         }
         std::thread::spawn(move || serve(&l, || "{}\n".to_owned()));
-        for mut s in clients {
+        for mut s in early {
             let mut got = String::new();
             s.read_to_string(&mut got)
                 .expect("the document then EOF, no reset");
             assert_eq!(got, "{}\n");
         }
+        // Sent after being served (the document already read): the socket is still open.
+        for _ in 0..3 {
+            let mut s = UnixStream::connect(&path).expect("connect");
+            let mut got = [0u8; 3];
+            s.read_exact(&mut got).expect("the document");
+            s.write_all(b"\n")
+                .expect("send a line after being served: no EPIPE");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).expect("EOF, no reset");
+            assert!(rest.is_empty());
+        }
+        // Served clients that stay open past the bound of lingering ones: still served.
+        let held: Vec<UnixStream> = (0..MAX_LINGERING + 10)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).expect("connect");
+                let mut got = [0u8; 3];
+                s.read_exact(&mut got).expect("the document");
+                s
+            })
+            .collect();
+        assert_eq!(
+            fetch(&path, Duration::from_secs(5)).expect("served"),
+            b"{}\n"
+        );
+        drop(held);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 }
