@@ -116,7 +116,7 @@ fn main() -> ExitCode {
     if let Some(path) = &stats_path {
         if is_in_use(path) {
             eprintln!(
-                "vmlink-vhost: --stats-socket {} is in use: another process listens on it",
+                "vmlink-vhost: stats socket {} is in use: another process listens on it",
                 path.display()
             );
             return ExitCode::from(1);
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
             Ok(l) => l,
             Err(e) => {
                 eprintln!(
-                    "vmlink-vhost: --stats-socket {}: cannot listen: {e}",
+                    "vmlink-vhost: stats socket {}: cannot listen: {e}",
                     path.display()
                 );
                 return ExitCode::from(1);

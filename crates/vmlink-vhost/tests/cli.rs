@@ -185,7 +185,7 @@ fn the_stats_socket_serves_every_counter_of_every_vm() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains(&format!("--stats-socket {} is in use", stats.display())),
+        err.contains(&format!("stats socket {} is in use", stats.display())),
         "{err}"
     );
     print_stats(&stats);
