@@ -2,9 +2,12 @@
 //!
 //! A spec is `guest-cid=3,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE]
 //! [,max-connections=N]`. The TOML
-//! file has one `[[vm]]` table per VM with the same keys (`groups` a list of strings):
+//! file has one `[[vm]]` table per VM with the same keys (`groups` a list of strings), and may
+//! name the stats socket (`--stats-socket`) in a top-level key, before the first table:
 //!
 //! ```toml
+//! stats-socket = "/run/vmlink-vhost/stats.sock"
+//!
 //! [[vm]]
 //! guest-cid = 3
 //! socket = "/run/vm3/vhost.sock"
@@ -191,9 +194,19 @@ fn check_vm(vm: &VmConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// What a config file gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// Its VMs.
+    pub vms: Vec<VmConfig>,
+    /// The top-level `stats-socket` key.
+    pub stats_socket: Option<PathBuf>,
+}
+
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct File {
+    stats_socket: Option<PathBuf>,
     vm: Vec<FileVm>,
 }
 
@@ -217,7 +230,7 @@ enum SizeValue {
 }
 
 /// Parses a TOML config file's text; `path` is used in messages.
-pub fn parse_config(text: &str, path: &Path) -> Result<Vec<VmConfig>, ConfigError> {
+pub fn parse_config(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     let ctx = |m: String| bad(format!("config {}: {m}", path.display()));
     let file: File = toml::from_str(text).map_err(|e| ctx(e.message().to_owned()))?;
     let mut vms = Vec::new();
@@ -249,18 +262,30 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Vec<VmConfig>, ConfigErro
         check_vm(&vm).map_err(at)?;
         vms.push(vm);
     }
-    Ok(vms)
+    if file
+        .stats_socket
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(ctx("stats-socket is empty".into()));
+    }
+    Ok(ConfigFile {
+        vms,
+        stats_socket: file.stats_socket,
+    })
 }
 
 /// Reads and parses a TOML config file.
-pub fn load_config(path: &Path) -> Result<Vec<VmConfig>, ConfigError> {
+pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| bad(format!("config {}: cannot read: {e}", path.display())))?;
     parse_config(&text, path)
 }
 
-/// Checks a whole set of VMs: at least one, and no CID, socket or uds-path used twice.
-pub fn check_all(vms: &[VmConfig]) -> Result<(), ConfigError> {
+/// Checks a whole set of VMs: at least one, and no CID, socket or uds-path used twice; and that
+/// `stats_socket`, if any, is none of the VMs' socket files (`socket`, `uds-path`,
+/// `<uds-path>_*`).
+pub fn check_all(vms: &[VmConfig], stats_socket: Option<&Path>) -> Result<(), ConfigError> {
     if vms.is_empty() {
         return Err(bad("no VM: give --vm SPEC or --config FILE"));
     }
@@ -278,6 +303,23 @@ pub fn check_all(vms: &[VmConfig]) -> Result<(), ConfigError> {
                 return Err(bad(format!(
                     "path {} is used twice (each VM needs its own socket and uds-path)",
                     p.display()
+                )));
+            }
+        }
+        if let Some(stats) = stats_socket {
+            let mut prefix = vm.uds_path.clone().into_os_string();
+            prefix.push("_");
+            if stats == vm.socket
+                || stats == vm.uds_path
+                || stats
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .starts_with(prefix.as_encoded_bytes())
+            {
+                return Err(bad(format!(
+                    "stats socket {} is a socket path of the VM with guest-cid {}",
+                    stats.display(),
+                    vm.guest_cid
                 )));
             }
         }
@@ -363,13 +405,15 @@ uds-path = "/run/4"
 tx-buffer-size = "64K"
 max-connections = 8
 "#;
-        let vms = parse_config(text, Path::new("c.toml")).expect("valid");
+        let file = parse_config(text, Path::new("c.toml")).expect("valid");
+        assert_eq!(file.stats_socket, None);
+        let vms = file.vms;
         assert_eq!(vms.len(), 2);
         assert_eq!(vms[1].tx_buffer_size, 64 * 1024);
         assert_eq!(vms[0].tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
         assert_eq!(vms[1].max_connections, 8);
         assert_eq!(vms[0].max_connections, DEFAULT_MAX_CONNECTIONS);
-        check_all(&vms).expect("distinct");
+        check_all(&vms, None).expect("distinct");
 
         let e = parse_config(&text.replace("\"64K\"", "12"), Path::new("c.toml"))
             .expect_err("too small")
@@ -385,9 +429,36 @@ max-connections = 8
             e.starts_with("config c.toml: ") && e.contains("socket"),
             "{e}"
         );
-        let e = check_all(&[vms[0].clone(), vms[0].clone()])
+        let e = check_all(&[vms[0].clone(), vms[0].clone()], None)
             .expect_err("dup")
             .to_string();
         assert_eq!(e, "guest-cid 3 is used by two VMs");
+    }
+
+    #[test]
+    fn the_stats_socket_is_a_top_level_key_and_no_vm_path() {
+        let text = "stats-socket = \"/run/stats.sock\"\n\n[[vm]]\nguest-cid = 3\nsocket = \"/run/3.sock\"\nuds-path = \"/run/3\"\n";
+        let file = parse_config(text, Path::new("c.toml")).expect("valid");
+        assert_eq!(
+            file.stats_socket.as_deref(),
+            Some(Path::new("/run/stats.sock"))
+        );
+        check_all(&file.vms, Some(Path::new("/run/stats.sock"))).expect("distinct");
+        for clash in ["/run/3.sock", "/run/3", "/run/3_seqpacket", "/run/3_1000"] {
+            let e = check_all(&file.vms, Some(Path::new(clash)))
+                .expect_err(clash)
+                .to_string();
+            assert!(
+                e.contains("is a socket path of the VM with guest-cid 3"),
+                "{e}"
+            );
+        }
+        // A key after a [[vm]] table belongs to that table: TOML's rule, named in the error.
+        let late =
+            "[[vm]]\nguest-cid = 3\nsocket = \"/a\"\nuds-path = \"/b\"\nstats-socket = \"/s\"\n";
+        let e = parse_config(late, Path::new("c.toml"))
+            .expect_err("stats-socket inside [[vm]]")
+            .to_string();
+        assert!(e.contains("stats-socket"), "{e}");
     }
 }

@@ -60,7 +60,8 @@ counters! {
     connect_timeouts,
     /// Connections opened (both directions).
     connections_opened,
-    /// Connections closed and freed.
+    /// Connections closed and freed, including those freed with the device when its VMM goes
+    /// away: `connections_opened - connections_closed` is the number open.
     connections_closed,
     /// Packets forwarded to another VM of this process.
     forwarded,
@@ -110,6 +111,19 @@ impl Snapshot {
     /// The value of `c` in this snapshot.
     pub fn get(&self, c: Counter) -> u64 {
         self.0.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
+    }
+}
+
+/// A JSON object (or any serde map) of every counter by name, in display order, zeros included:
+/// what the stats socket shows.
+impl serde::Serialize for Snapshot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (c, v) in &self.0 {
+            m.serialize_entry(c.name(), v)?;
+        }
+        m.end()
     }
 }
 

@@ -348,6 +348,15 @@ pub struct Device {
     router: Option<Arc<Router>>,
 }
 
+/// A device is dropped when its VMM goes away, and its connections with it: they count as
+/// closed, so that `connections_opened - connections_closed` is the number open.
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.counters
+            .add(Counter::connections_closed, self.conns.len() as u64);
+    }
+}
+
 /// Bound on queued control packets toward the guest: a guest that floods bogus packets and
 /// gives no RX buffers cannot grow this without bound.
 fn ctrl_bound(cfg: &DeviceConfig) -> usize {

@@ -11,6 +11,7 @@
 //! - [`fuzzing`]: the harness of the TX-path fuzz target.
 //! - [`router`]: VM-to-VM routing between VMs that share a group.
 //! - [`serve`]: running VMs, restarting each one's device when its VMM reconnects.
+//! - [`stats`]: the stats socket: every VM's counters as JSON.
 //!
 //! See `docs/vhost.md` for the design and the bounds.
 
@@ -22,3 +23,4 @@ pub mod device;
 pub mod fuzzing;
 pub mod router;
 pub mod serve;
+pub mod stats;

@@ -1,7 +1,7 @@
 //! `vmlink-vhost`: a vhost-user-vsock backend with a hybrid vsock host side, for one or more VMs.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use vmlink_vhost::counters::Counters;
 use vmlink_vhost::device::Device;
 use vmlink_vhost::router::Router;
 use vmlink_vhost::serve::{device_config, serve_vm};
+use vmlink_vhost::stats::{self, VmStats};
 
 /// A vhost-user-vsock device backend: gives QEMU guests vsock without the host's vhost_vsock
 /// module. The host side is hybrid vsock: Unix sockets, Firecracker's convention.
@@ -32,6 +33,22 @@ struct Args {
     /// decodes). SIGUSR2 switches capture off and on while running.
     #[arg(long, value_name = "FILE")]
     pcap: Option<PathBuf>,
+    /// Serve every VM's counters on a Unix socket at PATH, for scripts: each connection gets one
+    /// line of JSON, {"vms":[{"guest_cid":3,"open_connections":N,"max_connections":N,
+    /// "counters":{"tx_packets":N,...}}],"capture":true|false|null}, then end-of-file; nothing
+    /// needs to be sent. Read it with `vmlink-vhost --print-stats PATH`, `socat -
+    /// UNIX-CONNECT:PATH` or `nc -U PATH`. In the config file: `stats-socket = "PATH"` (before
+    /// the first [[vm]]; this option wins). A file left by a killed backend is replaced.
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
+    /// Print the JSON document of the stats socket at PATH (a running backend's
+    /// --stats-socket) to stdout and exit: status 1 if it cannot be read.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["vms", "config", "pcap", "stats_socket"]
+    )]
+    print_stats: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -44,7 +61,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    let vms = match vm_list(&args) {
+    if let Some(path) = &args.print_stats {
+        return print_stats(path);
+    }
+    let (vms, stats_path) = match vm_list(&args) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmlink-vhost: {e}");
@@ -93,6 +113,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    if let Some(path) = &stats_path {
+        if is_in_use(path) {
+            eprintln!(
+                "vmlink-vhost: stats socket {} is in use: another process listens on it",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
     let mut started = Vec::new();
     for vm in vms {
         let counters = Arc::new(Counters::default());
@@ -108,6 +137,41 @@ fn main() -> ExitCode {
         .iter()
         .map(|(vm, _, c)| (vm.guest_cid, c.clone()))
         .collect();
+    // The stats socket: bound after the VMs' sockets, so that a VM that cannot start leaves no
+    // stats file behind.
+    let mut stats_file = None;
+    if let Some(path) = &stats_path {
+        let listener = match stats::bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "vmlink-vhost: stats socket {}: cannot listen: {e}",
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        };
+        stats_file = std::fs::metadata(path)
+            .ok()
+            .map(|m| (path.clone(), std::os::unix::fs::MetadataExt::ino(&m)));
+        let vms: Vec<VmStats> = started
+            .iter()
+            .map(|(vm, _, c)| VmStats {
+                guest_cid: vm.guest_cid,
+                max_connections: vm.max_connections,
+                counters: c.clone(),
+            })
+            .collect();
+        let capture = capture.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || stats::serve(&listener, || stats::render(&vms, capture.as_deref())));
+        if let Err(e) = spawned {
+            eprintln!("vmlink-vhost: cannot start a thread: {e}");
+            return ExitCode::from(1);
+        }
+        info!("stats on {}", path.display());
+    }
     let signal_capture = capture.clone();
     let _ = std::thread::Builder::new()
         .name("signals".into())
@@ -154,6 +218,14 @@ fn main() -> ExitCode {
     for t in threads {
         ok &= t.join().unwrap_or(false);
     }
+    // Every VM stopped (a setup error): remove the stats socket if it is still the one bound.
+    if let Some((path, ino)) = stats_file {
+        if std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -161,20 +233,51 @@ fn main() -> ExitCode {
     }
 }
 
-fn vm_list(args: &Args) -> Result<Vec<VmConfig>, config::ConfigError> {
+/// The VMs, and the stats socket (`--stats-socket`, else the config file's `stats-socket`).
+fn vm_list(args: &Args) -> Result<(Vec<VmConfig>, Option<PathBuf>), config::ConfigError> {
     let mut vms = Vec::new();
+    let mut stats_socket = None;
     if let Some(path) = &args.config {
-        vms.extend(config::load_config(path)?);
+        let file = config::load_config(path)?;
+        vms.extend(file.vms);
+        stats_socket = file.stats_socket;
     }
     for spec in &args.vms {
         vms.push(config::parse_vm_spec(spec)?);
     }
-    config::check_all(&vms)?;
-    Ok(vms)
+    if let Some(path) = &args.stats_socket {
+        stats_socket = Some(path.clone());
+    }
+    config::check_all(&vms, stats_socket.as_deref())?;
+    Ok((vms, stats_socket))
+}
+
+/// `--print-stats PATH`: copies the stats document to stdout.
+fn print_stats(path: &Path) -> ExitCode {
+    use std::io::Write;
+    let doc = match stats::fetch(path, std::time::Duration::from_secs(5)) {
+        Ok(d) if !d.is_empty() => d,
+        Ok(_) => {
+            eprintln!(
+                "vmlink-vhost: --print-stats {}: the socket closed without a document",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("vmlink-vhost: --print-stats {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if out.write_all(&doc).and_then(|()| out.flush()).is_err() {
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
 
 /// Whether a process listens on the Unix socket at `path` (stream or seqpacket).
-fn is_in_use(path: &std::path::Path) -> bool {
+fn is_in_use(path: &Path) -> bool {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
     let Ok(addr) = UnixAddr::new(path) else {

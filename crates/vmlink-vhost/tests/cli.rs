@@ -1,9 +1,11 @@
 //! The `vmlink-vhost` command line: usage errors are one line naming the bad part, status 2;
-//! a config file with several VMs starts them all.
+//! a config file with several VMs starts them all; the stats socket.
 
 mod common;
 
 use std::process::Command;
+
+use vmlink_vhost::counters::Counter;
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vmlink-vhost"))
@@ -69,7 +71,8 @@ fn an_unusable_uds_path_fails_the_start_with_status_1() {
 fn a_config_file_starts_every_vm() {
     let dir = common::test_dir("cli-config");
     let file = dir.join("vms.toml");
-    let mut text = String::new();
+    let stats = dir.join("stats.sock");
+    let mut text = format!("stats-socket = \"{}\"\n\n", stats.display());
     for cid in [3, 4] {
         text.push_str(&format!(
             "[[vm]]\nguest-cid = {cid}\nsocket = \"{}\"\nuds-path = \"{}\"\ngroups = [\"g\"]\n\n",
@@ -86,6 +89,8 @@ fn a_config_file_starts_every_vm() {
             "uds-path of CID {cid} is bound"
         );
     }
+    let doc = print_stats(&stats);
+    assert_eq!(doc["vms"].as_array().map(Vec::len), Some(2), "{doc}");
 }
 
 #[test]
@@ -101,4 +106,111 @@ fn a_socket_in_use_is_not_taken_over() {
         "{err}"
     );
     // A stale file (nobody listens) is replaced: see guest_restart.rs.
+}
+
+fn print_stats(path: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlink-vhost"))
+        .arg("--print-stats")
+        .arg(path)
+        .output()
+        .expect("run vmlink-vhost --print-stats");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    serde_json::from_str(&text).expect("the stats document is JSON")
+}
+
+#[test]
+fn the_stats_socket_serves_every_counter_of_every_vm() {
+    use std::io::Read;
+    let dir = common::test_dir("cli-stats");
+    let stats = dir.join("stats.sock");
+    // A stale file (a killed backend's) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&stats).expect("stale socket"));
+    let mut b = common::Backend::start(
+        &[
+            "--vm".into(),
+            common::vm_arg(&dir, 3, ""),
+            "--vm".into(),
+            common::vm_arg(&dir, 4, ",max-connections=8"),
+            "--stats-socket".into(),
+            stats.display().to_string(),
+        ],
+        2,
+    );
+    // A client that connects and never reads does not keep others from being served.
+    let _idle = std::os::unix::net::UnixStream::connect(&stats).expect("idle client");
+    let doc = print_stats(&stats);
+    assert_eq!(doc["capture"], serde_json::Value::Null, "no --pcap");
+    let vms = doc["vms"].as_array().expect("vms");
+    let cids: Vec<u64> = vms.iter().filter_map(|v| v["guest_cid"].as_u64()).collect();
+    assert_eq!(cids, [3, 4]);
+    assert_eq!(vms[1]["max_connections"], 8);
+    for vm in vms {
+        assert_eq!(vm["open_connections"], 0, "{vm}");
+        let counters = vm["counters"].as_object().expect("counters");
+        assert_eq!(counters.len(), Counter::ALL.len(), "{vm}");
+        for c in Counter::ALL {
+            assert_eq!(
+                counters.get(c.name()),
+                Some(&0.into()),
+                "{} in {vm}",
+                c.name()
+            );
+        }
+    }
+    // The same document for a plain socket reader (socat, nc -U), then end-of-file.
+    let mut s = std::os::unix::net::UnixStream::connect(&stats).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("document and EOF");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+        doc
+    );
+    assert!(b.alive());
+
+    // Another backend on the same stats socket: refused, the first one keeps it.
+    let other = common::test_dir("cli-stats-other");
+    let (code, err) = run(&[
+        "--vm",
+        &common::vm_arg(&other, 5, ""),
+        "--stats-socket",
+        &stats.display().to_string(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("stats socket {} is in use", stats.display())),
+        "{err}"
+    );
+    print_stats(&stats);
+}
+
+#[test]
+fn stats_usage_errors() {
+    let dir = common::test_dir("cli-stats-usage");
+    let vm = common::vm_arg(&dir, 3, "");
+    let uds = common::uds_path(&dir, 3);
+    let (code, err) = run(&["--vm", &vm, "--stats-socket", &uds.display().to_string()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("is a socket path of the VM with guest-cid 3"),
+        "{err}"
+    );
+    let missing = dir.join("no-such.sock");
+    let (code, err) = run(&["--print-stats", &missing.display().to_string()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "vmlink-vhost: --print-stats {}: ",
+            missing.display()
+        )),
+        "{err}"
+    );
 }

@@ -414,6 +414,12 @@ fn connections_per_vm_are_bounded() {
     assert_eq!(ops, [(OP_RESPONSE, 1), (OP_RESPONSE, 2), (OP_RST, 3)]);
     assert_eq!(rig.count(Counter::connection_limit), 1);
     assert_eq!(rig.device.connection_count(), 2);
+    // A dropped device (its VMM gone) frees its connections: opened - closed is what is open.
+    let counters = rig.device.counters().clone();
+    assert_eq!(counters.get(Counter::connections_opened), 2);
+    assert_eq!(counters.get(Counter::connections_closed), 0);
+    drop(rig);
+    assert_eq!(counters.get(Counter::connections_closed), 2);
 }
 
 #[test]

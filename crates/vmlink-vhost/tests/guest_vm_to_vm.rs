@@ -1,5 +1,5 @@
 //! Two guests on one vmlink-vhost process: VM-to-VM within a group, refused across groups, and
-//! the per-VM counters read while running (SIGUSR1).
+//! the per-VM counters read while running (SIGUSR1, and the stats socket).
 
 mod common;
 
@@ -69,6 +69,8 @@ fn two_vms_talk_within_a_group_and_not_across() {
             common::vm_arg(&dir, 7, ",groups=b+a"),
             "--vm".into(),
             common::vm_arg(&dir, 8, ",groups=b"),
+            "--stats-socket".into(),
+            dir.join("stats.sock").display().to_string(),
         ],
         3,
     );
@@ -106,5 +108,59 @@ fn two_vms_talk_within_a_group_and_not_across() {
         !line.contains("spoofed_cid"),
         "no spoofing from a stock kernel: {line}"
     );
+
+    // The same through the stats socket. Both QEMUs have exited: once their devices are
+    // dropped, no connection is left open.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let vms = loop {
+        let vms = read_stats(&dir.join("stats.sock"));
+        if vms.iter().all(|v| v["open_connections"] == 0) {
+            break vms;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections still open after both guests exited: {vms:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let counter = |cid: u64, name: &str| -> u64 {
+        let vm = vms
+            .iter()
+            .find(|v| v["guest_cid"] == cid)
+            .unwrap_or_else(|| panic!("CID {cid} in {vms:?}"));
+        vm["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name} of CID {cid} in {vm}"))
+    };
+    eprintln!(
+        "stats socket: CID 6 forwarded={} unroutable={} connections_opened={}, CID 7 forwarded={}",
+        counter(6, "forwarded"),
+        counter(6, "unroutable"),
+        counter(6, "connections_opened"),
+        counter(7, "forwarded")
+    );
+    for cid in [6, 7] {
+        assert!(
+            counter(cid, "forwarded") > 0,
+            "CID {cid} forwarded: {vms:?}"
+        );
+        assert_eq!(counter(cid, "spoofed_cid"), 0);
+        assert!(counter(cid, "connections_opened") >= 1, "{vms:?}");
+    }
+    assert_eq!(counter(6, "unroutable"), 1, "{vms:?}");
+    assert_eq!(counter(8, "tx_packets"), 0, "CID 8 never ran: {vms:?}");
     assert!(backend.alive());
+}
+
+/// The `vms` array of the stats socket's document.
+fn read_stats(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect to the stats socket");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .expect("read the stats document");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("the stats document is JSON");
+    assert_eq!(doc["capture"], serde_json::Value::Null, "no --pcap: {text}");
+    doc["vms"].as_array().cloned().expect("vms")
 }
