@@ -261,22 +261,34 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
             anyhow::bail!(
                 "lab guest {} did not come up (supervisor {status}); its log:\n{}",
                 a.name,
-                tail.join("\n")
+                log_tail(&dir)
             );
         }
         if start.elapsed() > a.wait {
-            let _ = child.kill();
+            // SIGTERM, not SIGKILL: the supervisor then stops its QEMU too, rather than
+            // leaving it running without a supervisor.
+            // SAFETY: the supervisor is our child and not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let stop = Instant::now();
+            while child.try_wait()?.is_none() {
+                if stop.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             anyhow::bail!(
-                "lab guest {}: the agent did not answer within {:?}; log: {}",
+                "lab guest {}: the agent did not answer within {:?} (stopped; `vmlink lab down {}` \
+                 removes what is left); the end of its log ({}):\n{}",
                 a.name,
                 a.wait,
-                dir.join(LOG_FILE).display()
+                a.name,
+                dir.join(LOG_FILE).display(),
+                log_tail(&dir)
             );
         }
         // The supervisor writes the file once; poll it (inotify would be overkill here).
@@ -290,6 +302,13 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         a.name
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The last lines of a lab guest's log (supervisor and guest console), for an error message.
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// The background process of one lab guest: QEMU, the serial bridge, the state directory.

@@ -357,3 +357,40 @@ fn lab_up_hvsock_serves_every_verb_through_vmlink_vhost() {
     every_verb(&lab, "hybrid vsock");
     ok(&lab.run(&["lab", "down", &lab.name]), "lab down");
 }
+
+#[test]
+fn lab_up_that_times_out_stops_its_guest_and_shows_the_log() {
+    let lab = Lab {
+        state: std::env::temp_dir().join(format!("vmlink-labup-slow-{}", std::process::id())),
+        name: "slow".into(),
+    };
+    let agent = agent_binary();
+    // No guest boots in 1 s under TCG (nor under KVM with the agent answering).
+    let out = lab.run(&[
+        "lab",
+        "up",
+        "slow",
+        "--wait",
+        "1s",
+        "--agent",
+        agent.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer within 1s"), "{err}");
+    // The log's end is in the message: the supervisor's line with QEMU's pid...
+    let qemu: u32 = err
+        .split("QEMU pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no QEMU pid in the message: {err}"));
+    // ...and that QEMU is gone (the supervisor stopped and reaped it before exiting).
+    assert!(
+        !Path::new(&format!("/proc/{qemu}")).exists(),
+        "QEMU {qemu} outlived its timed-out lab guest"
+    );
+    let ls = ok(&lab.run(&["lab", "ls", "--json"]), "lab ls");
+    let v: serde_json::Value = serde_json::from_str(ls.trim()).expect("one JSON line");
+    assert_eq!(v["state"], "dead", "{ls}");
+}
