@@ -19,7 +19,16 @@ use vmlink_vhost::stats::{self, VmStats};
 /// A vhost-user-vsock device backend: gives QEMU guests vsock without the host's vhost_vsock
 /// module. The host side is hybrid vsock: Unix sockets, Firecracker's convention.
 #[derive(Debug, Parser)]
-#[command(name = "vmlink-vhost", version)]
+#[command(
+    name = "vmlink-vhost",
+    version,
+    after_help = "Example: vmlink-vhost --vm guest-cid=3,socket=/run/vm1-vhost.sock,uds-path=/run/vm1.vsock\n\
+    then QEMU: -chardev socket,id=c0,path=/run/vm1-vhost.sock -device vhost-user-vsock-pci,chardev=c0\n\
+    (guest memory must be shared: -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem).\n\n\
+Signals: SIGUSR1 logs every VM's counters; SIGUSR2 switches --pcap capture off and on; SIGTERM or\n\
+SIGINT stop cleanly (capture flushed, this process's sockets removed, status 0).\n\
+Logs: RUST_LOG (default info). More: docs/vhost.md."
+)]
 struct Args {
     /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE][,max-connections=N].
     /// `socket` is the vhost-user socket for QEMU; host clients connect to `uds-path` and send
@@ -88,13 +97,19 @@ fn main() -> ExitCode {
             }
         },
     };
-    // SIGUSR1 logs every VM's counters, SIGUSR2 switches capture: block them in every thread
-    // but the one that waits for them.
+    // SIGUSR1 logs every VM's counters, SIGUSR2 switches capture, SIGTERM and SIGINT stop the
+    // backend cleanly: block them in every thread but the one that waits for them.
     let mut signals = SigSet::empty();
-    signals.add(Signal::SIGUSR1);
-    signals.add(Signal::SIGUSR2);
+    for s in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        signals.add(s);
+    }
     if let Err(e) = signals.thread_block() {
-        eprintln!("vmlink-vhost: cannot block SIGUSR1 and SIGUSR2: {e}");
+        eprintln!("vmlink-vhost: cannot block SIGUSR1, SIGUSR2, SIGTERM and SIGINT: {e}");
         return ExitCode::from(1);
     }
     // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
@@ -172,6 +187,19 @@ fn main() -> ExitCode {
         }
         info!("stats on {}", path.display());
     }
+    // What a clean stop removes: the sockets this process made (host listeners at
+    // `<uds-path>_<port>` belong to their owners and stay).
+    let mut ours: Vec<PathBuf> = started
+        .iter()
+        .flat_map(|(vm, _, _)| {
+            [
+                vm.socket.clone(),
+                vm.uds_path.clone(),
+                vmlink_vhost::device::seqpacket_listener_path(&vm.uds_path),
+            ]
+        })
+        .collect();
+    ours.extend(stats_file.iter().map(|(p, _)| p.clone()));
     let signal_capture = capture.clone();
     let _ = std::thread::Builder::new()
         .name("signals".into())
@@ -190,6 +218,21 @@ fn main() -> ExitCode {
                     }
                     None => info!("SIGUSR2: no --pcap file, nothing to switch"),
                 },
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                    // The guests lose their device: QEMU sees the socket close, as when the
+                    // process dies, but the capture file is complete and no file is left.
+                    if let Some(c) = &signal_capture {
+                        c.flush();
+                    }
+                    for (cid, c) in &all {
+                        info!(cid, "counters: {}", c.snapshot());
+                    }
+                    for p in &ours {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    info!("{sig}: stopped");
+                    std::process::exit(0);
+                }
                 _ => {}
             }
         });

@@ -214,3 +214,48 @@ fn stats_usage_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn sigterm_stops_cleanly_removing_the_sockets_it_made() {
+    let dir = common::test_dir("cli-sigterm");
+    let stats = dir.join("stats.sock");
+    let pcap = dir.join("all.pcap");
+    // A host listener for guest port 5000 belongs to its owner: it stays.
+    let owner = common::uds_path(&dir, 3).with_file_name("vsock-3_5000");
+    let _listener = std::os::unix::net::UnixListener::bind(&owner).expect("host listener");
+    let mut b = common::Backend::start(
+        &[
+            "--vm".into(),
+            common::vm_arg(&dir, 3, ""),
+            "--stats-socket".into(),
+            stats.display().to_string(),
+            "--pcap".into(),
+            pcap.display().to_string(),
+        ],
+        1,
+    );
+    let ours = [
+        common::vhost_socket(&dir, 3),
+        common::uds_path(&dir, 3),
+        stats.clone(),
+    ];
+    for p in &ours {
+        assert!(p.exists(), "{} while running", p.display());
+    }
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGTERM) };
+    b.wait_log("SIGTERM: stopped");
+    let status = b.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status}");
+    for p in &ours {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    assert!(owner.exists(), "the host's listener socket was removed");
+    // The capture file is complete: the pcap header with link type 271 (LINKTYPE_VSOCK).
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    assert!(bytes.len() >= 24, "pcap of {} bytes", bytes.len());
+    assert_eq!(
+        u32::from_le_bytes(bytes[20..24].try_into().expect("4")),
+        271
+    );
+}
