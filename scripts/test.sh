@@ -26,3 +26,5 @@ if command -v cargo-nextest >/dev/null; then
 else
     cargo test --workspace --locked -- --test-threads 2
 fi
+echo "== micro-benchmarks (criterion), each run once as a test: they build and assert"
+cargo test --workspace --locked --bench '*'
