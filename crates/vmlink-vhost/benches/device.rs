@@ -348,6 +348,10 @@ impl<'a> Rig<'a> {
                 }
                 self.rx.offer(c);
             }
+            // Like the backend: look at the host side again only while the device has more.
+            if !self.device.has_rx() {
+                return got;
+            }
         }
     }
 
