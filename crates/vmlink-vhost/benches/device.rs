@@ -51,39 +51,6 @@ const RX_BUFS: u64 = 0x100_0000;
 const RX_SLOT: u64 = 0x1100;
 const MEM_SIZE: usize = 0x200_0000;
 
-fn encode(h: &Header) -> [u8; HDR as usize] {
-    let mut v = [0u8; HDR as usize];
-    v[0..8].copy_from_slice(&h.src_cid.to_le_bytes());
-    v[8..16].copy_from_slice(&h.dst_cid.to_le_bytes());
-    v[16..20].copy_from_slice(&h.src_port.to_le_bytes());
-    v[20..24].copy_from_slice(&h.dst_port.to_le_bytes());
-    v[24..28].copy_from_slice(&h.len.to_le_bytes());
-    v[28..30].copy_from_slice(&h.type_.to_le_bytes());
-    v[30..32].copy_from_slice(&h.op.to_le_bytes());
-    v[32..36].copy_from_slice(&h.flags.to_le_bytes());
-    v[36..40].copy_from_slice(&h.buf_alloc.to_le_bytes());
-    v[40..44].copy_from_slice(&h.fwd_cnt.to_le_bytes());
-    v
-}
-
-fn decode(b: &[u8; HDR as usize]) -> Header {
-    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
-    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
-    Header {
-        src_cid: u64_at(0),
-        dst_cid: u64_at(8),
-        src_port: u32_at(16),
-        dst_port: u32_at(20),
-        len: u32_at(24),
-        type_: u16_at(28),
-        op: u16_at(30),
-        flags: u32_at(32),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
-    }
-}
-
 /// The driver side of one split virtqueue, on `MockSplitQueue`'s descriptor table and avail
 /// ring. Two things of the mock (virtio-queue 0.16) are not used, as they break once a ring
 /// goes round: `add_desc_chains` indexes the avail ring without wrapping (here chains are
@@ -267,7 +234,7 @@ impl<'a> Rig<'a> {
         self.tx_next = (self.tx_next + 1) % CHAINS;
         let at = TX_BUFS + u64::from(c) * TX_SLOT;
         self.mem
-            .write_slice(&encode(&h), GuestAddress(at))
+            .write_slice(&h.to_bytes(), GuestAddress(at))
             .expect("write header");
         if let Some(d) = data {
             self.mem
@@ -322,7 +289,7 @@ impl<'a> Rig<'a> {
                 self.mem
                     .read_slice(&mut hb, GuestAddress(at))
                     .expect("read header");
-                let h = decode(&hb);
+                let h = Header::from_bytes(&hb);
                 assert_eq!(
                     len,
                     HDR + h.len,

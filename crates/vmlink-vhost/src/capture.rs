@@ -27,7 +27,7 @@ pub const LINKTYPE_VSOCK: u32 = 271;
 /// Size of `struct af_vsockmon_hdr`.
 pub const VSOCKMON_HDR_LEN: usize = 32;
 /// Size of `struct virtio_vsock_hdr`.
-pub const VIRTIO_HDR_LEN: usize = 44;
+pub const VIRTIO_HDR_LEN: usize = crate::device::HEADER_LEN;
 /// Largest record: headers and a 64 KiB payload.
 const SNAPLEN: u32 = 256 * 1024;
 
@@ -56,16 +56,7 @@ pub fn record(h: &Header, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&TRANSPORT_VIRTIO.to_le_bytes());
     v.extend_from_slice(&(VIRTIO_HDR_LEN as u16).to_le_bytes());
     v.extend_from_slice(&[0, 0]);
-    v.extend_from_slice(&h.src_cid.to_le_bytes());
-    v.extend_from_slice(&h.dst_cid.to_le_bytes());
-    v.extend_from_slice(&h.src_port.to_le_bytes());
-    v.extend_from_slice(&h.dst_port.to_le_bytes());
-    v.extend_from_slice(&h.len.to_le_bytes());
-    v.extend_from_slice(&h.type_.to_le_bytes());
-    v.extend_from_slice(&h.op.to_le_bytes());
-    v.extend_from_slice(&h.flags.to_le_bytes());
-    v.extend_from_slice(&h.buf_alloc.to_le_bytes());
-    v.extend_from_slice(&h.fwd_cnt.to_le_bytes());
+    v.extend_from_slice(&h.to_bytes());
     v.extend_from_slice(payload);
     v
 }

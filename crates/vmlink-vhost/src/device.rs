@@ -126,6 +126,57 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
+/// The size of `struct virtio_vsock_hdr` on the wire.
+pub const HEADER_LEN: usize = 44;
+
+impl Header {
+    /// The wire form (little-endian, as in the virtio spec).
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    /// A header from its wire form.
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Header {
+        let u64_at = |o: usize| {
+            u64::from_le_bytes([
+                b[o],
+                b[o + 1],
+                b[o + 2],
+                b[o + 3],
+                b[o + 4],
+                b[o + 5],
+                b[o + 6],
+                b[o + 7],
+            ])
+        };
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
 /// How one VM's device behaves, and its bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -1501,4 +1552,34 @@ fn recv_message(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
         ));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_has_the_spec_layout_and_round_trips() {
+        let h = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 0x1234_5678,
+            dst_port: 5000,
+            len: 4096,
+            type_: TYPE_SEQPACKET,
+            op: OP_RW,
+            flags: 1,
+            buf_alloc: 256 * 1024,
+            fwd_cnt: 0xdead_beef,
+        };
+        let b = h.to_bytes();
+        assert_eq!(b[0], 3, "src_cid at 0");
+        assert_eq!(b[8], 2, "dst_cid at 8");
+        assert_eq!(&b[16..20], &0x1234_5678u32.to_le_bytes(), "src_port at 16");
+        assert_eq!(&b[24..28], &4096u32.to_le_bytes(), "len at 24");
+        assert_eq!(&b[28..30], &TYPE_SEQPACKET.to_le_bytes(), "type at 28");
+        assert_eq!(&b[30..32], &OP_RW.to_le_bytes(), "op at 30");
+        assert_eq!(&b[40..44], &0xdead_beefu32.to_le_bytes(), "fwd_cnt at 40");
+        assert_eq!(Header::from_bytes(&b), h);
+    }
 }

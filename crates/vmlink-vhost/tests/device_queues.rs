@@ -59,39 +59,6 @@ mod tempdir {
     }
 }
 
-fn encode(h: &Header) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HDR as usize);
-    v.extend_from_slice(&h.src_cid.to_le_bytes());
-    v.extend_from_slice(&h.dst_cid.to_le_bytes());
-    v.extend_from_slice(&h.src_port.to_le_bytes());
-    v.extend_from_slice(&h.dst_port.to_le_bytes());
-    v.extend_from_slice(&h.len.to_le_bytes());
-    v.extend_from_slice(&h.type_.to_le_bytes());
-    v.extend_from_slice(&h.op.to_le_bytes());
-    v.extend_from_slice(&h.flags.to_le_bytes());
-    v.extend_from_slice(&h.buf_alloc.to_le_bytes());
-    v.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-    v
-}
-
-fn decode(b: &[u8]) -> Header {
-    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
-    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
-    Header {
-        src_cid: u64_at(0),
-        dst_cid: u64_at(8),
-        src_port: u32_at(16),
-        dst_port: u32_at(20),
-        len: u32_at(24),
-        type_: u16_at(28),
-        op: u16_at(30),
-        flags: u32_at(32),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
-    }
-}
-
 /// A guest-to-host header on guest port `gport` to host port `hport`.
 fn pkt(op: u16, gport: u32, hport: u32) -> Header {
     Header {
@@ -175,7 +142,7 @@ impl<'a> Rig<'a> {
         };
         let at = TX_BUFS + u64::from(self.tx_slot) * SLOT;
         self.mem
-            .write_slice(&encode(&h), GuestAddress(at))
+            .write_slice(&h.to_bytes(), GuestAddress(at))
             .expect("write hdr");
         if data.is_empty() {
             self.push_tx_raw(&[(at, HDR, 0)]);
@@ -235,11 +202,11 @@ impl<'a> Rig<'a> {
             let id: u32 = self.mem.read_obj(e).expect("id");
             let len: u32 = self.mem.read_obj(e.unchecked_add(4)).expect("len");
             let at = RX_BUFS + u64::from(id) * SLOT;
-            let mut hb = vec![0u8; HDR as usize];
+            let mut hb = [0u8; HDR as usize];
             self.mem
                 .read_slice(&mut hb, GuestAddress(at))
                 .expect("read hdr");
-            let h = decode(&hb);
+            let h = Header::from_bytes(&hb);
             assert_eq!(len, HDR + h.len, "used length is header + payload");
             let mut data = vec![0u8; h.len as usize];
             self.mem
@@ -350,7 +317,8 @@ fn spoofed_malformed_and_unknown_packets_are_dropped_and_counted() {
         len: 4096,
         ..pkt(OP_RW, 1, 1234)
     };
-    mem.write_slice(&encode(&h), GuestAddress(at)).expect("hdr");
+    mem.write_slice(&h.to_bytes(), GuestAddress(at))
+        .expect("hdr");
     rig.push_tx_raw(&[(at, HDR, 0), (at + 64, 16, 0)]);
     rig.run_tx();
     assert_eq!(rig.count(Counter::malformed_descriptors), 3);
