@@ -83,6 +83,8 @@ pub fn drain_tx<M: GuestMemory>(
             warn!("cannot return a TX descriptor to the guest: {e}");
         }
     }
+    // Small packets of this pass, gathered per connection, go to the host now.
+    device.flush_pending();
     used
 }
 

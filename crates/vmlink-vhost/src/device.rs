@@ -295,6 +295,9 @@ struct Conn {
     host_eof: bool,
     eof_sent: bool,
     in_rx_queue: bool,
+    /// In `Device::pending_flush`: small guest packets wait in `to_host` for the end of the
+    /// TX pass.
+    flush_queued: bool,
 }
 
 impl Conn {
@@ -327,6 +330,7 @@ impl Conn {
             host_eof: false,
             eof_sent: false,
             in_rx_queue: false,
+            flush_queued: false,
         }
     }
 
@@ -395,9 +399,17 @@ pub struct Device {
     next_host_port: u32,
     ctrl: VecDeque<Header>,
     data_ready: VecDeque<ConnKey>,
+    /// Connections whose small guest packets wait in `to_host` ([`Device::flush_pending`]).
+    pending_flush: Vec<ConnKey>,
     counters: Arc<Counters>,
     router: Option<Arc<Router>>,
 }
+
+/// Guest packets with less payload than this are gathered per connection during a TX pass and
+/// written to the host socket once at its end ([`Device::flush_pending`]): a guest writing
+/// 4 KiB at a time costs one `write(2)` per pass, not one per packet. Bigger packets are
+/// written at once, straight from the TX buffer, when nothing waits before them.
+pub const COALESCE_BELOW: usize = 16 * 1024;
 
 /// A device is dropped when its VMM goes away, and its connections with it: they count as
 /// closed, so that `connections_opened - connections_closed` is the number open.
@@ -496,6 +508,7 @@ impl Device {
             next_host_port: FIRST_HOST_PORT,
             ctrl: VecDeque::new(),
             data_ready: VecDeque::new(),
+            pending_flush: Vec::new(),
             counters,
             router,
         })
@@ -559,6 +572,7 @@ impl Device {
     // ---------------------------------------------------------------- guest to device
 
     /// Handles one packet from the guest's TX queue. `data` is its payload (`hdr.len` bytes).
+    /// Stream payloads under [`COALESCE_BELOW`] bytes may wait for [`Device::flush_pending`].
     pub fn on_guest_packet(&mut self, hdr: &Header, data: &[u8]) {
         self.counters.inc(Counter::tx_packets);
         let cid = self.cfg.guest_cid;
@@ -813,7 +827,7 @@ impl Device {
             return;
         }
         let mut rest = data;
-        if conn.to_host.is_empty() && conn.host_writable {
+        if data.len() >= COALESCE_BELOW && conn.to_host.is_empty() && conn.host_writable {
             match write_some(&mut conn.stream, rest) {
                 Ok(n) => {
                     conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
@@ -830,8 +844,25 @@ impl Device {
             }
         }
         conn.to_host.extend(rest);
+        if conn.host_writable && !conn.to_host.is_empty() && !conn.flush_queued {
+            // Small packets: written with whatever else this TX pass brings.
+            conn.flush_queued = true;
+            self.pending_flush.push(key);
+        }
         self.watch_writable(key);
         self.maybe_credit_update(key);
+    }
+
+    /// Writes what small guest packets left in `to_host` during a TX pass
+    /// ([`COALESCE_BELOW`]). [`crate::backend::drain_tx`] calls it at the end of every pass;
+    /// a caller of [`Device::on_guest_packet`] must call it after each batch of packets.
+    pub fn flush_pending(&mut self) {
+        for key in std::mem::take(&mut self.pending_flush) {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.flush_queued = false;
+                self.flush(key);
+            }
+        }
     }
 
     /// Watches the host socket of `key` for writability exactly while guest bytes wait for it.
@@ -882,8 +913,8 @@ impl Device {
             }
         }
         while !conn.to_host.is_empty() && conn.host_writable {
-            let (a, _) = conn.to_host.as_slices();
-            match write_some(&mut conn.stream, a) {
+            let (a, b) = conn.to_host.as_slices();
+            match write_some_vectored(&mut conn.stream, a, b) {
                 Ok(0) => conn.host_writable = false,
                 Ok(n) => {
                     conn.to_host.drain(..n);
@@ -1176,6 +1207,7 @@ impl Device {
     /// and writable connections, timeouts. Never blocks. Returns whether the periodic tick
     /// ([`DeviceConfig::tick`]) was among the events.
     pub fn handle_host_events(&mut self) -> bool {
+        self.flush_pending();
         let mut events = [EpollEvent::default(); 64];
         let mut tick = false;
         loop {
@@ -1472,6 +1504,22 @@ fn stream_events(out: bool) -> EventSet {
 }
 
 /// One non-blocking write: `Ok(0)` when the socket is full.
+/// [`write_some`] of `a` then `b` in one `writev(2)`.
+fn write_some_vectored(stream: &mut UnixStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
+    if b.is_empty() {
+        return write_some(stream, a);
+    }
+    let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+    loop {
+        match stream.write_vectored(&bufs) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn write_some(stream: &mut UnixStream, buf: &[u8]) -> io::Result<usize> {
     loop {
         match stream.write(buf) {

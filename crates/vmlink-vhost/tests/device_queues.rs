@@ -136,6 +136,12 @@ impl<'a> Rig<'a> {
 
     /// Sends one packet from the guest and runs the TX path.
     fn send(&mut self, h: Header, data: &[u8]) {
+        self.queue(h, data);
+        self.run_tx();
+    }
+
+    /// Puts one packet on the TX ring without running the TX path.
+    fn queue(&mut self, h: Header, data: &[u8]) {
         let h = Header {
             len: data.len() as u32,
             ..h
@@ -152,7 +158,6 @@ impl<'a> Rig<'a> {
                 .expect("write data");
             self.push_tx_raw(&[(at, HDR, 0), (at + 64, data.len() as u32, 0)]);
         }
-        self.run_tx();
     }
 
     fn run_tx(&mut self) {
@@ -635,4 +640,44 @@ fn bytes_buffered_for_a_full_host_socket_flow_once_it_drains() {
         sent.len()
     );
     assert_eq!(rig.device.buffered_bytes(), 0);
+}
+
+#[test]
+fn small_packets_of_one_tx_pass_reach_the_host_in_order_around_big_ones_and_a_shutdown() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "coalesce", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(4)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("backend connected to the host listener");
+    // One TX pass: ten small packets (gathered), a big one (which must not overtake them),
+    // five more small ones, then the guest's SHUT_WR (which must come after all of them).
+    let mut want = Vec::new();
+    let mut put = |rig: &mut Rig, len: usize, seed: u8| {
+        let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+        rig.queue(pkt(OP_RW, 5000, 1234), &data);
+        want.extend_from_slice(&data);
+    };
+    for i in 0..10 {
+        put(&mut rig, 1000, i);
+    }
+    put(&mut rig, COALESCE_BELOW + 4000, 100);
+    for i in 0..5 {
+        put(&mut rig, 100, 200 + i);
+    }
+    rig.queue(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..pkt(OP_SHUTDOWN, 5000, 1234)
+        },
+        &[],
+    );
+    rig.run_tx();
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("every byte, then EOF");
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "bytes out of order");
+    assert_eq!(rig.count(Counter::tx_bytes), want.len() as u64);
 }
