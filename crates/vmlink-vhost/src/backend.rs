@@ -117,8 +117,18 @@ pub fn fill_rx<M: GuestMemory>(
                 continue;
             }
         };
-        let room = pkt.data_slice().map_or(0, |s| s.len()).min(MAX_PKT_DATA);
-        let Some(hdr) = device.next_rx(&mut buf[..room]) else {
+        let slice = pkt.data_slice();
+        let room = slice.as_ref().map_or(0, |s| s.len()).min(MAX_PKT_DATA);
+        // The payload goes straight from the device's staging buffer into the guest's RX
+        // buffer; a copy stays here only for the capture.
+        let Some(hdr) = device.next_rx_with(room, &mut |data: &[u8]| {
+            if let Some(s) = &slice {
+                s.copy_from(data);
+            }
+            if capture.is_some() {
+                buf[..data.len()].copy_from_slice(data);
+            }
+        }) else {
             queue.go_to_previous_position();
             break;
         };
@@ -126,11 +136,6 @@ pub fn fill_rx<M: GuestMemory>(
         let len = hdr.len as usize;
         if let Some(c) = capture {
             c.packet(&hdr, &buf[..len]);
-        }
-        if len > 0 {
-            if let Some(slice) = pkt.data_slice() {
-                slice.copy_from(&buf[..len]);
-            }
         }
         if let Err(e) = queue.add_used(mem, head, (PKT_HEADER_SIZE + len) as u32) {
             warn!("cannot return an RX descriptor to the guest: {e}");

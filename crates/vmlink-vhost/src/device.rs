@@ -980,6 +980,16 @@ impl Device {
     /// to the front of `buf`; the payload is at most `buf.len()` bytes. `None` when there is
     /// nothing to send now.
     pub fn next_rx(&mut self, buf: &mut [u8]) -> Option<Header> {
+        let room = buf.len();
+        self.next_rx_with(room, &mut |data: &[u8]| {
+            buf[..data.len()].copy_from_slice(data)
+        })
+    }
+
+    /// [`Device::next_rx`] without a buffer of its own: the payload (at most `room` bytes) is
+    /// handed to `write`, once, before the header is returned, so that the caller can copy it
+    /// straight into the guest's RX buffer.
+    pub fn next_rx_with(&mut self, room: usize, write: &mut dyn FnMut(&[u8])) -> Option<Header> {
         if let Some(mut hdr) = self.ctrl.pop_front() {
             // Control packets carry the freshest credit of their connection.
             let key = ConnKey {
@@ -993,11 +1003,11 @@ impl Device {
             self.counters.inc(Counter::rx_packets);
             return Some(hdr);
         }
-        if buf.is_empty() {
+        if room == 0 {
             return None;
         }
-        if let Some(p) = self.inbox().and_then(|i| i.pop(buf.len())) {
-            buf[..p.data.len()].copy_from_slice(&p.data);
+        if let Some(p) = self.inbox().and_then(|i| i.pop(room)) {
+            write(&p.data);
             self.counters.inc(Counter::rx_packets);
             self.counters.add(Counter::rx_bytes, p.data.len() as u64);
             return Some(p.hdr);
@@ -1010,7 +1020,7 @@ impl Device {
             if !conn.wants_rx() {
                 continue;
             }
-            let room = (conn.peer_free() as usize).min(buf.len()).min(MAX_PKT_DATA);
+            let room = (conn.peer_free() as usize).min(room).min(MAX_PKT_DATA);
             if !conn.has_staged() && !conn.host_eof {
                 // Stage up to 64 KiB (or one seqpacket message) with one read: the guest's RX
                 // buffers are often 4 KiB, and one read per buffer would cost a syscall each.
@@ -1062,7 +1072,7 @@ impl Device {
             let mut flags = 0;
             let n = if conn.has_staged() {
                 let n = room.min(conn.from_end - conn.from_pos);
-                buf[..n].copy_from_slice(&conn.from_host[conn.from_pos..conn.from_pos + n]);
+                write(&conn.from_host[conn.from_pos..conn.from_pos + n]);
                 conn.from_pos += n;
                 if conn.seq_msg && !conn.has_staged() {
                     conn.seq_msg = false;
@@ -1086,7 +1096,7 @@ impl Device {
                     if conn.host_write_shut {
                         // Both directions finished: free the connection now.
                         self.close(key, Why::Done, true);
-                        return self.next_rx(buf);
+                        return self.next_rx_with(room, write);
                     }
                 }
                 self.counters.inc(Counter::rx_packets);
