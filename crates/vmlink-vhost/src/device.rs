@@ -1513,7 +1513,6 @@ fn stream_events(out: bool) -> EventSet {
     set
 }
 
-/// One non-blocking write: `Ok(0)` when the socket is full.
 /// [`write_some`] of `a` then `b` in one `writev(2)`.
 fn write_some_vectored(stream: &mut UnixStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
     if b.is_empty() {
@@ -1530,6 +1529,7 @@ fn write_some_vectored(stream: &mut UnixStream, a: &[u8], b: &[u8]) -> io::Resul
     }
 }
 
+/// One non-blocking write: `Ok(0)` when the socket is full.
 fn write_some(stream: &mut UnixStream, buf: &[u8]) -> io::Result<usize> {
     loop {
         match stream.write(buf) {
