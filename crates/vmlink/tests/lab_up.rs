@@ -360,24 +360,37 @@ fn lab_up_hvsock_serves_every_verb_through_vmlink_vhost() {
 
 #[test]
 fn lab_up_that_times_out_stops_its_guest_and_shows_the_log() {
+    use std::os::unix::fs::PermissionsExt;
     let lab = Lab {
         state: std::env::temp_dir().join(format!("vmlink-labup-slow-{}", std::process::id())),
         name: "slow".into(),
     };
-    let agent = agent_binary();
-    // No guest boots in 1 s under TCG (nor under KVM with the agent answering).
+    // An "agent" that never answers (the guest sees the host's files): the wait runs out
+    // whatever the accelerator, after QEMU has surely started.
+    std::fs::create_dir_all(&lab.state).expect("state dir");
+    let agent = lab.state.join("never-answers.sh");
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\necho never-answers is running\nexec sleep 1000\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let out = lab.run(&[
         "lab",
         "up",
         "slow",
         "--wait",
-        "1s",
+        "8s",
         "--agent",
         agent.to_str().expect("utf-8"),
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("did not answer within 1s"), "{err}");
+    assert!(err.contains("did not answer within 8s"), "{err}");
+    assert!(
+        err.contains("never-answers is running"),
+        "the guest's own output is in the message: {err}"
+    );
     // The log's end is in the message: the supervisor's line with QEMU's pid...
     let qemu: u32 = err
         .split("QEMU pid ")
