@@ -366,7 +366,8 @@ fn lab_up_that_times_out_stops_its_guest_and_shows_the_log() {
         name: "slow".into(),
     };
     // An "agent" that never answers (the guest sees the host's files): the wait runs out
-    // whatever the accelerator, after QEMU has surely started.
+    // whatever the accelerator, after QEMU has surely started. (Whether the guest has got as
+    // far as printing its line by then depends on the machine's load: not asserted.)
     std::fs::create_dir_all(&lab.state).expect("state dir");
     let agent = lab.state.join("never-answers.sh");
     std::fs::write(
@@ -387,10 +388,6 @@ fn lab_up_that_times_out_stops_its_guest_and_shows_the_log() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("did not answer within 8s"), "{err}");
-    assert!(
-        err.contains("never-answers is running"),
-        "the guest's own output is in the message: {err}"
-    );
     // The log's end is in the message: the supervisor's line with QEMU's pid...
     let qemu: u32 = err
         .split("QEMU pid ")
