@@ -18,19 +18,19 @@ cargo run -q --locked -p vmlink -- lab prepare
 echo "== static agent: build (target/static), no dynamic interpreter, ping/exec in a guest"
 bash scripts/static-agent.sh
 echo "== tests (unit, host, and real-guest integration tests)"
-# Guest tests whose guest kernel stalled (a TCG timer problem) are run once more and listed
-# here (vmlink_lab::testing::stall_retry_log); shown after the tests.
-STALLS="${TMPDIR:-/tmp}/vmlink-lab-stall-retries.log"
-rm -f "$STALLS"
-show_stalls() {
-    if [ -s "$STALLS" ]; then
-        echo "== $(wc -l <"$STALLS") guest test run(s) repeated after the guest kernel stalled (RCU stall under TCG):"
-        sed 's/^/   /' "$STALLS"
+# Guest tests whose guest timed out (its kernel stalled under TCG, or it hung silently) are run
+# once more and listed here (vmlink_lab::testing::retry_log); shown after the tests.
+RETRIES="${TMPDIR:-/tmp}/vmlink-lab-guest-retries.log"
+rm -f "$RETRIES"
+show_retries() {
+    if [ -s "$RETRIES" ]; then
+        echo "== $(wc -l <"$RETRIES") guest test(s) run a second time after the guest timed out:"
+        sed 's/^/   /' "$RETRIES"
     else
-        echo "== no guest test needed a repeat for a guest kernel stall"
+        echo "== no guest test needed a second run"
     fi
 }
-trap show_stalls EXIT
+trap show_retries EXIT
 if command -v cargo-nextest >/dev/null; then
     # Each guest test boots its own QEMU guest (~5 s under TCG); two at a time
     # fit 2 cores.
