@@ -1513,14 +1513,15 @@ fn stream_events(out: bool) -> EventSet {
     set
 }
 
-/// [`write_some`] of `a` then `b` in one `writev(2)`.
+/// [`write_some`] of `a` then `b` in one `writev(2)` (a plain `write(2)` when `b` is empty).
 fn write_some_vectored(stream: &mut UnixStream, a: &[u8], b: &[u8]) -> io::Result<usize> {
-    if b.is_empty() {
-        return write_some(stream, a);
-    }
-    let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
     loop {
-        match stream.write_vectored(&bufs) {
+        let written = if b.is_empty() {
+            stream.write(a)
+        } else {
+            stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+        };
+        match written {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1531,14 +1532,7 @@ fn write_some_vectored(stream: &mut UnixStream, a: &[u8], b: &[u8]) -> io::Resul
 
 /// One non-blocking write: `Ok(0)` when the socket is full.
 fn write_some(stream: &mut UnixStream, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        match stream.write(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    write_some_vectored(stream, buf, &[])
 }
 
 /// Connects to a Unix stream socket without blocking: a listener whose backlog is full refuses

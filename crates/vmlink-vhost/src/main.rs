@@ -116,8 +116,7 @@ fn main() -> ExitCode {
     // A socket file someone still listens on belongs to a running process (another backend, or
     // this one started twice): refuse rather than take it over. Stale files are replaced.
     for vm in &vms {
-        let seq = vmlink_vhost::device::seqpacket_listener_path(&vm.uds_path);
-        for path in [&vm.socket, &vm.uds_path, &seq] {
+        for path in &own_sockets(vm) {
             if is_in_use(path) {
                 eprintln!(
                     "vmlink-vhost: VM with guest-cid {}: {} is in use: another process listens on it",
@@ -191,13 +190,7 @@ fn main() -> ExitCode {
     // `<uds-path>_<port>` belong to their owners and stay).
     let mut ours: Vec<PathBuf> = started
         .iter()
-        .flat_map(|(vm, _, _)| {
-            [
-                vm.socket.clone(),
-                vm.uds_path.clone(),
-                vmlink_vhost::device::seqpacket_listener_path(&vm.uds_path),
-            ]
-        })
+        .flat_map(|(vm, _, _)| own_sockets(vm))
         .collect();
     ours.extend(stats_file.iter().map(|(p, _)| p.clone()));
     let signal_capture = capture.clone();
@@ -317,6 +310,16 @@ fn print_stats(path: &Path) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// The socket files a VM's device makes: its vhost-user socket, `uds-path` and the seqpacket
+/// twin of `uds-path`.
+fn own_sockets(vm: &VmConfig) -> [PathBuf; 3] {
+    [
+        vm.socket.clone(),
+        vm.uds_path.clone(),
+        vmlink_vhost::device::seqpacket_listener_path(&vm.uds_path),
+    ]
 }
 
 /// Whether a process listens on the Unix socket at `path` (stream or seqpacket).
