@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The longest any one `vmlink` command of these tests may take (the 256 MiB copies of a debug
+/// build on a loaded CI machine take under a minute).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(240);
+
 fn agent_binary() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent")
 }
@@ -41,8 +45,41 @@ impl Lab {
         c
     }
 
+    /// Runs `vmlink ARGS` to the end. A command still running after [`COMMAND_DEADLINE`] is
+    /// killed and the test fails with the end of the guest's log: a lab guest whose kernel
+    /// stalled for good (a TCG timer problem seen in CI, see README.md, "Tests") would otherwise hold the
+    /// test, and CI, until nextest's own time-out, and that kill would skip `Drop` and leave the
+    /// guest running. Failing here lets `Drop` stop the guest before nextest runs the test again.
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().expect("run vmlink")
+        let child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run vmlink");
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        match rx.recv_timeout(COMMAND_DEADLINE) {
+            Ok(out) => out.expect("wait for vmlink"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                let log = std::fs::read_to_string(self.state.join(&self.name).join("log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "`vmlink {}` did not finish within {COMMAND_DEADLINE:?}; the end of the lab \
+                     guest's log:\n{}",
+                    args.join(" "),
+                    tail.join("\n")
+                );
+            }
+        }
     }
 
     fn target(&self) -> String {
@@ -64,7 +101,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = self.run(&["lab", "down", &self.name]);
+        // Not `run`: a second panic while unwinding would abort.
+        let _ = self.cmd().args(["lab", "down", &self.name]).output();
         let _ = std::fs::remove_dir_all(&self.state);
         let _ = std::fs::remove_dir_all(self.state.with_extension("files"));
     }
