@@ -84,6 +84,7 @@ struct Report {
     concurrent_connections: usize,
     concurrent: Throughput,
     unclean: Vec<Unclean>,
+    closes: std::collections::BTreeMap<String, u64>,
     driver: Stats,
 }
 
@@ -106,6 +107,7 @@ fn main() -> Result<()> {
         backend_pid: a.backend_pid,
         timeout: Duration::from_secs(a.timeout),
         unclean: Vec::new(),
+        closes: Default::default(),
     };
     let upload = b.upload(a.bytes).context("upload")?;
     let download = b.download(a.bytes).context("download")?;
@@ -120,6 +122,7 @@ fn main() -> Result<()> {
         concurrent_connections: a.conns,
         concurrent,
         unclean: b.unclean,
+        closes: b.closes,
         driver: b.driver.stats.clone(),
     };
     if a.json {
@@ -169,6 +172,7 @@ fn main() -> Result<()> {
             u.workload, u.local_port, u.peer_port, u.close, u.sent, u.received
         );
     }
+    println!("connection ends: {:?}", r.closes);
     println!("driver: {:?}", r.driver);
     Ok(())
 }

@@ -177,12 +177,23 @@ pub struct App {
 pub enum CloseKind {
     /// SHUTDOWN then RST, in either direction, with the application done.
     Clean,
+    /// RST on an established connection once everything was sent and read and the guest had
+    /// shut down its sending side: no SHUTDOWN from the peer first, but Linux's `do_close`
+    /// reads such an RST as end of stream, without an error for the application.
+    DoneThenReset,
     /// The peer reset an established connection, or shut it down with the application not done.
     Reset,
     /// The peer answered REQUEST with RST.
     Refused,
     /// The guest closed and no RST came within 8 s (the guest then sent one).
     CloseTimeout,
+}
+
+impl CloseKind {
+    /// Whether a Linux guest application would see an orderly end.
+    pub fn is_clean(self) -> bool {
+        matches!(self, CloseKind::Clean | CloseKind::DoneThenReset)
+    }
 }
 
 /// A finished connection.
@@ -218,8 +229,13 @@ pub struct Stats {
     pub tx_ring_full: u64,
     /// Bytes the device sent beyond the credit this driver had given.
     pub credit_overrun_bytes: u64,
-    /// Packets for no known connection (answered with RST, as Linux does).
+    /// Packets other than RST for no known connection (answered with RST, as Linux does).
     pub unknown_packets: u64,
+    /// RSTs for no known connection (dropped, as Linux does): answers to packets that
+    /// crossed the peer's own close.
+    pub stray_resets: u64,
+    /// The first of those, and how long before it its connection ended.
+    pub first_unknown: Option<String>,
     /// Packets of a connection with an op Linux does not know (dropped, as Linux does).
     pub invalid_op_packets: u64,
     /// The first of those, with the connection's state.
@@ -628,18 +644,34 @@ impl Driver {
             return self.rx_request(key, &h);
         }
         let Some(c) = self.conns.get_mut(&key) else {
-            self.stats.unknown_packets += 1;
-            if h.op != OP_RST {
-                self.ctrl.push_back(Ctrl::Raw(Hdr {
-                    src_cid: self.cid,
-                    dst_cid: HOST_CID,
-                    src_port: h.dst_port,
-                    dst_port: h.src_port,
-                    type_: TYPE_STREAM,
-                    op: OP_RST,
-                    ..Hdr::default()
-                }));
+            if h.op == OP_RST {
+                // The peer's answer to a packet that crossed its own close: Linux drops it
+                // (`virtio_transport_reset_no_sock` never answers an RST).
+                self.stats.stray_resets += 1;
+                return Ok(());
             }
+            self.stats.unknown_packets += 1;
+            if self.stats.first_unknown.is_none() {
+                let ended = self
+                    .done
+                    .iter()
+                    .rev()
+                    .find(|r| (r.local_port, r.peer_port) == key)
+                    .map(|r| format!("{:?} {:?} before", r.close, r.closed_at.elapsed()));
+                self.stats.first_unknown = Some(format!(
+                    "{h:?}; connection ended: {}",
+                    ended.unwrap_or_else(|| "never open".into())
+                ));
+            }
+            self.ctrl.push_back(Ctrl::Raw(Hdr {
+                src_cid: self.cid,
+                dst_cid: HOST_CID,
+                src_port: h.dst_port,
+                dst_port: h.src_port,
+                type_: TYPE_STREAM,
+                op: OP_RST,
+                ..Hdr::default()
+            }));
             return Ok(());
         };
         c.peer_buf_alloc = h.buf_alloc;
@@ -660,6 +692,13 @@ impl Driver {
                 let kind = match c.state {
                     State::Connecting => CloseKind::Refused,
                     State::Closing(_) => CloseKind::Clean,
+                    State::Connected
+                        if c.unsent() == 0
+                            && c.app_done_reading()
+                            && c.local_shutdown & SHUTDOWN_SEND != 0 =>
+                    {
+                        CloseKind::DoneThenReset
+                    }
                     State::Connected => CloseKind::Reset,
                 };
                 self.finish(key, kind);

@@ -76,6 +76,8 @@ pub struct Bench {
     pub timeout: Duration,
     /// Connections that did not end cleanly, every workload.
     pub unclean: Vec<Unclean>,
+    /// How connections ended, every workload.
+    pub closes: std::collections::BTreeMap<String, u64>,
 }
 
 /// User + system CPU seconds of process `pid`.
@@ -115,7 +117,8 @@ impl Bench {
             .partition(|r| r.local_port == port || r.peer_port == port);
         self.driver.done = rest;
         for r in &mine {
-            if r.close != CloseKind::Clean {
+            *self.closes.entry(format!("{:?}", r.close)).or_default() += 1;
+            if !r.close.is_clean() {
                 self.unclean.push(Unclean {
                     workload,
                     local_port: r.local_port,
