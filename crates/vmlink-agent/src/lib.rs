@@ -312,7 +312,7 @@ async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
                 s = incoming.recv() => match s {
                     Some(s) => {
                         let label = format!("{} stream", ports.ctl);
-                        let stream = vmlink_transport::AsyncStream::in_memory(s, label);
+                        let stream = s.into_stream(label);
                         let permit = shared.sessions.clone().try_acquire_owned().ok();
                         connections.spawn(server::serve(stream, ports.ctl.clone(), shared.clone(), permit));
                     }

@@ -50,9 +50,56 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 const CREDIT_STEP: u64 = WINDOW / 4;
 /// How much a lane reader buffers.
 const READ_BUF: usize = 256 * 1024;
-/// The buffer of the in-process pipe between the guest's mux and the session it serves a
-/// stream to (`tokio::io::duplex`); the credit window bounds what waits beyond it.
+/// The buffer of the in-process pipe from a session to the guest's mux (`tokio::io::duplex`);
+/// the other way, at most this much waits in [`Accepted::data`] (in DATA payloads of up to
+/// [`MAX_DATA`]). The credit window bounds what waits beyond either.
 const PIPE_BUF: usize = 256 * 1024;
+
+/// A stream the host opened, as the guest's mux hands it to the agent: inbound bytes arrive
+/// as the DATA payloads themselves, in order, and the session's replies go into one end of an
+/// in-process pipe. [`Accepted::into_stream`] makes it an [`vmlink_transport::AsyncStream`].
+#[derive(Debug)]
+pub struct Accepted {
+    /// The stream's bytes from the host; closed at its FIN (or when it is reset).
+    pub data: mpsc::Receiver<Vec<u8>>,
+    /// Where the session writes; shutting it down sends FIN.
+    pub out: tokio::io::WriteHalf<DuplexStream>,
+}
+
+impl Accepted {
+    /// The stream as a transport stream named `label`.
+    pub fn into_stream(self, label: impl Into<String>) -> vmlink_transport::AsyncStream {
+        vmlink_transport::AsyncStream::in_memory_chunks(self.data, self.out, label)
+    }
+}
+
+/// Where a stream's inbound bytes go: the local socket (host), or the agent's session as whole
+/// payloads (guest; no pipe between, so no copy).
+enum Sink<W> {
+    Io(W),
+    Chunks(Option<mpsc::Sender<Vec<u8>>>),
+}
+
+impl<W: AsyncWrite + Unpin> Sink<W> {
+    async fn put(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Sink::Io(w) => w.write_all(&bytes).await,
+            Sink::Chunks(Some(tx)) => tx.send(bytes).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the session is gone")
+            }),
+            Sink::Chunks(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    async fn finish(&mut self) {
+        match self {
+            Sink::Io(w) => {
+                let _ = w.shutdown().await;
+            }
+            Sink::Chunks(tx) => *tx = None,
+        }
+    }
+}
 
 /// A byte pipe's reading side.
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
@@ -148,7 +195,7 @@ struct Session {
     next_id: AtomicU32,
     peer_ready: watch::Sender<bool>,
     closed: watch::Sender<bool>,
-    incoming: Option<mpsc::Sender<DuplexStream>>,
+    incoming: Option<mpsc::Sender<Accepted>>,
     counters: Counters,
     /// The nonce of the last PONG.
     pong: AtomicU64,
@@ -177,7 +224,7 @@ impl Mux {
     /// Starts a session over `ctl` and an optional `data` lane. For [`Role::Guest`] the
     /// receiver yields one in-process pipe end per stream the host opens (no socket pair: a
     /// copy's bytes cross no extra system calls or kernel copies inside the guest).
-    pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<DuplexStream>) {
+    pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<Accepted>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(ctl.w, ctl_rx));
@@ -360,6 +407,14 @@ impl Session {
         parts: Parts,
     ) {
         let (rd, wr) = tokio::io::split(local);
+        self.pump_halves(id, rd, Sink::Io(wr), parts);
+    }
+
+    fn pump_halves<R, W>(self: Arc<Self>, id: u32, rd: R, sink: Sink<W>, parts: Parts)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         tokio::spawn(outbound(
             self.clone(),
             id,
@@ -371,7 +426,7 @@ impl Session {
         tokio::spawn(inbound(
             self,
             id,
-            wr,
+            sink,
             parts.inbound,
             parts.limit,
             parts.halves,
@@ -392,17 +447,20 @@ impl Session {
             return self.send_rst(id, &r);
         }
         let (ours, theirs) = tokio::io::duplex(PIPE_BUF);
+        let (_, out) = tokio::io::split(theirs);
+        let (data_tx, data) = mpsc::channel((PIPE_BUF / MAX_DATA).max(1));
         let Some(incoming) = &self.incoming else {
             return;
         };
         let parts = self.register(id);
-        if incoming.try_send(theirs).is_err() {
+        if incoming.try_send(Accepted { data, out }).is_err() {
             lock(&self.streams).remove(&id);
             return self.send_rst(id, "the agent is not accepting streams");
         }
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);
-        self.clone().pump(id, ours, parts);
+        self.clone()
+            .pump_halves(id, ours, Sink::<DuplexStream>::Chunks(Some(data_tx)), parts);
     }
 
     /// Handles one frame from lane `data_lane`.
@@ -641,7 +699,7 @@ async fn outbound<R: AsyncRead + Unpin>(
 async fn inbound<W: AsyncWrite + Unpin>(
     s: Arc<Session>,
     id: u32,
-    mut wr: W,
+    mut sink: Sink<W>,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
     limit: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
@@ -661,10 +719,11 @@ async fn inbound<W: AsyncWrite + Unpin>(
             Inbound::Fin(total) => fin = Some(total),
         }
         while let Some(bytes) = stash.remove(&expected) {
-            if let Err(e) = wr.write_all(&bytes).await {
+            let n = bytes.len() as u64;
+            if let Err(e) = sink.put(bytes).await {
                 return s.reset(id, &format!("local write: {e}"));
             }
-            expected += bytes.len() as u64;
+            expected += n;
             limit.store(expected + WINDOW, Ordering::Release);
         }
         if expected - credited >= CREDIT_STEP {
@@ -673,7 +732,7 @@ async fn inbound<W: AsyncWrite + Unpin>(
         }
         match fin {
             Some(total) if total == expected && stash.is_empty() => {
-                let _ = wr.shutdown().await;
+                sink.finish().await;
                 s.half_done(id, &halves);
                 return;
             }
@@ -776,7 +835,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {
                 tokio::spawn(async move {
-                    let (mut r, mut w) = tokio::io::split(s);
+                    let (mut r, mut w) = tokio::io::split(s.into_stream("test"));
                     let _ = tokio::io::copy(&mut r, &mut w).await;
                     let _ = w.shutdown().await;
                 });
@@ -875,7 +934,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {
                 tokio::spawn(async move {
-                    let (mut r, mut w) = tokio::io::split(s);
+                    let (mut r, mut w) = tokio::io::split(s.into_stream("test"));
                     let _ = tokio::io::copy(&mut r, &mut w).await;
                     let _ = w.shutdown().await;
                 });

@@ -114,6 +114,36 @@ enum RInner {
     },
     Stdin(tokio::io::Stdin),
     Mem(tokio::io::ReadHalf<tokio::io::DuplexStream>),
+    Chunks(Chunks),
+}
+
+/// The reading side of [`AsyncStream::in_memory_chunks`]: whole buffers from a channel.
+#[derive(Debug)]
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Chunks {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.pos < self.cur.len() {
+                let n = buf.remaining().min(self.cur.len() - self.pos);
+                buf.put_slice(&self.cur[self.pos..self.pos + n]);
+                self.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(next) => {
+                    self.cur = next;
+                    self.pos = 0;
+                }
+                // The sender is gone: end of stream.
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
 }
 
 /// The writing half of an [`AsyncStream`]. `poll_shutdown` half-closes.
@@ -216,6 +246,27 @@ impl AsyncStream {
         }
     }
 
+    /// A stream whose reading side is whole buffers sent on `data` (each is handed to the
+    /// reader as it is: the sender's buffer is not copied into a pipe first; dropping the sender
+    /// is end of stream) and whose writing side is `out`, one end of an in-process pipe. What
+    /// the guest's serial multiplexer hands out, so that a stream's inbound bytes are copied
+    /// once, into the reader's buffer, between the lane and the session.
+    pub fn in_memory_chunks(
+        data: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        out: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        label: impl Into<String>,
+    ) -> AsyncStream {
+        AsyncStream {
+            r: ReadHalf(RInner::Chunks(Chunks {
+                rx: data,
+                cur: Vec::new(),
+                pos: 0,
+            })),
+            w: WriteHalf(WInner::Mem(out)),
+            label: label.into(),
+        }
+    }
+
     /// The address this stream was opened from or accepted on.
     pub fn label(&self) -> &str {
         &self.label
@@ -243,7 +294,7 @@ impl ReadHalf {
     pub fn vsock_peer(&self) -> io::Result<(u32, u32)> {
         match &self.0 {
             RInner::Fd { io, .. } => sys::vsock_name(io.afd.get_ref().as_fd(), true),
-            RInner::Stdin(_) | RInner::Mem(_) => Err(io::Error::new(
+            RInner::Stdin(_) | RInner::Mem(_) | RInner::Chunks(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "stdin and in-process streams have no vsock peer",
             )),
@@ -277,7 +328,7 @@ impl ReadHalf {
                     Err(_would_block) => continue,
                 }
             },
-            RInner::Stdin(_) | RInner::Mem(_) => Err(io::Error::new(
+            RInner::Stdin(_) | RInner::Mem(_) | RInner::Chunks(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "stdin and in-process streams have no descriptor to wait on",
             )),
@@ -362,6 +413,7 @@ impl AsyncRead for ReadHalf {
             }
             RInner::Stdin(s) => Pin::new(s).poll_read(cx, buf),
             RInner::Mem(m) => Pin::new(m).poll_read(cx, buf),
+            RInner::Chunks(c) => c.poll_read(cx, buf),
         }
     }
 }
