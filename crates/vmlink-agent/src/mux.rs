@@ -615,12 +615,11 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
                 }
             }
         }
-        // Straight into the decoder's buffer: the lanes' readers (vmlink's transport, tokio's
-        // sockets) fill uninitialised memory without zeroing it first.
-        match r
-            .read_buf(&mut decoder.spare(READ_BUF).limit(READ_BUF))
-            .await
-        {
+        // Straight into the decoder's buffer, or into a big frame's own payload buffer: the
+        // lanes' readers (vmlink's transport, tokio's sockets) fill uninitialised memory
+        // without zeroing it first.
+        let (target, max) = decoder.read_target(READ_BUF);
+        match r.read_buf(&mut target.limit(max)).await {
             Ok(0) => {
                 debug!("mux {lane} lane: end of file");
                 break;

@@ -111,7 +111,7 @@ fn mux_lane(c: &mut Criterion) {
             let mut d = LaneDecoder::new();
             let mut got = 0;
             for piece in wire.chunks(256 * 1024) {
-                d.spare(piece.len()).extend_from_slice(piece);
+                d.push(piece);
                 while let Some(e) = d.next_event() {
                     match e {
                         Event::Frame(h, p) if h.kind == Kind::Data => got += p.len(),

@@ -237,8 +237,9 @@ pub enum Event {
     Skipped(usize),
 }
 
-/// Splits one lane's bytes into frames (sans-IO): [`push`](LaneDecoder::push) what was read,
-/// then take [`next_event`](LaneDecoder::next_event) until it returns `None`. It starts unsynchronised:
+/// Splits one lane's bytes into frames (sans-IO): [`push`](LaneDecoder::push) what was read
+/// (or read straight into [`read_target`](LaneDecoder::read_target)), then take
+/// [`next_event`](LaneDecoder::next_event) until it returns `None`. It starts unsynchronised:
 /// bytes before the first HELLO header are skipped. It buffers at most one partial frame plus
 /// the last push.
 #[derive(Debug, Default)]
@@ -246,7 +247,14 @@ pub struct LaneDecoder {
     buf: Vec<u8>,
     start: usize,
     synced: bool,
+    /// A frame of at least [`DIRECT_PAYLOAD`] bytes whose header has arrived but not all its
+    /// payload: the rest is read into the payload's own buffer.
+    partial: Option<(Header, Vec<u8>)>,
 }
+
+/// Payloads from this size on are read into their own buffer once their header is in (see
+/// [`LaneDecoder::read_target`]) instead of being copied out of the lane buffer.
+pub const DIRECT_PAYLOAD: usize = 4096;
 
 impl LaneDecoder {
     /// A decoder looking for its first HELLO.
@@ -255,20 +263,33 @@ impl LaneDecoder {
     }
 
     /// Appends bytes read from the lane.
-    pub fn push(&mut self, data: &[u8]) {
-        self.spare(data.len()).extend_from_slice(data);
+    pub fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let (target, max) = self.read_target(data.len());
+            let n = max.min(data.len());
+            target.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
     }
 
-    /// The buffer, with room for `more` bytes: append what is read from the lane to it
-    /// directly (e.g. tokio's `read_buf`), which saves the copy [`push`](Self::push) makes.
-    /// Appending is the only allowed change.
-    pub fn spare(&mut self, more: usize) -> &mut Vec<u8> {
+    /// Where the next bytes read from the lane go, and at most how many may go there: append
+    /// them directly (e.g. tokio's `read_buf` with a `limit`), which saves the copy
+    /// [`push`](Self::push) makes. While a big frame's payload is incomplete this is that
+    /// payload's own buffer, limited to what it lacks, so its bytes are never copied again;
+    /// otherwise the lane buffer, with room for `more`. Appending is the only allowed change.
+    pub fn read_target(&mut self, more: usize) -> (&mut Vec<u8>, usize) {
+        if let Some((h, payload)) = &mut self.partial {
+            let lacking = h.len as usize - payload.len();
+            if lacking > 0 {
+                return (payload, lacking);
+            }
+        }
         if self.start > 0 && self.start >= self.buf.len() / 2 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         self.buf.reserve(more);
-        &mut self.buf
+        (&mut self.buf, more)
     }
 
     /// Whether the decoder has found frame alignment.
@@ -278,11 +299,22 @@ impl LaneDecoder {
 
     /// Bytes held that are not yet a whole frame.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        let partial = self
+            .partial
+            .as_ref()
+            .map_or(0, |(_, p)| HEADER_LEN + p.len());
+        self.buf.len() - self.start + partial
     }
 
     /// The next event, or `None` when more bytes are needed.
     pub fn next_event(&mut self) -> Option<Event> {
+        if let Some((h, payload)) = &self.partial {
+            if payload.len() < h.len as usize {
+                return None;
+            }
+            let (h, payload) = self.partial.take()?;
+            return Some(Event::Frame(h, payload));
+        }
         let avail = &self.buf[self.start..];
         if !self.synced {
             return match find_hello(avail) {
@@ -320,6 +352,13 @@ impl LaneDecoder {
             Ok(h) => {
                 let total = HEADER_LEN + h.len as usize;
                 if avail.len() < total {
+                    if h.len as usize >= DIRECT_PAYLOAD {
+                        // The payload's own buffer takes what is here and the rest as read.
+                        let mut payload = Vec::with_capacity(h.len as usize);
+                        payload.extend_from_slice(&avail[HEADER_LEN..]);
+                        self.start = self.buf.len();
+                        self.partial = Some((h, payload));
+                    }
                     return None;
                 }
                 let payload = avail[HEADER_LEN..total].to_vec();
@@ -395,6 +434,41 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_big_payload_is_read_into_its_own_buffer() {
+        let payload: Vec<u8> = (0..MAX_DATA).map(|i| (i % 251) as u8).collect();
+        let mut wire = frame(Header::hello(false), &[]);
+        wire.extend(frame(
+            Header::new(Kind::Data, 3, MAX_DATA as u32, 0),
+            &payload,
+        ));
+        wire.extend(frame(Header::new(Kind::Fin, 3, 0, MAX_DATA as u64), &[]));
+        let mut d = LaneDecoder::new();
+        // HELLO, then the DATA header and 100 bytes of its payload.
+        d.push(&wire[..2 * HEADER_LEN + 100]);
+        assert!(matches!(d.next_event(), Some(Event::Frame(h, _)) if h.kind == Kind::Hello));
+        assert_eq!(d.next_event(), None);
+        assert_eq!(d.pending(), HEADER_LEN + 100);
+        // The rest goes into the payload's buffer, never more than it lacks.
+        let mut rest = &wire[2 * HEADER_LEN + 100..];
+        loop {
+            let (target, max) = d.read_target(4096);
+            let n = max.min(rest.len()).min(4096);
+            assert!(n > 0, "the decoder wants more than the wire has");
+            target.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if let Some(Event::Frame(h, p)) = d.next_event() {
+                assert_eq!(h.kind, Kind::Data);
+                assert!(p == payload, "the payload differs");
+                break;
+            }
+        }
+        // The FIN after it comes from the lane buffer as before.
+        d.push(rest);
+        assert!(matches!(d.next_event(), Some(Event::Frame(h, _)) if h.kind == Kind::Fin));
+        assert_eq!(d.pending(), 0);
+    }
 
     #[test]
     fn round_trip_and_bounds() {
