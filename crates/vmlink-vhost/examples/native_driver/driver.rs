@@ -28,18 +28,11 @@ use super::machine::{
     wait_readable, Desc, Machine, DATA_OFFSET, QUEUE_SIZE, RX_BUFS_AT, RX_SLOT, TX_BUFS_AT, TX_SLOT,
 };
 
-pub const HOST_CID: u64 = 2;
-pub const HDR_LEN: usize = 44;
-pub const TYPE_STREAM: u16 = 1;
-pub const OP_REQUEST: u16 = 1;
-pub const OP_RESPONSE: u16 = 2;
-pub const OP_RST: u16 = 3;
-pub const OP_SHUTDOWN: u16 = 4;
-pub const OP_RW: u16 = 5;
-pub const OP_CREDIT_UPDATE: u16 = 6;
-pub const OP_CREDIT_REQUEST: u16 = 7;
-pub const SHUTDOWN_RCV: u32 = 1;
-pub const SHUTDOWN_SEND: u32 = 2;
+// The virtio spec's numbers, from the backend library (the wire values are checked there).
+pub use vmlink_vhost::device::{
+    HEADER_LEN as HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+    OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 /// Linux's default receive buffer per connection (`VIRTIO_VSOCK_DEFAULT_BUF_SIZE`).
 pub const BUF_ALLOC: u32 = 256 * 1024;
@@ -56,55 +49,9 @@ const ECHO_LIMIT: usize = 4 << 20;
 /// First local port of guest-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 49152;
 
-/// `struct virtio_vsock_hdr`, little-endian, packed (44 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Hdr {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub len: u32,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-}
-
-impl Hdr {
-    pub fn to_bytes(self) -> [u8; HDR_LEN] {
-        let mut b = [0u8; HDR_LEN];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-
-    pub fn from_bytes(b: &[u8; HDR_LEN]) -> Hdr {
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().expect("2 bytes"));
-        Hdr {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-}
+/// `struct virtio_vsock_hdr`: the backend library's own header type (44 bytes on the wire,
+/// little-endian, `to_bytes`/`from_bytes`).
+pub use vmlink_vhost::device::Header as Hdr;
 
 /// The byte stream every endpoint sends and checks: byte `i` of a stream with seed `s` is
 /// `(i + 41 s) mod 251`. Guest -> host streams are seeded from the host port; a host -> guest
