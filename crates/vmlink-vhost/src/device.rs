@@ -401,6 +401,11 @@ pub struct Device {
     data_ready: VecDeque<ConnKey>,
     /// Connections whose small guest packets wait in `to_host` ([`Device::flush_pending`]).
     pending_flush: Vec<ConnKey>,
+    /// Connections closed cleanly by this side: both directions finished, the host socket is
+    /// gone, and a SHUTDOWN (both flags) went to the guest, whose RST ends the entry, as the
+    /// virtio spec's clean disconnect has it. Entries older than [`CLOSE_TIMEOUT`] get an RST
+    /// instead. At most `max-connections` entries; past that the RST goes at once.
+    closing: HashMap<ConnKey, (Instant, u16)>,
     counters: Arc<Counters>,
     router: Option<Arc<Router>>,
 }
@@ -410,6 +415,10 @@ pub struct Device {
 /// 4 KiB at a time costs one `write(2)` per pass, not one per packet. Bigger packets are
 /// written at once, straight from the TX buffer, when nothing waits before them.
 pub const COALESCE_BELOW: usize = 16 * 1024;
+
+/// How long a clean close waits for the guest's RST before it sends one itself (Linux's
+/// `VSOCK_CLOSE_TIMEOUT`).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// A device is dropped when its VMM goes away, and its connections with it: they count as
 /// closed, so that `connections_opened - connections_closed` is the number open.
@@ -509,6 +518,7 @@ impl Device {
             ctrl: VecDeque::new(),
             data_ready: VecDeque::new(),
             pending_flush: Vec::new(),
+            closing: HashMap::new(),
             counters,
             router,
         })
@@ -631,6 +641,9 @@ impl Device {
             OP_RST => {
                 if self.conns.contains_key(&key) {
                     self.close(key, Why::GuestRst, false);
+                } else {
+                    // The answer to a clean close's SHUTDOWN (or nothing we know of).
+                    self.closing.remove(&key);
                 }
             }
             op @ (OP_RESPONSE | OP_SHUTDOWN | OP_RW | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST) => {
@@ -702,6 +715,8 @@ impl Device {
     }
 
     fn guest_request(&mut self, key: ConnKey, hdr: &Header) {
+        // A guest that reuses the port of a connection closing cleanly has let go of it.
+        self.closing.remove(&key);
         if self.conns.contains_key(&key) {
             self.bad(hdr, "request for a connection that exists");
             return;
@@ -1094,9 +1109,20 @@ impl Device {
                 };
                 if let Some(conn) = self.conns.get(&key) {
                     if conn.host_write_shut {
-                        // Both directions finished: free the connection now.
-                        self.close(key, Why::Done, true);
-                        return self.next_rx_with(room, write);
+                        // Both directions finished: free the connection now and tell the guest
+                        // with a SHUTDOWN of both directions; its RST completes the close.
+                        let type_ = conn.type_;
+                        self.close(key, Why::Done, false);
+                        if self.closing.len() >= self.cfg.max_connections {
+                            self.rst_closed(key, type_);
+                            return self.next_rx_with(room, write);
+                        }
+                        self.closing.insert(key, (Instant::now(), type_));
+                        self.counters.inc(Counter::rx_packets);
+                        return Some(Header {
+                            flags: SHUTDOWN_SEND | SHUTDOWN_RCV,
+                            ..hdr
+                        });
                     }
                 }
                 self.counters.inc(Counter::rx_packets);
@@ -1180,6 +1206,14 @@ impl Device {
             flags: 0,
             buf_alloc: 0,
             fwd_cnt: 0,
+        });
+    }
+
+    /// An RST for a connection already freed (`type_` was its socket type).
+    fn rst_closed(&mut self, key: ConnKey, type_: u16) {
+        self.push_ctrl(Header {
+            type_,
+            ..self.header_for(key, OP_RST, 0)
         });
     }
 
@@ -1426,6 +1460,17 @@ impl Device {
     }
 
     fn sweep(&mut self, now: Instant) {
+        // Clean closes the guest never answered: forcibly disconnect, as the spec says.
+        let unanswered: Vec<(ConnKey, u16)> = self
+            .closing
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= CLOSE_TIMEOUT)
+            .map(|(k, (_, t))| (*k, *t))
+            .collect();
+        for (key, type_) in unanswered {
+            self.closing.remove(&key);
+            self.rst_closed(key, type_);
+        }
         let expired: Vec<(u64, String)> = self
             .clients
             .iter()

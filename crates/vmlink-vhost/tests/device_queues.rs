@@ -681,3 +681,44 @@ fn small_packets_of_one_tx_pass_reach_the_host_in_order_around_big_ones_and_a_sh
     assert!(got == want, "bytes out of order");
     assert_eq!(rig.count(Counter::tx_bytes), want.len() as u64);
 }
+
+#[test]
+fn a_connection_both_sides_finished_ends_with_shutdown_and_the_guests_rst() {
+    // The guest shuts its sending side, the host answers and closes: the device sends the
+    // answer, then SHUTDOWN of both directions (the spec's clean disconnect), not an RST; the
+    // guest's RST completes the close and gets no reply.
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "clean", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    rig.send(pkt(OP_RW, 5000, 1234), b"question");
+    rig.send(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..pkt(OP_SHUTDOWN, 5000, 1234)
+        },
+        &[],
+    );
+    let mut asked = Vec::new();
+    host.read_to_end(&mut asked)
+        .expect("read to the guest's EOF");
+    assert_eq!(asked, b"question");
+    host.write_all(b"answer").expect("write");
+    drop(host);
+    let got = rig.recv(4);
+    let ops: Vec<(u16, u32)> = got.iter().map(|(h, _)| (h.op, h.flags)).collect();
+    assert_eq!(
+        ops,
+        [(OP_RW, 0), (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV)],
+        "{got:?}"
+    );
+    assert_eq!(got[0].1, b"answer");
+    assert_eq!(rig.count(Counter::connections_closed), 1);
+    rig.send(pkt(OP_RST, 5000, 1234), &[]);
+    assert!(rig.recv(2).is_empty(), "nothing answers the guest's RST");
+    // The port is free again for a new connection.
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+}
