@@ -197,6 +197,8 @@ pub struct DeviceConfig {
     pub handshake_timeout: Duration,
     /// How long the guest has to accept a host-initiated connection.
     pub connect_timeout: Duration,
+    /// How long a clean close waits for the guest's RST (default [`CLOSE_TIMEOUT`]).
+    pub close_timeout: Duration,
     /// How often timeouts are checked and unannounced credit is sent (default 500 ms).
     pub tick: Duration,
 }
@@ -212,6 +214,7 @@ impl DeviceConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             handshake_timeout: vmlink_proto::hybrid::DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
+            close_timeout: CLOSE_TIMEOUT,
             tick: Duration::from_millis(500),
         }
     }
@@ -404,7 +407,8 @@ pub struct Device {
     /// Connections closed cleanly by this side: both directions finished, the host socket is
     /// gone, and a SHUTDOWN (both flags) went to the guest, whose RST ends the entry, as the
     /// virtio spec's clean disconnect has it. Entries older than [`CLOSE_TIMEOUT`] get an RST
-    /// instead. At most `max-connections` entries; past that the RST goes at once.
+    /// instead ([`DeviceConfig::close_timeout`]). At most `max-connections` entries; past that
+    /// the RST goes at once.
     closing: HashMap<ConnKey, (Instant, u16)>,
     counters: Arc<Counters>,
     router: Option<Arc<Router>>,
@@ -1461,10 +1465,11 @@ impl Device {
 
     fn sweep(&mut self, now: Instant) {
         // Clean closes the guest never answered: forcibly disconnect, as the spec says.
+        let wait = self.cfg.close_timeout;
         let unanswered: Vec<(ConnKey, u16)> = self
             .closing
             .iter()
-            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= CLOSE_TIMEOUT)
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= wait)
             .map(|(k, (_, t))| (*k, *t))
             .collect();
         for (key, type_) in unanswered {

@@ -722,3 +722,39 @@ fn a_connection_both_sides_finished_ends_with_shutdown_and_the_guests_rst() {
     rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
     assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
 }
+
+#[test]
+fn a_clean_close_the_guest_never_answers_ends_with_rst() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "close-timeout", |c| {
+        c.tick = std::time::Duration::from_millis(20);
+        c.close_timeout = std::time::Duration::from_millis(50);
+    });
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (host, _) = l.accept().expect("accept");
+    rig.send(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..pkt(OP_SHUTDOWN, 5000, 1234)
+        },
+        &[],
+    );
+    drop(host);
+    let got = rig.recv(2);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].0.op, got[0].0.flags),
+        (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV)
+    );
+    // The guest stays silent: once the close time-out has passed, a tick sends the RST.
+    let mut got = rig.recv(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        got = rig.recv(0);
+    }
+    assert_eq!(got.len(), 1, "one RST within 10 s: {got:?}");
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 5000));
+}
