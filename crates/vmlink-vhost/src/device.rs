@@ -1535,10 +1535,13 @@ impl Device {
                 .next_host_port
                 .checked_add(1)
                 .unwrap_or(FIRST_HOST_PORT);
-            if !self.conns.contains_key(&ConnKey {
+            let key = ConnKey {
                 host_port: p,
                 guest_port,
-            }) {
+            };
+            // Not a key still closing either: the guest's RST for the old connection would
+            // otherwise reset the new one.
+            if !self.conns.contains_key(&key) && !self.closing.contains_key(&key) {
                 return p;
             }
         }
