@@ -222,8 +222,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Mux {
     /// Starts a session over `ctl` and an optional `data` lane. For [`Role::Guest`] the
-    /// receiver yields one in-process pipe end per stream the host opens (no socket pair: a
-    /// copy's bytes cross no extra system calls or kernel copies inside the guest).
+    /// receiver yields one [`Accepted`] per stream the host opens (in-process, no socket pair:
+    /// a copy's bytes cross no extra system calls or kernel copies inside the guest).
     pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<Accepted>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
