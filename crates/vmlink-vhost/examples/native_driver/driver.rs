@@ -300,6 +300,19 @@ impl Conn {
 }
 
 /// A packet of connection `c` from CID `cid`, with its credit fields now.
+/// The RST a guest with CID `cid` answers the host's packet `h` with.
+fn rst_reply(cid: u64, h: &Hdr) -> Hdr {
+    Hdr {
+        src_cid: cid,
+        dst_cid: HOST_CID,
+        src_port: h.dst_port,
+        dst_port: h.src_port,
+        type_: TYPE_STREAM,
+        op: OP_RST,
+        ..Hdr::default()
+    }
+}
+
 fn header(cid: u64, c: &Conn, op: u16, flags: u32, len: u32) -> Hdr {
     Hdr {
         src_cid: cid,
@@ -610,15 +623,7 @@ impl Driver {
                     ended.unwrap_or_else(|| "never open".into())
                 ));
             }
-            self.ctrl.push_back(Ctrl::Raw(Hdr {
-                src_cid: self.cid,
-                dst_cid: HOST_CID,
-                src_port: h.dst_port,
-                dst_port: h.src_port,
-                type_: TYPE_STREAM,
-                op: OP_RST,
-                ..Hdr::default()
-            }));
+            self.ctrl.push_back(Ctrl::Raw(rst_reply(self.cid, &h)));
             return Ok(());
         };
         c.peer_buf_alloc = h.buf_alloc;
@@ -691,19 +696,8 @@ impl Driver {
     }
 
     fn rx_request(&mut self, key: Key, h: &Hdr) -> Result<()> {
-        let reply_rst = |cid: u64| {
-            Ctrl::Raw(Hdr {
-                src_cid: cid,
-                dst_cid: HOST_CID,
-                src_port: h.dst_port,
-                dst_port: h.src_port,
-                type_: TYPE_STREAM,
-                op: OP_RST,
-                ..Hdr::default()
-            })
-        };
         let Some(app) = self.listeners.get(&h.dst_port).copied() else {
-            self.ctrl.push_back(reply_rst(self.cid));
+            self.ctrl.push_back(Ctrl::Raw(rst_reply(self.cid, h)));
             return Ok(());
         };
         if self.conns.contains_key(&key) {
