@@ -1106,28 +1106,18 @@ impl Device {
                 // The host client shut its write side: SHUT_WR becomes SHUTDOWN(SEND) and the
                 // guest can still answer.
                 conn.eof_sent = true;
-                let hdr = self.header_for(key, OP_SHUTDOWN, 0);
-                let hdr = Header {
-                    flags: SHUTDOWN_SEND,
-                    ..hdr
-                };
-                if let Some(conn) = self.conns.get(&key) {
-                    if conn.host_write_shut {
-                        // Both directions finished: free the connection now and tell the guest
-                        // with a SHUTDOWN of both directions; its RST completes the close.
-                        let type_ = conn.type_;
-                        self.close(key, Why::Done, false);
-                        if self.closing.len() >= self.cfg.max_connections {
-                            self.rst_closed(key, type_);
-                            return self.next_rx_with(room, write);
-                        }
-                        self.closing.insert(key, (Instant::now(), type_));
-                        self.counters.inc(Counter::rx_packets);
-                        return Some(Header {
-                            flags: SHUTDOWN_SEND | SHUTDOWN_RCV,
-                            ..hdr
-                        });
+                let (both_done, type_) = (conn.host_write_shut, conn.type_);
+                let mut hdr = self.header_for(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+                if both_done {
+                    // Both directions finished: free the connection now and tell the guest
+                    // with a SHUTDOWN of both directions; its RST completes the close.
+                    self.close(key, Why::Done, false);
+                    if self.closing.len() >= self.cfg.max_connections {
+                        self.rst_closed(key, type_);
+                        return self.next_rx_with(room, write);
                     }
+                    self.closing.insert(key, (Instant::now(), type_));
+                    hdr.flags |= SHUTDOWN_RCV;
                 }
                 self.counters.inc(Counter::rx_packets);
                 return Some(hdr);
