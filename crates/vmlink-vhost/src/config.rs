@@ -1,7 +1,7 @@
 //! VM configuration: `--vm` specs and the TOML config file.
 //!
 //! A spec is `guest-cid=3,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE]
-//! [,max-connections=N]`. The TOML
+//! [,max-connections=N][,poll-us=N]`. The TOML
 //! file has one `[[vm]]` table per VM with the same keys (`groups` a list of strings), and may
 //! name the stats socket (`--stats-socket`) in a top-level key, before the first table:
 //!
@@ -15,6 +15,7 @@
 //! groups = ["web"]
 //! tx-buffer-size = "256K"
 //! max-connections = 1024
+//! poll-us = 50
 //! ```
 
 use std::collections::HashSet;
@@ -30,6 +31,11 @@ pub const MIN_TX_BUFFER_SIZE: u32 = 4096;
 pub const MAX_TX_BUFFER_SIZE: u32 = 64 << 20;
 /// Largest `max-connections`.
 pub const MAX_MAX_CONNECTIONS: usize = 65536;
+/// Default `poll-us`: how long a VM's thread keeps looking for the next packet after one
+/// (see [`crate::backend::VsockBackend::with_poll`]).
+pub const DEFAULT_POLL_US: u32 = 50;
+/// Largest `poll-us` (1 ms): the bound on the CPU a VM's thread spends polling per event.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// One VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +52,9 @@ pub struct VmConfig {
     pub tx_buffer_size: u32,
     /// The most connections the VM may have at once (1 to 65536, default 1024).
     pub max_connections: usize,
+    /// Microseconds the VM's thread polls for the next packet after handling one, instead of
+    /// sleeping at once (0 to 1000, default 50; 0: never poll).
+    pub poll_us: u32,
 }
 
 /// A bad `--vm` spec or config file. The message names the part that is wrong.
@@ -69,6 +78,7 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
     let mut groups = Vec::new();
     let mut tx = None;
     let mut max_conns = None;
+    let mut poll = None;
     for part in spec.split(',') {
         let Some((k, v)) = part.split_once('=') else {
             return Err(ctx(format!("`{part}` is not KEY=VALUE")));
@@ -108,9 +118,13 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
                 dup(max_conns.is_some())?;
                 max_conns = Some(parse_max_connections(v).map_err(ctx)?);
             }
+            "poll-us" => {
+                dup(poll.is_some())?;
+                poll = Some(parse_poll_us(v).map_err(ctx)?);
+            }
             _ => {
                 return Err(ctx(format!(
-                    "unknown key `{k}` (known: guest-cid, socket, uds-path, groups, tx-buffer-size, max-connections)"
+                    "unknown key `{k}` (known: guest-cid, socket, uds-path, groups, tx-buffer-size, max-connections, poll-us)"
                 )))
             }
         }
@@ -122,9 +136,20 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
         groups,
         tx_buffer_size: tx.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
         max_connections: max_conns.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        poll_us: poll.unwrap_or(DEFAULT_POLL_US),
     };
     check_vm(&vm).map_err(ctx)?;
     Ok(vm)
+}
+
+fn parse_poll_us(v: &str) -> Result<u32, String> {
+    let n: u32 = v
+        .parse()
+        .map_err(|_| format!("poll-us `{v}` is not a number of microseconds"))?;
+    if n > MAX_POLL_US {
+        return Err(format!("poll-us {n} is out of range (0 to {MAX_POLL_US})"));
+    }
+    Ok(n)
 }
 
 fn parse_cid(v: &str) -> Result<u64, String> {
@@ -220,6 +245,7 @@ struct FileVm {
     groups: Vec<String>,
     tx_buffer_size: Option<SizeValue>,
     max_connections: Option<u64>,
+    poll_us: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,7 +277,12 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> 
             None => DEFAULT_MAX_CONNECTIONS,
             Some(n) => parse_max_connections(&n.to_string()).map_err(at)?,
         };
+        let poll_us = match v.poll_us {
+            None => DEFAULT_POLL_US,
+            Some(n) => parse_poll_us(&n.to_string()).map_err(at)?,
+        };
         let vm = VmConfig {
+            poll_us,
             guest_cid: v.guest_cid,
             socket: v.socket.clone(),
             uds_path: v.uds_path.clone(),
@@ -334,10 +365,11 @@ mod tests {
     #[test]
     fn a_full_spec_parses() {
         let vm = parse_vm_spec(
-            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a,groups=x+y,tx-buffer-size=1M,max-connections=64",
+            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a,groups=x+y,tx-buffer-size=1M,max-connections=64,poll-us=0",
         )
         .expect("valid");
         assert_eq!(vm.max_connections, 64);
+        assert_eq!(vm.poll_us, 0);
         assert_eq!(vm.guest_cid, 3);
         assert_eq!(vm.socket, Path::new("/run/a.sock"));
         assert_eq!(vm.uds_path, Path::new("/run/a"));
@@ -368,6 +400,14 @@ mod tests {
             (
                 "guest-cid=3,socket=/a,uds-path=/b,max-connections=0",
                 "max-connections `0` is not a number from 1 to 65536",
+            ),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,poll-us=1001",
+                "poll-us 1001 is out of range (0 to 1000)",
+            ),
+            (
+                "guest-cid=3,socket=/a,uds-path=/b,poll-us=-1",
+                "poll-us `-1` is not a number of microseconds",
             ),
             (
                 "guest-cid=3,socket=/a,socket=/c,uds-path=/b",
@@ -404,6 +444,7 @@ socket = "/run/4.sock"
 uds-path = "/run/4"
 tx-buffer-size = "64K"
 max-connections = 8
+poll-us = 200
 "#;
         let file = parse_config(text, Path::new("c.toml")).expect("valid");
         assert_eq!(file.stats_socket, None);
@@ -413,6 +454,8 @@ max-connections = 8
         assert_eq!(vms[0].tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
         assert_eq!(vms[1].max_connections, 8);
         assert_eq!(vms[0].max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(vms[1].poll_us, 200);
+        assert_eq!(vms[0].poll_us, DEFAULT_POLL_US);
         check_all(&vms, None).expect("distinct");
 
         let e = parse_config(&text.replace("\"64K\"", "12"), Path::new("c.toml"))

@@ -69,6 +69,9 @@ counters! {
     forward_dropped,
     /// Control packets dropped because the guest did not take its RX queue fast enough.
     rx_overflow,
+    /// Times the VM's thread found work by polling after an event (`poll-us`), without
+    /// sleeping and being woken.
+    poll_hits,
 }
 
 const N: usize = Counter::ALL.len();

@@ -30,9 +30,11 @@ SIGINT stop cleanly (capture flushed, this process's sockets removed, status 0).
 Logs: RUST_LOG (default info). More: docs/vhost.md."
 )]
 struct Args {
-    /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE][,max-connections=N].
+    /// A VM: guest-cid=CID,socket=PATH,uds-path=PATH[,groups=a+b][,tx-buffer-size=SIZE][,max-connections=N][,poll-us=N].
     /// `socket` is the vhost-user socket for QEMU; host clients connect to `uds-path` and send
-    /// `CONNECT <port>\n`; guest connections to host port P go to `<uds-path>_<P>`. Repeatable.
+    /// `CONNECT <port>\n`; guest connections to host port P go to `<uds-path>_<P>`. `poll-us`
+    /// (default 50, 0 to 1000): how long the VM's thread keeps polling for the next packet
+    /// after one before it sleeps; 0 never polls. Repeatable.
     #[arg(long = "vm", value_name = "SPEC")]
     vms: Vec<String>,
     /// A TOML file with one [[vm]] table per VM (same keys as --vm).

@@ -3,6 +3,7 @@
 //! of its connections and buffers.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -65,7 +66,8 @@ pub fn serve_vm(
         let epoll_fd = device.epoll_fd();
         let backend = VsockBackend::new(device)
             .map_err(|e| vhost_err(e.to_string()))?
-            .with_capture(capture.clone());
+            .with_capture(capture.clone())
+            .with_poll(Duration::from_micros(u64::from(vm.poll_us)));
         let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
             format!("vmlink-vhost-cid{}", vm.guest_cid),

@@ -89,7 +89,7 @@ fn a_config_file_starts_every_vm() {
             "uds-path of CID {cid} is bound"
         );
     }
-    let doc = print_stats(&stats);
+    let doc = common::print_stats(&stats);
     assert_eq!(doc["vms"].as_array().map(Vec::len), Some(2), "{doc}");
 }
 
@@ -106,22 +106,6 @@ fn a_socket_in_use_is_not_taken_over() {
         "{err}"
     );
     // A stale file (nobody listens) is replaced: see guest_restart.rs.
-}
-
-fn print_stats(path: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmlink-vhost"))
-        .arg("--print-stats")
-        .arg(path)
-        .output()
-        .expect("run vmlink-vhost --print-stats");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(text.lines().count(), 1, "one line: {text}");
-    serde_json::from_str(&text).expect("the stats document is JSON")
 }
 
 #[test]
@@ -144,7 +128,7 @@ fn the_stats_socket_serves_every_counter_of_every_vm() {
     );
     // A client that connects and never reads does not keep others from being served.
     let _idle = std::os::unix::net::UnixStream::connect(&stats).expect("idle client");
-    let doc = print_stats(&stats);
+    let doc = common::print_stats(&stats);
     assert_eq!(doc["capture"], serde_json::Value::Null, "no --pcap");
     let vms = doc["vms"].as_array().expect("vms");
     let cids: Vec<u64> = vms.iter().filter_map(|v| v["guest_cid"].as_u64()).collect();
@@ -188,7 +172,7 @@ fn the_stats_socket_serves_every_counter_of_every_vm() {
         err.contains(&format!("stats socket {} is in use", stats.display())),
         "{err}"
     );
-    print_stats(&stats);
+    common::print_stats(&stats);
 }
 
 #[test]

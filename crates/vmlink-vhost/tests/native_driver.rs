@@ -20,8 +20,22 @@ const CID: u64 = 3;
 
 /// A fresh `vmlink-vhost` with one VM, and the driver attached to it as its VMM and guest.
 fn start(name: &str, event_idx: bool) -> (Backend, Bench) {
+    start_with(name, event_idx, "", None)
+}
+
+/// [`start`] with `extra` appended to the `--vm` spec, and a stats socket when given.
+fn start_with(
+    name: &str,
+    event_idx: bool,
+    extra: &str,
+    stats: Option<&std::path::Path>,
+) -> (Backend, Bench) {
     let dir = common::test_dir(name);
-    let backend = Backend::start(&["--vm".into(), common::vm_arg(&dir, CID, "")], 1);
+    let mut args = vec!["--vm".to_string(), common::vm_arg(&dir, CID, extra)];
+    if let Some(s) = stats {
+        args.extend(["--stats-socket".to_string(), s.display().to_string()]);
+    }
+    let backend = Backend::start(&args, 1);
     let m = Machine::connect(&common::vhost_socket(&dir, CID), event_idx)
         .expect("vhost-user handshake with vmlink-vhost");
     assert_eq!(m.guest_cid, CID, "config space guest CID");
@@ -95,4 +109,35 @@ fn native_driver_half_close_still_gets_the_answer() {
     assert_eq!(rep.close, CloseKind::Clean, "{rep:?}");
     assert_clean(&b);
     assert!(backend.alive(), "vmlink-vhost exited");
+}
+
+/// `poll-us`: with polling, the VM's thread finds the guest's echo and the host's next byte
+/// without being woken (counted in `poll_hits`); with `poll-us=0` it never polls. Both move
+/// every byte.
+#[test]
+fn native_driver_round_trips_with_and_without_polling() {
+    for (poll, name) in [
+        ("1000", "native-driver-poll"),
+        ("0", "native-driver-no-poll"),
+    ] {
+        let stats = common::test_dir(&format!("{name}-stats")).join("stats.sock");
+        let (mut backend, mut b) =
+            start_with(name, true, &format!(",poll-us={poll}"), Some(&stats));
+        let rt = b.round_trips(300).expect("round trips");
+        assert_eq!(rt.round_trips, 300);
+        assert_clean(&b);
+        let doc = common::print_stats(&stats);
+        let hits = doc["vms"][0]["counters"]["poll_hits"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no poll_hits counter: {doc}"));
+        if poll == "0" {
+            assert_eq!(hits, 0, "poll-us=0 polled");
+        } else {
+            assert!(
+                hits > 0,
+                "poll-us={poll}: nothing found by polling in 300 round trips"
+            );
+        }
+        assert!(backend.alive(), "vmlink-vhost exited");
+    }
 }

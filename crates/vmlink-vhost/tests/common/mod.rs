@@ -121,6 +121,23 @@ pub fn uds_path(dir: &Path, cid: u64) -> PathBuf {
     dir.join(format!("vsock-{cid}"))
 }
 
+/// The stats socket's document, read with `vmlink-vhost --print-stats PATH`.
+pub fn print_stats(path: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlink-vhost"))
+        .arg("--print-stats")
+        .arg(path)
+        .output()
+        .expect("run vmlink-vhost --print-stats");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    serde_json::from_str(&text).expect("the stats document is JSON")
+}
+
 /// A lab config whose guest gets `vhost-user-vsock-pci` on `socket`.
 pub fn lab(socket: &Path) -> vmlink_lab::LabConfig {
     vmlink_lab::LabConfig {
