@@ -10,9 +10,9 @@
 //!
 //! Each stream has its own credit window ([`WINDOW`] bytes per direction): a reader that
 //! stops reading stalls only its own stream, never a lane, so a stalled 1 GiB copy never
-//! delays a ping. On the guest each stream is one end of an in-process pipe
-//! (`tokio::io::duplex`) that the agent serves like any accepted connection; on the host, the client's
-//! own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
+//! delays a ping. On the guest each stream is a pair of in-process channels of whole buffers
+//! (`AsyncStream::in_memory_chunks`) that the agent serves like any accepted connection; on the
+//! host, the client's own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
 //!
 //! Threads: one reader and one writer task per lane, and two pump tasks per stream
 //! (local socket -> frames, frames -> local socket).
@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BufMut;
-use tokio::io::DuplexStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -50,27 +49,41 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 const CREDIT_STEP: u64 = WINDOW / 4;
 /// How much a lane reader buffers.
 const READ_BUF: usize = 256 * 1024;
-/// The buffer of the in-process pipe from a session to the guest's mux (`tokio::io::duplex`);
-/// the other way, at most this much waits in [`Accepted::data`] (in DATA payloads of up to
-/// [`MAX_DATA`]). The credit window bounds what waits beyond either.
+/// Per stream and direction on the guest, at most this much waits in the in-process channel
+/// between the session and the mux (in buffers of up to [`MAX_DATA`]). The credit window
+/// bounds what waits beyond it.
 const PIPE_BUF: usize = 256 * 1024;
 
 /// A stream the host opened, as the guest's mux hands it to the agent: inbound bytes arrive
-/// as the DATA payloads themselves, in order, and the session's replies go into one end of an
-/// in-process pipe. [`Accepted::into_stream`] makes it an [`vmlink_transport::AsyncStream`].
+/// as the DATA payloads themselves, in order, and the session's replies go out as buffers that
+/// become DATA frames as they are. [`Accepted::into_stream`] makes it an
+/// [`vmlink_transport::AsyncStream`].
 #[derive(Debug)]
 pub struct Accepted {
     /// The stream's bytes from the host; closed at its FIN (or when it is reset).
     pub data: mpsc::Receiver<Vec<u8>>,
-    /// Where the session writes; shutting it down sends FIN.
-    pub out: tokio::io::WriteHalf<DuplexStream>,
+    /// Where the session's bytes go: each buffer is [`HEADER_LEN`] bytes of room for the
+    /// frame header, then at most [`MAX_DATA`] bytes of payload. Dropping it sends FIN.
+    pub out: mpsc::Sender<Vec<u8>>,
 }
 
 impl Accepted {
     /// The stream as a transport stream named `label`.
     pub fn into_stream(self, label: impl Into<String>) -> vmlink_transport::AsyncStream {
-        vmlink_transport::AsyncStream::in_memory_chunks(self.data, self.out, label)
+        let out = vmlink_transport::ChunkOut {
+            tx: self.out,
+            headroom: HEADER_LEN,
+            max: MAX_DATA,
+        };
+        vmlink_transport::AsyncStream::in_memory_chunks(self.data, out, label)
     }
+}
+
+/// Where a stream's outbound bytes come from: the local socket (host), or the agent's session
+/// as buffers with room for the header (guest; framed in place, so no copy).
+enum Source<R> {
+    Io(R),
+    Chunks(mpsc::Receiver<Vec<u8>>),
 }
 
 /// Where a stream's inbound bytes go: the local socket (host), or the agent's session as whole
@@ -407,10 +420,10 @@ impl Session {
         parts: Parts,
     ) {
         let (rd, wr) = tokio::io::split(local);
-        self.pump_halves(id, rd, Sink::Io(wr), parts);
+        self.pump_halves(id, Source::Io(rd), Sink::Io(wr), parts);
     }
 
-    fn pump_halves<R, W>(self: Arc<Self>, id: u32, rd: R, sink: Sink<W>, parts: Parts)
+    fn pump_halves<R, W>(self: Arc<Self>, id: u32, source: Source<R>, sink: Sink<W>, parts: Parts)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -418,7 +431,7 @@ impl Session {
         tokio::spawn(outbound(
             self.clone(),
             id,
-            rd,
+            source,
             parts.credit,
             parts.halves.clone(),
             parts.accepted,
@@ -446,8 +459,7 @@ impl Session {
         if let Some(r) = reason {
             return self.send_rst(id, &r);
         }
-        let (ours, theirs) = tokio::io::duplex(PIPE_BUF);
-        let (_, out) = tokio::io::split(theirs);
+        let (out, out_rx) = mpsc::channel((PIPE_BUF / MAX_DATA).max(1));
         let (data_tx, data) = mpsc::channel((PIPE_BUF / MAX_DATA).max(1));
         let Some(incoming) = &self.incoming else {
             return;
@@ -459,8 +471,12 @@ impl Session {
         }
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);
-        self.clone()
-            .pump_halves(id, ours, Sink::<DuplexStream>::Chunks(Some(data_tx)), parts);
+        self.clone().pump_halves(
+            id,
+            Source::<UnixStream>::Chunks(out_rx),
+            Sink::<UnixStream>::Chunks(Some(data_tx)),
+            parts,
+        );
     }
 
     /// Handles one frame from lane `data_lane`.
@@ -636,16 +652,22 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     s.closed.send_replace(true);
 }
 
-/// Local socket -> DATA frames, within the peer's credit; FIN at EOF.
+/// Local socket (or the session's buffers) -> DATA frames, within the peer's credit; FIN at EOF.
 async fn outbound<R: AsyncRead + Unpin>(
     s: Arc<Session>,
     id: u32,
-    mut rd: R,
+    source: Source<R>,
     mut credit: watch::Receiver<u64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
 ) {
     let mut sent = 0u64;
+    let mut rd = match source {
+        Source::Io(rd) => rd,
+        Source::Chunks(rx) => {
+            return outbound_chunks(s, id, rx, credit, halves, accepted).await;
+        }
+    };
     loop {
         let window = (*credit.borrow_and_update() + WINDOW).saturating_sub(sent);
         if window == 0 {
@@ -669,29 +691,72 @@ async fn outbound<R: AsyncRead + Unpin>(
             }
         };
         let Some(r) = read else { continue };
-        {
-            match r {
-                Ok(0) => {
-                    s.send(false, Header::new(Kind::Fin, id, 0, sent), &[]);
-                    s.half_done(id, &halves);
-                    return;
-                }
-                Ok(n) => {
-                    let big = n > SMALL_DATA
-                        && s.data_ok.load(Ordering::Acquire)
-                        && accepted.load(Ordering::Acquire);
-                    f[..HEADER_LEN]
-                        .copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
-                    s.send_frame(big, f);
-                    sent += n as u64;
-                }
-                Err(e) => {
-                    s.reset(id, &format!("local read: {e}"));
-                    return;
-                }
+        match r {
+            Ok(0) => {
+                s.send(false, Header::new(Kind::Fin, id, 0, sent), &[]);
+                s.half_done(id, &halves);
+                return;
+            }
+            Ok(n) => {
+                send_data(&s, id, f, sent, &accepted);
+                sent += n as u64;
+            }
+            Err(e) => {
+                s.reset(id, &format!("local read: {e}"));
+                return;
             }
         }
     }
+}
+
+/// [`outbound`] for the guest's sessions: each buffer (header room, then at most [`MAX_DATA`]
+/// bytes) becomes one DATA frame as it is, once the peer's credit covers it.
+async fn outbound_chunks(
+    s: Arc<Session>,
+    id: u32,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut credit: watch::Receiver<u64>,
+    halves: Arc<AtomicU32>,
+    accepted: Arc<AtomicBool>,
+) {
+    let mut sent = 0u64;
+    loop {
+        let f = tokio::select! {
+            f = rx.recv() => f,
+            c = credit.changed() => match c {
+                Err(_) => return, // reset
+                Ok(()) => continue,
+            },
+        };
+        let Some(f) = f else {
+            s.send(false, Header::new(Kind::Fin, id, 0, sent), &[]);
+            s.half_done(id, &halves);
+            return;
+        };
+        let n = f.len().saturating_sub(HEADER_LEN);
+        if f.len() < HEADER_LEN || n > MAX_DATA {
+            s.reset(id, "a session buffer without header room, or too long");
+            return;
+        }
+        // A buffer is at most MAX_DATA, far less than the window: wait until it fits whole.
+        while (*credit.borrow_and_update() + WINDOW).saturating_sub(sent) < n as u64 {
+            if credit.changed().await.is_err() {
+                return; // reset
+            }
+        }
+        send_data(&s, id, f, sent, &accepted);
+        sent += n as u64;
+    }
+}
+
+/// Fills in the header of DATA frame `f` (header room, then the payload) at offset `sent` and
+/// queues it: on the data lane when it is big and the peer can take it there.
+fn send_data(s: &Session, id: u32, mut f: Vec<u8>, sent: u64, accepted: &AtomicBool) {
+    let n = f.len() - HEADER_LEN;
+    let big =
+        n > SMALL_DATA && s.data_ok.load(Ordering::Acquire) && accepted.load(Ordering::Acquire);
+    f[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
+    s.send_frame(big, f);
 }
 
 /// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN.

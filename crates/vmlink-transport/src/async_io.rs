@@ -101,6 +101,17 @@ impl FdIo {
     }
 }
 
+/// Where [`AsyncStream::in_memory_chunks`] sends what is written.
+#[derive(Debug)]
+pub struct ChunkOut {
+    /// The channel.
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// Zero bytes in front of each buffer, for the receiver's header.
+    pub headroom: usize,
+    /// The most bytes of one write in one buffer (a longer write is taken in part).
+    pub max: usize,
+}
+
 /// The reading half of an [`AsyncStream`].
 #[derive(Debug)]
 pub struct ReadHalf(RInner);
@@ -161,6 +172,42 @@ enum WInner {
     },
     Stdout(Option<tokio::io::Stdout>),
     Mem(tokio::io::WriteHalf<tokio::io::DuplexStream>),
+    Chunks(ChunkWriter),
+}
+
+/// The writing side of [`AsyncStream::in_memory_chunks`]: each write becomes one buffer on a
+/// channel, after `headroom` bytes left for the receiver's own header.
+#[derive(Debug)]
+struct ChunkWriter {
+    /// Closed once shut down: the receiver then sees the channel end.
+    tx: tokio_util::sync::PollSender<Vec<u8>>,
+    headroom: usize,
+    max: usize,
+}
+
+impl ChunkWriter {
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.tx.is_closed() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the in-process stream is closed for writing",
+            )));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the in-process reader is gone")
+        })?;
+        let n = buf.len().min(self.max);
+        let mut chunk = Vec::with_capacity(self.headroom + n);
+        chunk.resize(self.headroom, 0);
+        chunk.extend_from_slice(&buf[..n]);
+        self.tx.send_item(chunk).map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the in-process reader is gone")
+        })?;
+        Poll::Ready(Ok(n))
+    }
 }
 
 /// A non-blocking channel for tokio: any [`Addr`] that connects.
@@ -246,14 +293,18 @@ impl AsyncStream {
         }
     }
 
-    /// A stream whose reading side is whole buffers sent on `data` (each is handed to the
-    /// reader as it is: the sender's buffer is not copied into a pipe first; dropping the sender
-    /// is end of stream) and whose writing side is `out`, one end of an in-process pipe. What
-    /// the guest's serial multiplexer hands out, so that a stream's inbound bytes are copied
-    /// once, into the reader's buffer, between the lane and the session.
+    /// A stream over two channels of whole buffers, what the guest's serial multiplexer hands
+    /// out: no pipe between it and the session, so a byte is copied once in user space each way.
+    ///
+    /// - Reading: the buffers sent on `data`, each handed to the reader as it is; dropping the
+    ///   sender is end of stream.
+    /// - Writing: each write becomes one buffer on `out` (at most `out.max` bytes of it), after
+    ///   `out.headroom` zero bytes that the receiver may fill with its own header, so that it
+    ///   frames the buffer without copying it again. Shutting down (or dropping) the writing
+    ///   half drops the sender: end of stream for the receiver.
     pub fn in_memory_chunks(
         data: tokio::sync::mpsc::Receiver<Vec<u8>>,
-        out: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        out: ChunkOut,
         label: impl Into<String>,
     ) -> AsyncStream {
         AsyncStream {
@@ -262,7 +313,11 @@ impl AsyncStream {
                 cur: Vec::new(),
                 pos: 0,
             })),
-            w: WriteHalf(WInner::Mem(out)),
+            w: WriteHalf(WInner::Chunks(ChunkWriter {
+                tx: tokio_util::sync::PollSender::new(out.tx),
+                headroom: out.headroom,
+                max: out.max.max(1),
+            })),
             label: label.into(),
         }
     }
@@ -360,10 +415,12 @@ impl WriteHalf {
                     Err(_would_block) => continue,
                 }
             },
-            WInner::Record { .. } | WInner::Stdout(_) | WInner::Mem(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "no descriptor to wait on for this kind",
-            )),
+            WInner::Record { .. } | WInner::Stdout(_) | WInner::Mem(_) | WInner::Chunks(_) => {
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "no descriptor to wait on for this kind",
+                ))
+            }
         }
     }
 
@@ -373,6 +430,12 @@ impl WriteHalf {
             WInner::Fd(io) | WInner::Record { io, .. } => io.shutdown_write(),
             WInner::Stdout(s) => {
                 *s = None;
+                Ok(())
+            }
+            WInner::Chunks(c) => {
+                // No reserved slot may keep the channel open behind the close.
+                c.tx.abort_send();
+                c.tx.close();
                 Ok(())
             }
             WInner::Mem(w) => {
@@ -443,6 +506,7 @@ impl AsyncWrite for WriteHalf {
                 "stdout was shut down",
             ))),
             WInner::Mem(m) => Pin::new(m).poll_write(cx, buf),
+            WInner::Chunks(c) => c.poll_write(cx, buf),
         }
     }
 
@@ -540,5 +604,62 @@ impl AsyncListener {
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reading yields the buffers sent, in order, then end of stream; each write becomes one
+    /// buffer with the header room in front, cut at `max`; shutting down ends the receiver's
+    /// channel; writing once the receiver is gone is a broken pipe.
+    #[tokio::test]
+    async fn in_memory_chunks_carry_whole_buffers_both_ways() {
+        let (data_tx, data) = tokio::sync::mpsc::channel(4);
+        let (tx, mut out) = tokio::sync::mpsc::channel(4);
+        let s = AsyncStream::in_memory_chunks(
+            data,
+            ChunkOut {
+                tx,
+                headroom: 3,
+                max: 5,
+            },
+            "test",
+        );
+        let (mut r, mut w) = s.into_split();
+
+        data_tx.send(b"abc".to_vec()).await.expect("send");
+        data_tx.send(b"defg".to_vec()).await.expect("send");
+        drop(data_tx);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"abcdefg");
+
+        w.write_all(b"hello world").await.expect("write");
+        assert_eq!(out.recv().await.expect("1st"), b"\0\0\0hello");
+        assert_eq!(out.recv().await.expect("2nd"), b"\0\0\0 worl");
+        assert_eq!(out.recv().await.expect("3rd"), b"\0\0\0d");
+        w.shutdown_write().expect("shutdown");
+        assert_eq!(out.recv().await, None, "end of stream after shutdown");
+        let e = w.write_all(b"x").await.expect_err("closed for writing");
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+
+        let (_data_tx, data) = tokio::sync::mpsc::channel(1);
+        let (tx, out) = tokio::sync::mpsc::channel(1);
+        let (_, mut w) = AsyncStream::in_memory_chunks(
+            data,
+            ChunkOut {
+                tx,
+                headroom: 0,
+                max: 8,
+            },
+            "test",
+        )
+        .into_split();
+        drop(out);
+        let e = w.write_all(b"x").await.expect_err("reader gone");
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
     }
 }

@@ -40,7 +40,7 @@ mod stream;
 mod sys;
 
 pub use addr::{Addr, AddrError, Cid, Endpoint, Options, VsockPort, VsockType};
-pub use async_io::{AsyncListener, AsyncStream, ReadHalf, WriteHalf};
+pub use async_io::{AsyncListener, AsyncStream, ChunkOut, ReadHalf, WriteHalf};
 pub use error::{Error, Result};
 pub use stream::{
     local_cid, Listener, Stream, StreamKind, DEFAULT_BACKLOG, DEFAULT_HANDSHAKE_TIMEOUT,
