@@ -46,6 +46,9 @@ struct Args {
     /// Concurrent host -> guest connections.
     #[arg(long, default_value_t = 100)]
     conns: usize,
+    /// Pause between two round trips, microseconds (sparse traffic: what polling costs).
+    #[arg(long, default_value_t = 0)]
+    gap_us: u64,
     /// Do not negotiate VIRTIO_RING_F_EVENT_IDX (Linux does when offered).
     #[arg(long)]
     no_event_idx: bool,
@@ -111,7 +114,9 @@ fn main() -> Result<()> {
     };
     let upload = b.upload(a.bytes).context("upload")?;
     let download = b.download(a.bytes).context("download")?;
-    let round_trips = b.round_trips(a.round_trips).context("round trips")?;
+    let round_trips = b
+        .round_trips_spaced(a.round_trips, Duration::from_micros(a.gap_us))
+        .context("round trips")?;
     let concurrent = b.concurrent(a.conns, a.bytes).context("concurrent")?;
     let r = Report {
         queue_size: QUEUE_SIZE,

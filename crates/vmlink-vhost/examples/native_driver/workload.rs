@@ -214,6 +214,11 @@ impl Bench {
 
     /// `n` 1-byte round trips: host writes, guest echoes.
     pub fn round_trips(&mut self, n: usize) -> Result<RoundTrips> {
+        self.round_trips_spaced(n, Duration::ZERO)
+    }
+
+    /// [`Bench::round_trips`] with `gap` of quiet between two round trips.
+    pub fn round_trips_spaced(&mut self, n: usize, gap: Duration) -> Result<RoundTrips> {
         let port = RTT_PORT;
         self.driver.listen(
             port,
@@ -236,6 +241,9 @@ impl Bench {
                 s.read_exact(&mut b)
                     .with_context(|| format!("round trip {i}: host read of the echo"))?;
                 times.push(t.elapsed());
+                if !gap.is_zero() {
+                    std::thread::sleep(gap);
+                }
                 ensure!(
                     b[0] == want,
                     "round trip {i}: echo {:#x}, sent {want:#x}",
