@@ -662,4 +662,55 @@ mod tests {
         let e = w.write_all(b"x").await.expect_err("reader gone");
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
     }
+
+    /// A write waiting for room on a full channel fails once the receiver goes away (the mux
+    /// reset the stream); a write given up while waiting, then a shutdown, still ends the
+    /// receiver's channel.
+    #[tokio::test]
+    async fn a_blocked_chunk_write_fails_on_reset_and_a_cancelled_one_does_not_hold_the_stream_open(
+    ) {
+        let deadline = std::time::Duration::from_secs(5);
+        let chunks = |out| {
+            let (_data_tx, data) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+            let s = AsyncStream::in_memory_chunks(
+                data,
+                ChunkOut {
+                    tx: out,
+                    headroom: 2,
+                    max: 4,
+                },
+                "test",
+            );
+            (_data_tx, s.into_split().1)
+        };
+
+        let (tx, out) = tokio::sync::mpsc::channel(1);
+        let (_keep, mut w) = chunks(tx);
+        w.write_all(b"abcd").await.expect("fills the channel");
+        let blocked = tokio::spawn(async move { w.write_all(b"efgh").await });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "the second write waits for room");
+        drop(out);
+        let r = tokio::time::timeout(deadline, blocked)
+            .await
+            .expect("the blocked write ends")
+            .expect("task");
+        assert_eq!(
+            r.expect_err("receiver gone").kind(),
+            io::ErrorKind::BrokenPipe
+        );
+
+        let (tx, mut out) = tokio::sync::mpsc::channel(1);
+        let (_keep, mut w) = chunks(tx);
+        w.write_all(b"abcd").await.expect("fills the channel");
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(20), w.write_all(b"efgh")).await;
+        assert!(gave_up.is_err(), "the write was still waiting for room");
+        w.shutdown_write().expect("shutdown");
+        assert_eq!(out.recv().await.expect("the first write"), b"\0\0abcd");
+        let end = tokio::time::timeout(deadline, out.recv())
+            .await
+            .expect("the channel ends");
+        assert_eq!(end, None, "nothing after the shutdown");
+    }
 }
