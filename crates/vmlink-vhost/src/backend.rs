@@ -193,6 +193,9 @@ pub struct VsockBackend {
     tx_unsignalled: usize,
     /// How long to poll for more work after an event that moved packets.
     poll: Duration,
+    /// While polling: drain TX without asking the guest to kick again (EVENT_IDX), since the
+    /// ring is being watched anyway. Re-armed before the thread sleeps.
+    quiet_tx: bool,
 }
 
 impl VsockBackend {
@@ -208,6 +211,7 @@ impl VsockBackend {
             event_idx: false,
             tx_unsignalled: 0,
             poll: Duration::ZERO,
+            quiet_tx: false,
         })
     }
 
@@ -269,7 +273,7 @@ impl VsockBackend {
                 &mut self.tx_buf,
                 self.capture.as_deref(),
             );
-            if !self.event_idx || !tx.enable_notification().unwrap_or(false) {
+            if !self.event_idx || self.quiet_tx || !tx.enable_notification().unwrap_or(false) {
                 break;
             }
         }
@@ -425,8 +429,16 @@ impl VhostUserBackendMut for VsockBackend {
             HOST_EVENT => tick = self.device.handle_host_events(),
             other => warn!("unexpected event id {other}"),
         }
+        // While this thread polls, the guest need not kick for TX: it would only wake the thread
+        // once more, for nothing, and cost the guest an exit per packet. Kicks are asked for
+        // again (and the ring looked at once more) before the thread sleeps.
+        self.quiet_tx = self.event_idx && !self.poll.is_zero();
         if self.process(vrings, tick) && !self.poll.is_zero() {
             self.poll_for_more(vrings);
+        }
+        if self.quiet_tx {
+            self.quiet_tx = false;
+            self.process(vrings, false);
         }
         Ok(())
     }
