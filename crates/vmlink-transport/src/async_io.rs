@@ -185,6 +185,10 @@ struct ChunkWriter {
     max: usize,
 }
 
+fn reader_gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the in-process reader is gone")
+}
+
 impl ChunkWriter {
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
@@ -196,16 +200,12 @@ impl ChunkWriter {
                 "the in-process stream is closed for writing",
             )));
         }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the in-process reader is gone")
-        })?;
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| reader_gone())?;
         let n = buf.len().min(self.max);
         let mut chunk = Vec::with_capacity(self.headroom + n);
         chunk.resize(self.headroom, 0);
         chunk.extend_from_slice(&buf[..n]);
-        self.tx.send_item(chunk).map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the in-process reader is gone")
-        })?;
+        self.tx.send_item(chunk).map_err(|_| reader_gone())?;
         Poll::Ready(Ok(n))
     }
 }

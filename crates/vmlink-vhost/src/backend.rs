@@ -193,9 +193,6 @@ pub struct VsockBackend {
     tx_unsignalled: usize,
     /// How long to poll for more work after an event that moved packets.
     poll: Duration,
-    /// While polling: drain TX without asking the guest to kick again (EVENT_IDX), since the
-    /// ring is being watched anyway. Re-armed before the thread sleeps.
-    quiet_tx: bool,
 }
 
 impl VsockBackend {
@@ -211,7 +208,6 @@ impl VsockBackend {
             event_idx: false,
             tx_unsignalled: 0,
             poll: Duration::ZERO,
-            quiet_tx: false,
         })
     }
 
@@ -242,9 +238,10 @@ impl VsockBackend {
     }
 
     /// Moves packets both ways. `tick`: the device's periodic tick came, so that TX
-    /// descriptors returned without a notification are signalled now. Returns whether a
-    /// descriptor was used on either queue.
-    fn process(&mut self, vrings: &[VringRwLock], tick: bool) -> bool {
+    /// descriptors returned without a notification are signalled now. `rearm_tx`: ask the
+    /// guest to kick for TX again (EVENT_IDX); false while this thread polls the ring anyway.
+    /// Returns whether a descriptor was used on either queue.
+    fn process(&mut self, vrings: &[VringRwLock], tick: bool, rearm_tx: bool) -> bool {
         let Some(atomic) = &self.mem else {
             return false;
         };
@@ -273,7 +270,7 @@ impl VsockBackend {
                 &mut self.tx_buf,
                 self.capture.as_deref(),
             );
-            if !self.event_idx || self.quiet_tx || !tx.enable_notification().unwrap_or(false) {
+            if !self.event_idx || !rearm_tx || !tx.enable_notification().unwrap_or(false) {
                 break;
             }
         }
@@ -353,7 +350,7 @@ impl VsockBackend {
             let now = Instant::now();
             if guest || host_ready {
                 let tick = host_ready && self.device.handle_host_events();
-                if self.process(vrings, tick) {
+                if self.process(vrings, tick, false) {
                     self.device.counters().inc(Counter::poll_hits);
                     deadline = now + self.poll;
                 }
@@ -432,13 +429,12 @@ impl VhostUserBackendMut for VsockBackend {
         // While this thread polls, the guest need not kick for TX: it would only wake the thread
         // once more, for nothing, and cost the guest an exit per packet. Kicks are asked for
         // again (and the ring looked at once more) before the thread sleeps.
-        self.quiet_tx = self.event_idx && !self.poll.is_zero();
-        if self.process(vrings, tick) && !self.poll.is_zero() {
+        let polling = !self.poll.is_zero();
+        if self.process(vrings, tick, !polling) && polling {
             self.poll_for_more(vrings);
         }
-        if self.quiet_tx {
-            self.quiet_tx = false;
-            self.process(vrings, false);
+        if polling && self.event_idx {
+            self.process(vrings, false, true);
         }
         Ok(())
     }

@@ -282,13 +282,13 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> 
             Some(n) => parse_poll_us(&n.to_string()).map_err(at)?,
         };
         let vm = VmConfig {
-            poll_us,
             guest_cid: v.guest_cid,
             socket: v.socket.clone(),
             uds_path: v.uds_path.clone(),
             groups: v.groups.clone(),
             tx_buffer_size,
             max_connections,
+            poll_us,
         };
         check_vm(&vm).map_err(at)?;
         vms.push(vm);

@@ -299,7 +299,6 @@ impl Conn {
     }
 }
 
-/// A packet of connection `c` from CID `cid`, with its credit fields now.
 /// The RST a guest with CID `cid` answers the host's packet `h` with.
 fn rst_reply(cid: u64, h: &Hdr) -> Hdr {
     Hdr {
@@ -313,6 +312,7 @@ fn rst_reply(cid: u64, h: &Hdr) -> Hdr {
     }
 }
 
+/// A packet of connection `c` from CID `cid`, with its credit fields now.
 fn header(cid: u64, c: &Conn, op: u16, flags: u32, len: u32) -> Hdr {
     Hdr {
         src_cid: cid,
