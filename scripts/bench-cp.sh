@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 MIB=${1:-64}
 ROUNDS=${2:-3}
 B=$PWD/target/release
-V=$B/vmlink
+V=${VMLINK:-$B/vmlink}  # VMLINK=path: A/B another build
 [ -x "$V" ] && [ -x "$B/vmlink-agent" ] || cargo build --release -q -p vmlink -p vmlink-agent
 D=$(mktemp -d /tmp/vmlink-bench-cp.XXXXXX)
 NAME=benchcp-$$

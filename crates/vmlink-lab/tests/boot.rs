@@ -129,6 +129,26 @@ fn serial_port_carries_data_both_ways() {
     assert_eq!(out.code, 0, "stderr: {}", text(&out.stderr));
 }
 
+/// Under TCG the guest must not copy with `rep movs` (one emulated turn per
+/// element): QEMU drops ERMS and the kernel its REP_GOOD flag. Under KVM
+/// both stay. Either way the guest says which flags it has.
+#[test]
+fn guest_cpu_string_op_flags_suit_the_accelerator() {
+    let cfg = LabConfig::default();
+    let accel = vmlink_lab::prepare(&cfg).expect("prepare").accel();
+    let out = run(&cfg, &["sh", "-c", "grep -m1 '^flags' /proc/cpuinfo"]);
+    assert_eq!(out.code, 0, "stderr: {}", text(&out.stderr));
+    let flags = text(&out.stdout);
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    assert!(has("sse2"), "no flags line read: {flags}");
+    if accel == vmlink_lab::Accel::Kvm {
+        eprintln!("KVM guest: string-op flags left as the host has them");
+    } else {
+        assert!(!has("erms"), "TCG guest still has erms: {flags}");
+        assert!(!has("rep_good"), "TCG guest still has rep_good: {flags}");
+    }
+}
+
 #[test]
 fn vsock_loopback_module_loads_and_dev_vsock_exists() {
     let cfg = LabConfig {
