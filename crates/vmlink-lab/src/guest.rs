@@ -766,8 +766,53 @@ fn is_socket(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits for every path in `paths` to be a socket. `Err(None)` means QEMU
-/// exited first (its `exit` pipe hung up).
+/// Whether a Unix socket bound at `p` is listening, by `/proc/net/unix`
+/// (flag `__SO_ACCEPTCON`, 0x10000). A server binds before it listens, so a
+/// socket file alone is no promise that a connect succeeds: one in that
+/// window is refused. Looking here does not connect, so QEMU sees no
+/// client come and go.
+fn is_listening(p: &Path) -> bool {
+    // Without procfs, or with the socket not in this network namespace's
+    // table, trust the file.
+    std::fs::read(PROC_NET_UNIX)
+        .ok()
+        .and_then(|table| listening_in(&table, p.as_os_str().as_bytes()))
+        .unwrap_or(true)
+}
+
+const PROC_NET_UNIX: &str = "/proc/net/unix";
+
+/// `table` is `/proc/net/unix`: `Num RefCount Protocol Flags Type St Inode
+/// Path`, the path last and unquoted (it may hold spaces). `None`: no
+/// socket is bound at `path`.
+fn listening_in(table: &[u8], path: &[u8]) -> Option<bool> {
+    let mut found = None;
+    for line in table.split(|&b| b == b'\n').skip(1) {
+        let mut rest = line;
+        let mut fields = Vec::with_capacity(7);
+        for _ in 0..7 {
+            let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+            rest = &rest[start..];
+            let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        let line_path = rest.strip_prefix(b" ").unwrap_or(rest);
+        let flags = std::str::from_utf8(fields[3])
+            .ok()
+            .and_then(|f| u32::from_str_radix(f, 16).ok())
+            .unwrap_or(0);
+        if line_path == path {
+            found = Some(found.unwrap_or(false) || flags & 0x1_0000 != 0);
+        }
+    }
+    found
+}
+
+/// Waits for every path in `paths` to be a listening socket. `Err(None)`
+/// means QEMU exited first (its `exit` pipe hung up). The file's creation
+/// is awaited with inotify; `listen()` gives no event, so between the two
+/// (microseconds) the table is looked at every millisecond.
 fn wait_for_sockets(
     paths: &[PathBuf],
     ino: &Inotify,
@@ -776,7 +821,16 @@ fn wait_for_sockets(
 ) -> Result<(), Option<LabError>> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(missing) = paths.iter().find(|p| !is_socket(p)) {
+        let pending = paths.iter().find_map(|p| {
+            if !is_socket(p) {
+                Some((p, false))
+            } else if !is_listening(p) {
+                Some((p, true))
+            } else {
+                None
+            }
+        });
+        if let Some((missing, bound)) = pending {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Some(LabError::SocketTimeout {
@@ -788,7 +842,12 @@ fn wait_for_sockets(
                 PollFd::new(ino.as_fd(), PollFlags::POLLIN),
                 PollFd::new(exit, PollFlags::POLLIN),
             ];
-            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let wait = if bound {
+                left.min(Duration::from_millis(1))
+            } else {
+                left
+            };
+            let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => {
@@ -814,6 +873,50 @@ fn wait_for_sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_sockets_are_told_from_bound_ones() {
+        let table = b"Num       RefCount Protocol Flags    Type St Inode Path\n\
+0000000000000000: 00000002 00000000 00010000 0001 01 31337 /run/a b.sock\n\
+0000000000000000: 00000002 00000000 00000000 0001 01 31338 /run/bound.sock\n\
+0000000000000000: 00000003 00000000 00000000 0001 03 31339\n";
+        assert_eq!(listening_in(table, b"/run/a b.sock"), Some(true));
+        assert_eq!(listening_in(table, b"/run/bound.sock"), Some(false));
+        assert_eq!(listening_in(table, b"/run/a"), None);
+        assert_eq!(listening_in(table, b"/run/missing.sock"), None);
+        // The real table parses, and a listener made here is in it.
+        let dir = std::env::temp_dir().join(format!("vmlink-lab-listen-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("l.sock");
+        let _ = std::fs::remove_file(&sock);
+        let l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let table = std::fs::read(PROC_NET_UNIX).expect("read /proc/net/unix");
+        assert_eq!(
+            listening_in(&table, sock.as_os_str().as_bytes()),
+            Some(true)
+        );
+        drop(l);
+        // Bound, not yet listening: what QEMU's socket is for a moment.
+        use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let bound = dir.join("b.sock");
+        let _ = std::fs::remove_file(&bound);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .expect("socket");
+        bind(fd.as_raw_fd(), &UnixAddr::new(&bound).expect("addr")).expect("bind");
+        let table = std::fs::read(PROC_NET_UNIX).expect("read /proc/net/unix");
+        assert_eq!(
+            listening_in(&table, bound.as_os_str().as_bytes()),
+            Some(false)
+        );
+        assert!(!is_listening(&bound));
+        drop(fd);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn commas_are_doubled_for_qemu() {

@@ -118,6 +118,15 @@
 //!   TCG that clearing is one of the costliest things a guest does. It also
 //!   makes vsock 1.5-2.5x faster in a lab guest (docs/benchmarks.md).
 //!
+//! Under TCG only, the guest CPU is `max,-erms` and the kernel gets
+//! `clearcpuid=rep_good`: TCG runs `rep movs`/`rep stos` one element per
+//! turn, so copies to and from user space, `memcpy` and page clearing are
+//! much faster as the kernel's unrolled loops, and glibc's `memcpy` as
+//! vector loops. Not for boot time: it makes tmpfs reads ~3x and raw vsock
+//! 1.6-2.5x faster (docs/benchmarks.md, "String instructions under TCG").
+//! `clearcpuid` taints the kernel (`CPU_OUT_OF_SPEC`); under KVM neither
+//! is used.
+//!
 //! `tsc=reliable` is there for the guest's clocks rather than speed: time
 //! reads go through the vDSO instead of trapping to the HPET
 //! (`perf_counter` steps of 1.5 µs instead of 7-12 µs).
