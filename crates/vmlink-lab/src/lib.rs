@@ -122,8 +122,9 @@
 //! `clearcpuid=rep_good`: TCG runs `rep movs`/`rep stos` one element per
 //! turn, so copies to and from user space, `memcpy` and page clearing are
 //! much faster as the kernel's unrolled loops, and glibc's `memcpy` as
-//! vector loops. Not for boot time: it makes tmpfs reads ~3x and raw vsock
-//! 1.6-2.5x faster (docs/benchmarks.md, "String instructions under TCG").
+//! vector loops. Not for boot time (`lab run -- true`, 4 alternating pairs:
+//! 2.10-2.84 s against 2.50-2.89 s before): it makes tmpfs reads ~3x and raw
+//! vsock 1.6-2.5x faster (docs/benchmarks.md, "String instructions under TCG").
 //! `clearcpuid` taints the kernel (`CPU_OUT_OF_SPEC`); under KVM neither
 //! is used.
 //!
