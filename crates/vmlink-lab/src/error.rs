@@ -90,8 +90,8 @@ pub enum LabError {
         source: Option<std::io::Error>,
     },
 
-    /// QEMU did not create a `serials` socket in time.
-    #[error("QEMU did not create the serial socket {} within {seconds} s", path.display())]
+    /// QEMU did not listen on a `serials` socket in time.
+    #[error("QEMU did not listen on the serial socket {} within {seconds} s", path.display())]
     SocketTimeout {
         /// The socket path from [`crate::LabConfig::serials`].
         path: PathBuf,

@@ -27,7 +27,7 @@ use crate::Outcome;
 
 /// How long a guest may take to power off after reporting its status.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
-/// How long `spawn` waits for QEMU to create the `serials` sockets.
+/// How long `spawn` waits for QEMU to listen on the `serials` sockets.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
 /// How much of the console and of QEMU's own output is kept for messages.
 const KEEP_TAIL: usize = 256 * 1024;
@@ -48,20 +48,23 @@ pub(crate) const CMDLINE: &str =
      tsc=reliable rodata=off init_on_alloc=0 \
      initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
 
-/// CPU model under TCG: everything TCG can emulate, less ERMS ("enhanced
-/// rep movsb"). TCG runs `rep movs`/`rep stos` one element per turn of a
-/// loop, so a copy done with `rep movsb` costs a turn per byte. Without
-/// ERMS, glibc's memcpy uses vector loops, and the kernel falls back to
-/// the choice `TCG_CMDLINE` completes.
-const TCG_CPU: &str = "max,-erms";
+/// CPU model under TCG: everything TCG can emulate, less ERMS and FSRM
+/// ("enhanced"/"fast short" `rep movsb`). TCG runs `rep movs`/`rep stos`
+/// one element per turn of a loop, so a copy done with `rep movsb` costs a
+/// turn per byte. Without ERMS, glibc's memcpy uses vector loops, and the
+/// kernel falls back to the choice `TCG_CMDLINE` completes. (QEMU 7.2's
+/// TCG offers no FSRM; newer ones may, and from Linux 6.4 FSRM alone makes
+/// the kernel copy to and from user space with `rep movsb`.)
+const TCG_CPU: &str = "max,-erms,-fsrm";
 
 /// Kernel command line added under TCG. `clearcpuid=rep_good` drops the
-/// kernel's own "rep string ops are fast" flag, so copies to and from user
-/// space, `memcpy` and page clearing use unrolled loops instead of `rep
-/// movsq`/`rep stosq`. In a lab guest, reading tmpfs went from 229 to
-/// 725 MB/s, and raw vsock throughput up 1.6-2.5x (docs/benchmarks.md,
-/// "String instructions under TCG"). Under KVM the flags stay, as they
-/// are fast there.
+/// kernel's own "rep string ops are fast" flag, so that (in Linux 6.1, the
+/// lab's kernel) copies to and from user space and `memcpy` use unrolled
+/// loops instead of `rep movsq`. In a lab guest, reading a tmpfs file went
+/// from 229 MB/s (`rep movsb`) to 494 (`rep movsq`) to 725 (unrolled), and
+/// raw vsock throughput rose ~1.7x over hybrid vsock and 2.5-3.6x over
+/// vsock loopback (docs/benchmarks.md, "String instructions under TCG").
+/// Under KVM the flags stay, as they are fast there.
 const TCG_CMDLINE: &str = "clearcpuid=rep_good";
 
 /// QEMU option values are split on `,`; `,,` stands for a literal comma.
@@ -766,25 +769,47 @@ fn is_socket(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether a Unix socket bound at `p` is listening, by `/proc/net/unix`
-/// (flag `__SO_ACCEPTCON`, 0x10000). A server binds before it listens, so a
-/// socket file alone is no promise that a connect succeeds: one in that
-/// window is refused. Looking here does not connect, so QEMU sees no
-/// client come and go.
-fn is_listening(p: &Path) -> bool {
-    // Without procfs, or with the socket not in this network namespace's
-    // table, trust the file.
-    std::fs::read(PROC_NET_UNIX)
-        .ok()
-        .and_then(|table| listening_in(&table, p.as_os_str().as_bytes()))
-        .unwrap_or(true)
+/// How a socket path looks while QEMU sets it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SocketState {
+    /// No socket file yet: awaited with inotify.
+    Missing,
+    /// The file is there, but the table does not (yet) show it listening.
+    Bound,
+    /// Connects will be accepted.
+    Listening,
+}
+
+/// How long a socket file may stand without `/proc/net/unix` showing it
+/// listening before the file is trusted anyway (a socket in another
+/// network namespace, or an old socket still open under the same path).
+const BIND_GRACE: Duration = Duration::from_millis(250);
+
+/// Where `p` stands. A server binds before it listens, and the kernel
+/// creates the socket file before it even records the address, so a socket
+/// file alone is no promise that a connect succeeds: one in between is
+/// refused. `/proc/net/unix` tells (flag `__SO_ACCEPTCON`, 0x10000), and
+/// looking there does not connect, so QEMU sees no client come and go.
+fn socket_state(p: &Path) -> SocketState {
+    if !is_socket(p) {
+        return SocketState::Missing;
+    }
+    match std::fs::read(PROC_NET_UNIX) {
+        // Without procfs, trust the file.
+        Err(_) => SocketState::Listening,
+        Ok(table) => match listening_in(&table, p.as_os_str().as_bytes()) {
+            Some(true) => SocketState::Listening,
+            Some(false) | None => SocketState::Bound,
+        },
+    }
 }
 
 const PROC_NET_UNIX: &str = "/proc/net/unix";
 
 /// `table` is `/proc/net/unix`: `Num RefCount Protocol Flags Type St Inode
 /// Path`, the path last and unquoted (it may hold spaces). `None`: no
-/// socket is bound at `path`.
+/// socket has `path` as its address; `Some(true)`: every one that has it
+/// listens (an older socket whose file was replaced keeps the address).
 fn listening_in(table: &[u8], path: &[u8]) -> Option<bool> {
     let mut found = None;
     for line in table.split(|&b| b == b'\n').skip(1) {
@@ -803,7 +828,7 @@ fn listening_in(table: &[u8], path: &[u8]) -> Option<bool> {
             .and_then(|f| u32::from_str_radix(f, 16).ok())
             .unwrap_or(0);
         if line_path == path {
-            found = Some(found.unwrap_or(false) || flags & 0x1_0000 != 0);
+            found = Some(found.unwrap_or(true) && flags & 0x1_0000 != 0);
         }
     }
     found
@@ -812,7 +837,8 @@ fn listening_in(table: &[u8], path: &[u8]) -> Option<bool> {
 /// Waits for every path in `paths` to be a listening socket. `Err(None)`
 /// means QEMU exited first (its `exit` pipe hung up). The file's creation
 /// is awaited with inotify; `listen()` gives no event, so between the two
-/// (microseconds) the table is looked at every millisecond.
+/// (microseconds) the table is looked at every millisecond, for at most
+/// [`BIND_GRACE`] before the file is trusted.
 fn wait_for_sockets(
     paths: &[PathBuf],
     ino: &Inotify,
@@ -820,52 +846,52 @@ fn wait_for_sockets(
     limit: Duration,
 ) -> Result<(), Option<LabError>> {
     let deadline = Instant::now() + limit;
+    let mut bound_since: Option<Instant> = None;
     loop {
-        let pending = paths.iter().find_map(|p| {
-            if !is_socket(p) {
-                Some((p, false))
-            } else if !is_listening(p) {
-                Some((p, true))
-            } else {
-                None
-            }
+        let pending = paths.iter().find_map(|p| match socket_state(p) {
+            SocketState::Listening => None,
+            SocketState::Bound if bound_since.is_some_and(|t| t.elapsed() >= BIND_GRACE) => None,
+            state => Some((p, state)),
         });
-        if let Some((missing, bound)) = pending {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Some(LabError::SocketTimeout {
-                    path: missing.clone(),
-                    seconds: limit.as_secs(),
-                }));
-            }
-            let mut fds = [
-                PollFd::new(ino.as_fd(), PollFlags::POLLIN),
-                PollFd::new(exit, PollFlags::POLLIN),
-            ];
-            let wait = if bound {
-                left.min(Duration::from_millis(1))
-            } else {
-                left
-            };
-            let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    return Err(Some(LabError::io("wait for", missing.clone(), e.into())));
-                }
-            }
-            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-                // Sockets may have appeared just before QEMU exited; that
-                // is still an exit.
-                return Err(None);
-            }
-            while let Ok(events) = ino.read_events() {
-                if events.is_empty() {
-                    break;
-                }
-            }
-        } else {
+        let Some((waiting, state)) = pending else {
             return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Some(LabError::SocketTimeout {
+                path: waiting.clone(),
+                seconds: limit.as_secs(),
+            }));
+        }
+        let mut fds = [
+            PollFd::new(ino.as_fd(), PollFlags::POLLIN),
+            PollFd::new(exit, PollFlags::POLLIN),
+        ];
+        let wait = if state == SocketState::Bound {
+            bound_since.get_or_insert_with(Instant::now);
+            left.min(Duration::from_millis(1))
+        } else {
+            left
+        };
+        // In whole milliseconds, rounded up: a shorter wait must not become
+        // a zero timeout and spin.
+        let timeout =
+            PollTimeout::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                return Err(Some(LabError::io("wait for", waiting.clone(), e.into())));
+            }
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            // Sockets may have appeared just before QEMU exited; that is
+            // still an exit.
+            return Err(None);
+        }
+        while let Ok(events) = ino.read_events() {
+            if events.is_empty() {
+                break;
+            }
         }
     }
 }
@@ -879,27 +905,32 @@ mod tests {
         let table = b"Num       RefCount Protocol Flags    Type St Inode Path\n\
 0000000000000000: 00000002 00000000 00010000 0001 01 31337 /run/a b.sock\n\
 0000000000000000: 00000002 00000000 00000000 0001 01 31338 /run/bound.sock\n\
-0000000000000000: 00000003 00000000 00000000 0001 03 31339\n";
+0000000000000000: 00000002 00000000 00010000 0001 01 31339 /run/twice.sock\n\
+0000000000000000: 00000002 00000000 00000000 0001 01 31340 /run/twice.sock\n\
+0000000000000000: 00000003 00000000 00000000 0001 03 31341\n";
         assert_eq!(listening_in(table, b"/run/a b.sock"), Some(true));
         assert_eq!(listening_in(table, b"/run/bound.sock"), Some(false));
+        // An old listener under the same address does not make a new bound
+        // socket ready.
+        assert_eq!(listening_in(table, b"/run/twice.sock"), Some(false));
         assert_eq!(listening_in(table, b"/run/a"), None);
         assert_eq!(listening_in(table, b"/run/missing.sock"), None);
-        // The real table parses, and a listener made here is in it.
-        let dir = std::env::temp_dir().join(format!("vmlink-lab-listen-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let sock = dir.join("l.sock");
-        let _ = std::fs::remove_file(&sock);
-        let l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
-        let table = std::fs::read(PROC_NET_UNIX).expect("read /proc/net/unix");
-        assert_eq!(
-            listening_in(&table, sock.as_os_str().as_bytes()),
-            Some(true)
-        );
-        drop(l);
-        // Bound, not yet listening: what QEMU's socket is for a moment.
-        use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let bound = dir.join("b.sock");
-        let _ = std::fs::remove_file(&bound);
+    }
+
+    #[test]
+    fn socket_state_follows_a_real_socket_through_bind_and_listen() {
+        if std::fs::read(PROC_NET_UNIX).is_err() {
+            eprintln!("no {PROC_NET_UNIX} here: nothing to check");
+            return;
+        }
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        // A short path: sun_path holds 108 bytes, whatever TMPDIR says.
+        let dir = PathBuf::from(format!("/tmp/vmlink-lab-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("s.sock");
+        assert_eq!(socket_state(&path), SocketState::Missing);
         let fd = socket(
             AddressFamily::Unix,
             SockType::Stream,
@@ -907,15 +938,15 @@ mod tests {
             None,
         )
         .expect("socket");
-        bind(fd.as_raw_fd(), &UnixAddr::new(&bound).expect("addr")).expect("bind");
-        let table = std::fs::read(PROC_NET_UNIX).expect("read /proc/net/unix");
-        assert_eq!(
-            listening_in(&table, bound.as_os_str().as_bytes()),
-            Some(false)
-        );
-        assert!(!is_listening(&bound));
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("bind");
+        // Bound, not yet listening: what QEMU's socket is for a moment.
+        let bound = socket_state(&path);
+        listen(&fd, Backlog::new(1).expect("backlog")).expect("listen");
+        let listening = socket_state(&path);
         drop(fd);
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(bound, SocketState::Bound);
+        assert_eq!(listening, SocketState::Listening);
     }
 
     #[test]
@@ -971,7 +1002,7 @@ mod tests {
         assert_eq!(after("-m"), ["1536M"]);
         assert_eq!(after("-smp"), ["3"]);
         assert!(after("-append")[0].ends_with(" clearcpuid=rep_good loglevel=7"));
-        assert_eq!(after("-cpu"), ["max,-erms"]);
+        assert_eq!(after("-cpu"), ["max,-erms,-fsrm"]);
         assert!(after("-chardev")
             .contains(&"socket,id=vmlab_ser0,path=/tmp/x,,y.sock,server=on,wait=off"));
         assert!(after("-device")

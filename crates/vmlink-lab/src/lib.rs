@@ -118,15 +118,15 @@
 //!   TCG that clearing is one of the costliest things a guest does. It also
 //!   makes vsock 1.5-2.5x faster in a lab guest (docs/benchmarks.md).
 //!
-//! Under TCG only, the guest CPU is `max,-erms` and the kernel gets
+//! Under TCG only, the guest CPU is `max,-erms,-fsrm` and the kernel gets
 //! `clearcpuid=rep_good`: TCG runs `rep movs`/`rep stos` one element per
-//! turn, so copies to and from user space, `memcpy` and page clearing are
-//! much faster as the kernel's unrolled loops, and glibc's `memcpy` as
-//! vector loops. Not for boot time (`lab run -- true`, 4 alternating pairs:
-//! 2.10-2.84 s against 2.50-2.89 s before): it makes tmpfs reads ~3x and raw
-//! vsock 1.6-2.5x faster (docs/benchmarks.md, "String instructions under TCG").
-//! `clearcpuid` taints the kernel (`CPU_OUT_OF_SPEC`); under KVM neither
-//! is used.
+//! turn, so copies to and from user space and `memcpy` are much faster as
+//! the kernel's unrolled loops, and glibc's `memcpy` as vector loops. Not
+//! for boot time (`lab run -- true`, 4 alternating pairs: 2.10-2.84 s
+//! against 2.50-2.89 s before): it makes tmpfs reads ~3x faster, raw vsock
+//! ~1.7x over hybrid vsock and 2.5-3.6x over vsock loopback
+//! (docs/benchmarks.md, "String instructions under TCG"). `clearcpuid`
+//! taints the kernel (`CPU_OUT_OF_SPEC`); under KVM neither is used.
 //!
 //! `tsc=reliable` is there for the guest's clocks rather than speed: time
 //! reads go through the vDSO instead of trapping to the HPET
@@ -158,7 +158,7 @@
 //! * A guest read on a virtio-serial port returns EOF until a host client is
 //!   connected; writes block until one is, and return once QEMU has the
 //!   data, so all output is in when the status arrives. [`spawn`] returns
-//!   after QEMU created the sockets, so the host can connect first.
+//!   once QEMU listens on the sockets, so the host can connect first.
 //! * vhost-user needs guest RAM the backend can map:
 //!   [`LabConfig::vhost_user_vsock`] backs RAM with a shared memfd.
 //! * Wrappers (pyenv shims, `cargo test`) are slow under TCG: run
@@ -399,7 +399,7 @@ fn share_path(option: &str, p: &Path) -> Result<PathBuf, LabError> {
 }
 
 /// Boots a guest running `argv` and returns once it is under way and
-/// QEMU has created the sockets of `cfg.serials`.
+/// QEMU listens on the sockets of `cfg.serials`.
 pub fn spawn(cfg: &LabConfig, argv: &[OsString], io: GuestIo) -> Result<Guest, LabError> {
     let mem_mib = config::validate(cfg, Some(argv))?;
     let prepared = prepare(cfg)?;

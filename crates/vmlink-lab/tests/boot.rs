@@ -130,7 +130,7 @@ fn serial_port_carries_data_both_ways() {
 }
 
 /// Under TCG the guest must not copy with `rep movs` (one emulated turn per
-/// element): QEMU drops ERMS and the kernel its REP_GOOD flag. Under KVM
+/// element): QEMU drops ERMS and FSRM, and the kernel its REP_GOOD flag. Under KVM
 /// both stay. Either way the guest says which flags it has.
 #[test]
 fn guest_cpu_string_op_flags_suit_the_accelerator() {
@@ -145,6 +145,7 @@ fn guest_cpu_string_op_flags_suit_the_accelerator() {
         eprintln!("KVM guest: string-op flags left as the host has them");
     } else {
         assert!(!has("erms"), "TCG guest still has erms: {flags}");
+        assert!(!has("fsrm"), "TCG guest has fsrm: {flags}");
         assert!(!has("rep_good"), "TCG guest still has rep_good: {flags}");
     }
 }
