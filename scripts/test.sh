@@ -19,12 +19,13 @@ echo "== static agent: build (target/static), no dynamic interpreter, ping/exec 
 bash scripts/static-agent.sh
 echo "== tests (unit, host, and real-guest integration tests)"
 # Guest tests whose guest timed out (its kernel stalled under TCG, or it hung silently) are run
-# once more and listed here (vmlink_lab::testing::retry_log); shown after the tests.
+# once more and listed here (vmlink_lab::testing::retry_log), each with the last lines of its
+# first attempt (the guest console tail); shown after the tests.
 RETRIES="${TMPDIR:-/tmp}/vmlink-lab-guest-retries.log"
 rm -f "$RETRIES"
 show_retries() {
     if [ -s "$RETRIES" ]; then
-        echo "== $(wc -l <"$RETRIES") guest test(s) run a second time after the guest timed out:"
+        echo "== $(grep -vc '^  | ' "$RETRIES") guest test(s) run a second time after the guest timed out:"
         sed 's/^/   /' "$RETRIES"
     else
         echo "== no guest test needed a second run"

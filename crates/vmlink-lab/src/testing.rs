@@ -50,7 +50,7 @@ pub fn run_self_in_guest(cfg: LabConfig, name: &str) {
         eprintln!(
             "vmlink-lab: guest test {name}: {why}; running it once more. First attempt:\n{first}"
         );
-        record_retry(name, why);
+        record_retry(name, why, &out.stderr);
         out = run();
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -86,9 +86,16 @@ pub fn retry_log() -> std::path::PathBuf {
     std::env::temp_dir().join("vmlink-lab-guest-retries.log")
 }
 
-fn record_retry(name: &str, why: &str) {
+/// How many lines of a timed-out attempt's output the retry log keeps.
+const RETRY_TAIL_LINES: usize = 30;
+
+/// Adds `name` and `why` to the retry log, with the last lines of the first attempt's output
+/// (the test's stderr, then the lab's timeout message with the guest console's tail): nextest
+/// shows nothing of a test that passes on its second run, so this is the only trace of the hang.
+fn record_retry(name: &str, why: &str, first_stderr: &[u8]) {
     use std::io::Write;
-    let line = format!("{name}: {why}\n");
+    let tail = crate::guest::tail_lines(first_stderr, RETRY_TAIL_LINES, "  | ");
+    let line = format!("{name}: {why}\n{tail}");
     let _ = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
