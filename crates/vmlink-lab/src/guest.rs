@@ -120,9 +120,11 @@ pub(crate) fn qemu_args(p: &QemuPlan<'_>) -> Vec<OsString> {
         "-nic",
         "none",
     ]);
-    match p.accel {
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        _ => push(&["-accel", "tcg", "-cpu", TCG_CPU]),
+    let kvm = matches!(p.accel, Accel::Kvm);
+    if kvm {
+        push(&["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        push(&["-accel", "tcg", "-cpu", TCG_CPU]);
     }
     if p.cfg.vhost_user_vsock.is_some() {
         // vhost-user needs guest RAM the backend can map (gotcha 10).
@@ -137,7 +139,7 @@ pub(crate) fn qemu_args(p: &QemuPlan<'_>) -> Vec<OsString> {
         ]);
     }
     let mut cmdline = CMDLINE.to_owned();
-    if !matches!(p.accel, Accel::Kvm) {
+    if !kvm {
         cmdline.push(' ');
         cmdline.push_str(TCG_CMDLINE);
     }
@@ -846,11 +848,16 @@ fn wait_for_sockets(
     limit: Duration,
 ) -> Result<(), Option<LabError>> {
     let deadline = Instant::now() + limit;
-    let mut bound_since: Option<Instant> = None;
+    // The path found bound (not yet listening), and since when: each path gets its own grace.
+    let mut bound_since: Option<(&PathBuf, Instant)> = None;
     loop {
         let pending = paths.iter().find_map(|p| match socket_state(p) {
             SocketState::Listening => None,
-            SocketState::Bound if bound_since.is_some_and(|t| t.elapsed() >= BIND_GRACE) => None,
+            SocketState::Bound
+                if bound_since.is_some_and(|(b, t)| b == p && t.elapsed() >= BIND_GRACE) =>
+            {
+                None
+            }
             state => Some((p, state)),
         });
         let Some((waiting, state)) = pending else {
@@ -868,7 +875,9 @@ fn wait_for_sockets(
             PollFd::new(exit, PollFlags::POLLIN),
         ];
         let wait = if state == SocketState::Bound {
-            bound_since.get_or_insert_with(Instant::now);
+            if bound_since.is_none_or(|(b, _)| b != waiting) {
+                bound_since = Some((waiting, Instant::now()));
+            }
             left.min(Duration::from_millis(1))
         } else {
             left
