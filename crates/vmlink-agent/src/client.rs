@@ -20,7 +20,7 @@
 //! ```
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,7 +77,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The channel could not be opened.
-    #[error("cannot reach the agent at {addr}")]
+    #[error("cannot reach the agent")]
     Connect {
         /// The agent's address.
         addr: String,
@@ -598,6 +598,11 @@ impl Client {
             }
             GetDest::Writer(w) => Receiver::to_writer(w, progress),
         };
+        // The agent names the root after `src`, as `Path::file_name` does; it may not pick
+        // another name (that would choose which file in a local directory gets written). A
+        // `src` with no name (`/`) is refused by the agent; "" matches no entry.
+        let name = Path::new(src).file_name().and_then(|n| n.to_str());
+        let receiver = receiver.expect_root(name.unwrap_or_default());
         let (conn, hello) = self.open().await?;
         let Conn { mut reader, mut w } = conn;
         let checksum = checksum_for(&hello);

@@ -74,11 +74,14 @@ impl Script {
 }
 
 /// Why a command was not started.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SpawnError {
     /// The exec policy forbids it (sent as `refused`).
     Refused(String),
     /// It could not be started (sent as `spawn_failed`).
     Failed(String),
+    /// Its program (or a script's interpreter) does not exist (sent as `not_found`).
+    NotFound(String),
 }
 
 /// Starts `exec` (with `script`, for a `Run`) as the policy allows.
@@ -93,7 +96,7 @@ pub(crate) fn spawn(
             policy.check_run(name).map_err(SpawnError::Refused)?;
             OsString::new()
         }
-        None => match policy.check_exec(name).map_err(SpawnError::Refused)? {
+        None => match policy.check_exec(name)? {
             Some(path) => path.into_os_string(),
             None => name.into(),
         },
@@ -133,6 +136,20 @@ pub(crate) fn spawn(
     }
     cmd.envs(exec.env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &exec.cwd {
+        // Looked at first, so that a missing program is the only "not found" the spawn reports.
+        match std::fs::metadata(cwd) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(SpawnError::Failed(format!(
+                    "the working directory {cwd:?} is not a directory"
+                )))
+            }
+            Err(e) => {
+                return Err(SpawnError::Failed(format!(
+                    "cannot use the working directory {cwd:?}: {e}"
+                )))
+            }
+        }
         cmd.current_dir(cwd);
     }
 
@@ -211,7 +228,11 @@ pub(crate) fn spawn(
         if let Some(u) = &exec.user {
             m.push_str(&format!(" (as user {u})"));
         }
-        SpawnError::Failed(m)
+        if e.kind() == io::ErrorKind::NotFound {
+            SpawnError::NotFound(m)
+        } else {
+            SpawnError::Failed(m)
+        }
     })?;
     drop(cmd);
     match pty {
@@ -434,32 +455,42 @@ fn parse_user(name: &str, passwd: &str, group: &str) -> Option<User> {
 impl ExecPolicy {
     /// Whether `argv0` may run; with allow or deny rules, the path to run (so that what was
     /// checked is what runs, whatever `PATH` the request sets).
-    pub(crate) fn check_exec(&self, argv0: &str) -> Result<Option<PathBuf>, String> {
+    pub(crate) fn check_exec(&self, argv0: &str) -> Result<Option<PathBuf>, SpawnError> {
         if self.no_exec {
-            return Err("exec is disabled on this agent (--no-exec)".into());
+            return Err(SpawnError::Refused(
+                "exec is disabled on this agent (--no-exec)".into(),
+            ));
         }
         if self.allow.is_none() && self.deny.is_empty() {
             return Ok(None);
         }
         let Some(path) = resolve_program(argv0) else {
-            return Err(format!(
-                "program {argv0:?} is not an executable found in the agent's PATH, so the \
-                 agent's exec rules cannot allow it (give a bare name or an absolute path)"
-            ));
+            // A relative path is refused by the rules; a name or absolute path is just missing.
+            return Err(if argv0.contains('/') && !argv0.starts_with('/') {
+                SpawnError::Refused(format!(
+                    "program {argv0:?} is a relative path, which the agent's exec rules cannot \
+                     check (give a bare name or an absolute path)"
+                ))
+            } else {
+                SpawnError::NotFound(format!(
+                    "cannot run {argv0:?}: no executable file of that name (the agent's exec \
+                     rules look for it in the agent's PATH)"
+                ))
+            });
         };
         if let Some(rule) = self.deny.iter().find(|r| rule_matches(r, &path)) {
-            return Err(format!(
+            return Err(SpawnError::Refused(format!(
                 "running {} is refused by the agent's rule --deny-exec {rule}",
                 path.display()
-            ));
+            )));
         }
         if let Some(allow) = &self.allow {
             if !allow.iter().any(|r| rule_matches(r, &path)) {
-                return Err(format!(
+                return Err(SpawnError::Refused(format!(
                     "running {} is refused: it is not in the agent's --allow-exec list ({})",
                     path.display(),
                     allow.join(",")
-                ));
+                )));
             }
         }
         Ok(Some(path))
@@ -558,13 +589,20 @@ mod tests {
             ..ExecPolicy::default()
         };
         assert!(policy.check_exec("true").expect("allowed").is_some());
-        let e = policy.check_exec("echo").expect_err("denied");
+        let refused = |r: Result<Option<PathBuf>, SpawnError>| match r {
+            Err(SpawnError::Refused(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let e = refused(policy.check_exec("echo"));
         assert!(e.contains("--deny-exec echo"), "{e}");
-        let e = policy.check_exec("false").expect_err("not allowed");
+        let e = refused(policy.check_exec("false"));
         assert!(e.contains("not in the agent's --allow-exec list"), "{e}");
-        // A copy elsewhere, or a relative path, is not the allowed program.
-        assert!(policy.check_exec("./true").is_err());
-        assert!(policy.check_exec("/nonexistent/true").is_err());
+        // A relative path is not the allowed program; a missing one is not found (status 127).
+        assert!(refused(policy.check_exec("./true")).contains("relative path"));
+        assert!(matches!(
+            policy.check_exec("/nonexistent/true"),
+            Err(SpawnError::NotFound(m)) if m.contains("/nonexistent/true")
+        ));
         assert!(policy.check_run("x.sh").is_err());
         let open = ExecPolicy::default();
         assert_eq!(open.check_exec("anything"), Ok(None));
@@ -573,10 +611,7 @@ mod tests {
             no_exec: true,
             ..ExecPolicy::default()
         };
-        assert!(none
-            .check_exec("true")
-            .expect_err("off")
-            .contains("--no-exec"));
+        assert!(refused(none.check_exec("true")).contains("--no-exec"));
         assert!(none.check_run("x").is_err());
         let ro = ExecPolicy {
             read_only: true,

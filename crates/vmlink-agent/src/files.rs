@@ -329,6 +329,8 @@ enum Dest {
 pub struct Receiver {
     dest: Dest,
     root: Option<String>,
+    /// The root name the sender must use (see [`Receiver::expect_root`]).
+    expect_root: Option<String>,
     current: Option<Current>,
     /// Directories to finish (mode, mtime), in creation order.
     dirs: Vec<(PathBuf, u32, i64, u32)>,
@@ -400,6 +402,7 @@ impl Receiver {
         Receiver {
             dest,
             root: None,
+            expect_root: None,
             current: None,
             dirs: Vec::new(),
             stream_out: out,
@@ -413,6 +416,14 @@ impl Receiver {
     /// default is SHA-256).
     pub fn checksum(mut self, checksum: Checksum) -> Receiver {
         self.checksum = checksum;
+        self
+    }
+
+    /// Refuses a copy whose root entry is not named `name`. A client fetching `/x/foo` into an
+    /// existing directory expects `foo`: otherwise the sender (the guest) would choose which
+    /// name in that directory gets written, `.bashrc` for one (as scp's CVE-2019-6111).
+    pub fn expect_root(mut self, name: &str) -> Receiver {
+        self.expect_root = Some(name.to_string());
         self
     }
 
@@ -454,6 +465,11 @@ impl Receiver {
                     return Err(unsafe_path(
                         "the first entry must be the copy's root".into(),
                     ));
+                }
+                if let Some(expected) = self.expect_root.as_deref().filter(|x| *x != first) {
+                    return Err(unsafe_path(format!(
+                        "the copy's root must be named {expected:?}, after what was asked for"
+                    )));
                 }
                 self.root = Some(first.to_string());
             }

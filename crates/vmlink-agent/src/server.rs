@@ -303,6 +303,10 @@ pub(crate) async fn run_exec(
             write_message(w, &Message::error(ErrorKind::SpawnFailed, &message)).await?;
             return Err(SessionError::Refused(message));
         }
+        Err(SpawnError::NotFound(message)) => {
+            write_message(w, &Message::error(ErrorKind::NotFound, &message)).await?;
+            return Err(SessionError::Refused(message));
+        }
     };
     // The memfd is open in the child now; the agent's copy can go.
     drop(script);

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cp_fixtures::{describe, eventually, fresh_dir, make_tree, temp_files, Raw};
+use sha2::{Digest, Sha256};
 use vmlink_agent::client::{Client, ClientError, GetDest, PutSource};
 use vmlink_agent::Policy;
 use vmlink_proto::agent::{Checksum, Entry, EntryKind, ErrorKind, FileEnd, Message, Put};
@@ -168,6 +169,67 @@ fn a_tree_copies_both_ways_with_modes_mtimes_symlinks_and_empty_dirs() {
         let text = vmlink_transport::error_chain(&e);
         assert!(text.contains("ENOENT") && text.contains("nope"), "{text}");
         assert!(!down.join("nope").exists());
+    });
+}
+
+#[test]
+fn a_get_into_a_directory_refuses_a_root_the_agent_renamed() {
+    // A hostile agent asked for /srv/report.txt answers with `.bashrc`: written into an existing
+    // directory, the name would be the guest's choice (scp's CVE-2019-6111).
+    common::runtime().block_on(async {
+        let listen: vmlink_transport::Addr =
+            format!("unix-listen:{}", common::socket_path("hostile"))
+                .parse()
+                .expect("address");
+        let listener = vmlink_transport::AsyncListener::bind(&listen).expect("bind");
+        let addr = vmlink_agent::connect_addr_for(listener.local_addr()).expect("connect address");
+        let dest = fresh_dir("hostile");
+        let agent = tokio::spawn(async move {
+            // The client's first connection only checks the Hello; the copy has its own.
+            let mut raw = loop {
+                let mut raw = Raw::accept(&listener).await;
+                match raw.recv().await {
+                    None => continue,
+                    Some(Message::Get(g)) => assert_eq!(g.path, "/srv/report.txt"),
+                    other => panic!("expected Get, got {other:?}"),
+                }
+                break raw;
+            };
+            // A whole, well-formed copy (SHA-256, as the Get asked), so that only the name is
+            // wrong.
+            raw.send(&Message::Entry(file_entry(".bashrc", Some(4))))
+                .await;
+            raw.send(&Message::Data(b"evil".to_vec())).await;
+            let digest = Sha256::digest(b"evil");
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            raw.send(&Message::FileEnd(FileEnd::new(Checksum::Sha256, hex)))
+                .await;
+            raw.send(&Message::Done).await;
+            // Held open until the client gives up.
+            while raw.recv().await.is_some() {}
+        });
+        let client = Client::connect(&addr).await.expect("connect");
+        let got = client
+            .get(
+                "/srv/report.txt",
+                GetDest::Path(dest.clone()),
+                Arc::default(),
+            )
+            .await;
+        match got {
+            Err(ClientError::Copy { source, .. }) => {
+                let m = source.to_string();
+                assert!(m.contains(".bashrc") && m.contains("\"report.txt\""), "{m}");
+            }
+            other => panic!("a renamed root gave {other:?}"),
+        }
+        drop(client);
+        agent.await.expect("the fake agent");
+        assert_eq!(
+            fs::read_dir(&dest).expect("readdir").count(),
+            0,
+            "nothing written"
+        );
     });
 }
 

@@ -332,6 +332,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The command could not be started.
     SpawnFailed,
+    /// The command's program does not exist (a client exits 127 for it, like a shell).
+    NotFound,
     /// Too many sessions at once.
     Busy,
     /// Anything else on the sender's side.
@@ -354,6 +356,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::UnsupportedVersion => "unsupported version",
             ErrorKind::BadRequest => "bad request",
             ErrorKind::SpawnFailed => "spawn failed",
+            ErrorKind::NotFound => "no such program",
             ErrorKind::Busy => "busy",
             ErrorKind::Internal => "internal error",
             ErrorKind::Io => "an I/O error",

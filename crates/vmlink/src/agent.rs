@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use crate::target::{Resolved, Target};
-use anyhow::{bail, Context};
+use anyhow::bail;
 use vmlink_agent::client::Client;
 use vmlink_agent::ExecRequest;
 
@@ -99,9 +99,7 @@ pub fn ping(a: PingArgs) -> anyhow::Result<ExitCode> {
             Resolved::Qga(q) => return crate::qga_target::ping(&q, a.count).await,
             r => r.agent("ping")?,
         };
-        let c = Client::connect(&addr)
-            .await
-            .with_context(|| format!("agent at {}", a.target))?;
+        let c = Client::connect(&addr).await?;
         for _ in 0..a.count.max(1) {
             let rtt = c.ping().await?;
             println!("pong from {}: {:.2} ms", a.target, rtt.as_secs_f64() * 1e3);
@@ -116,9 +114,7 @@ pub fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             Resolved::Qga(q) => return crate::qga_target::info(&q, a.json).await,
             r => r.agent("info")?,
         };
-        let c = Client::connect(&addr)
-            .await
-            .with_context(|| format!("agent at {}", a.target))?;
+        let c = Client::connect(&addr).await?;
         let i = c.info().await?;
         if a.json {
             println!("{}", serde_json::to_string(&i)?);
@@ -169,7 +165,6 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
         };
         crate::session::run(crate::session::Session {
             addr,
-            target: a.target.to_string(),
             req,
             script: None,
             interactive: a.interactive,

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::target::{Resolved, Target, TargetError};
-use anyhow::Context;
 use vmlink_agent::client::{Client, GetDest, PutSource};
 use vmlink_agent::files::CopySummary;
 
@@ -210,9 +209,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     r => r.agent("cp")?,
                 };
                 let started = Instant::now();
-                let client = Client::connect(&addr)
-                    .await
-                    .with_context(|| format!("agent at {target}"))?;
+                let client = Client::connect(&addr).await?;
                 let (source, total) = match local {
                     Side::Local(p) => {
                         let total = total_size(&p);
@@ -244,9 +241,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     r => r.agent("cp")?,
                 };
                 let started = Instant::now();
-                let client = Client::connect(&addr)
-                    .await
-                    .with_context(|| format!("agent at {target}"))?;
+                let client = Client::connect(&addr).await?;
                 let dest = match local {
                     Side::Local(p) => GetDest::Path(p),
                     _ => GetDest::Writer(Box::new(std::io::stdout())),

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use vmlink_agent::client::Client;
 use vmlink_proto::agent::{Logs, MAX_LOG_LINES};
 
@@ -42,9 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     crate::runtime()?.block_on(async {
         let addr = a.target.resolve()?.agent("logs")?;
-        let c = Client::connect(&addr)
-            .await
-            .with_context(|| format!("agent at {}", a.target))?;
+        let c = Client::connect(&addr).await?;
         let req = Logs {
             path: a.path,
             lines: a.lines,

@@ -126,7 +126,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmlink: error: {}", chain(&e));
-            if e.downcast_ref::<vmlink_transport::AddrError>().is_some()
+            if let Some(n) = e.downcast_ref::<session::NotStarted>() {
+                ExitCode::from(n.status)
+            } else if e.downcast_ref::<vmlink_transport::AddrError>().is_some()
                 || matches!(
                     e.downcast_ref::<vmlink_transport::Error>(),
                     Some(vmlink_transport::Error::Addr(_))

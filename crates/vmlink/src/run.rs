@@ -89,7 +89,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         };
         crate::session::run(crate::session::Session {
             addr,
-            target: a.target.to_string(),
             req,
             script: Some(script),
             interactive: a.interactive,

@@ -1,26 +1,55 @@
 //! What `vmlink exec` and `vmlink run` share: forwarding signals, a terminal (`-t`: raw mode
 //! while the command runs, the window size at start and on SIGWINCH), a timeout, and the exit
-//! status (the command's; 128+N for signal N; 124 when the timeout killed it, like timeout(1)).
+//! status (the command's; 128+N for signal N; 124 when the timeout killed it, like timeout(1);
+//! 126 when the guest could not start it and 127 when its program does not exist, like a shell).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use vmlink_agent::client::{signal_channel, Client, SignalSender};
+use vmlink_agent::client::{signal_channel, Client, ClientError, SignalSender};
 use vmlink_agent::ExecRequest;
-use vmlink_proto::agent::WindowSize;
+use vmlink_proto::agent::{ErrorKind, WindowSize};
 use vmlink_transport::Addr;
 
 /// The status `exec` and `run` exit with when `--timeout` killed the command (as timeout(1)).
 pub const TIMEOUT_STATUS: u8 = 124;
+/// The status when the guest could not start the command (as a shell, env(1) and timeout(1)).
+pub const CANNOT_RUN_STATUS: u8 = 126;
+/// The status when the command's program does not exist in the guest (likewise).
+pub const NOT_FOUND_STATUS: u8 = 127;
+
+/// The command never started; `vmlink` prints the agent's reason and exits with `status`.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct NotStarted {
+    /// [`CANNOT_RUN_STATUS`] or [`NOT_FOUND_STATUS`].
+    pub status: u8,
+    /// The agent's answer.
+    #[source]
+    pub source: ClientError,
+}
+
+/// Whether `e` says the command never started, and with which exit status.
+fn not_started(e: ClientError) -> anyhow::Error {
+    let status = match &e {
+        ClientError::Agent {
+            kind: ErrorKind::NotFound,
+            ..
+        } => NOT_FOUND_STATUS,
+        ClientError::Agent {
+            kind: ErrorKind::SpawnFailed,
+            ..
+        } => CANNOT_RUN_STATUS,
+        _ => return e.into(),
+    };
+    NotStarted { status, source: e }.into()
+}
 
 /// One exec or run, as the CLI was asked for it.
 #[derive(Debug)]
 pub struct Session {
     /// The agent's address.
     pub addr: Addr,
-    /// The TARGET as the user wrote it, for messages.
-    pub target: String,
     /// The command (for `run`: `argv[0]` names the script).
     pub req: ExecRequest,
     /// For `run`: the script.
@@ -35,9 +64,7 @@ pub struct Session {
 
 /// Runs the session and returns the exit status for this process.
 pub async fn run(mut s: Session) -> anyhow::Result<ExitCode> {
-    let c = Client::connect(&s.addr)
-        .await
-        .with_context(|| format!("agent at {}", s.target))?;
+    let c = Client::connect(&s.addr).await?;
     let (tx, signals) = signal_channel();
     // With a terminal, the local one's size and type go along; with -i from a terminal, it is
     // put in raw mode (keys, Ctrl-C included, go to the guest's terminal) until this returns.
@@ -65,7 +92,8 @@ pub async fn run(mut s: Session) -> anyhow::Result<ExitCode> {
             signals,
             s.timeout,
         )
-        .await?;
+        .await
+        .map_err(not_started)?;
     drop(_raw);
     if finished.timed_out {
         if let Some(t) = s.timeout {

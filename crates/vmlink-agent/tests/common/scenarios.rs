@@ -175,7 +175,7 @@ pub async fn streaming_status_and_signals(client: &Client) {
         .await
     {
         Err(ClientError::Agent {
-            kind: ErrorKind::SpawnFailed,
+            kind: ErrorKind::NotFound,
             message,
             ..
         }) => {
@@ -184,7 +184,27 @@ pub async fn streaming_status_and_signals(client: &Client) {
                 "{message}"
             );
         }
-        other => panic!("spawn failure gave {other:?}"),
+        other => panic!("a missing program gave {other:?}"),
+    }
+    // A program that exists but cannot run, and a missing working directory, are
+    // `spawn_failed` (a client exits 126), not `not_found` (127).
+    let mut in_missing_dir = cmd(&["true"]);
+    in_missing_dir.cwd = Some("/nonexistent/dir".into());
+    for (req, expect) in [
+        (cmd(&["/etc/passwd"]), "\"/etc/passwd\""),
+        (in_missing_dir, "working directory \"/nonexistent/dir\""),
+    ] {
+        match client
+            .exec(req, NO_STDIN, tokio::io::sink(), tokio::io::sink())
+            .await
+        {
+            Err(ClientError::Agent {
+                kind: ErrorKind::SpawnFailed,
+                message,
+                ..
+            }) => assert!(message.contains(expect), "{message}"),
+            other => panic!("{expect} gave {other:?}"),
+        }
     }
     // A terminal is supported (its details: `features::tty`).
     let mut tty = cmd(&["true"]);

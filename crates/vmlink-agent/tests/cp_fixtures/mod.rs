@@ -12,7 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmlink_proto::agent::{Decoder, Hello, Message, PROTOCOL_VERSION};
-use vmlink_transport::{Addr, AsyncStream};
+use vmlink_transport::{Addr, AsyncListener, AsyncStream};
 
 /// A fresh empty directory under the temp directory.
 pub fn fresh_dir(tag: &str) -> PathBuf {
@@ -146,6 +146,32 @@ impl Raw {
             Some(Message::Hello(_)) => raw,
             other => panic!("expected Hello, got {other:?}"),
         }
+    }
+
+    /// Plays the agent: accepts one client on `listener` and exchanges `Hello`s (announcing
+    /// every feature but `xxh64`, so copies use SHA-256), for sending a client what a
+    /// well-behaved agent never would.
+    pub async fn accept(listener: &AsyncListener) -> Raw {
+        let stream = listener.accept().await.expect("accept");
+        let mut raw = Raw {
+            stream,
+            decoder: Decoder::new(),
+        };
+        match raw.recv().await {
+            Some(Message::Hello(_)) => {}
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        raw.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            software: "hostile-agent".into(),
+            features: vmlink_proto::agent::FEATURES
+                .iter()
+                .filter(|f| **f != "xxh64")
+                .map(|f| f.to_string())
+                .collect(),
+        }))
+        .await;
+        raw
     }
 
     pub async fn send(&mut self, m: &Message) {
