@@ -106,6 +106,9 @@ pub struct Policy {
     pub max_sessions: usize,
     /// Which requests a connected peer may make (default: all).
     pub exec: ExecPolicy,
+    /// How long a connection may take to send its `Hello`, and then its request
+    /// (default [`REQUEST_TIMEOUT`]); a silent one is closed and frees its session.
+    pub request_timeout: Duration,
 }
 
 impl Default for Policy {
@@ -114,6 +117,7 @@ impl Default for Policy {
             allow_cids: AllowCids::Only(vec![HOST_CID]),
             max_sessions: DEFAULT_MAX_SESSIONS,
             exec: ExecPolicy::default(),
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 }

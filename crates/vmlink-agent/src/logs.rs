@@ -75,6 +75,31 @@ async fn send_rest(f: &mut File, w: &mut WriteHalf) -> Result<u64, SessionError>
     }
 }
 
+/// Opens a log file: a regular file only. A FIFO, a terminal or a device like `/dev/kmsg` would
+/// block a read (or the open itself, for a FIFO without a writer) on one of the agent's few
+/// runtime threads, and with it pings and kills; so the open never blocks (`O_NONBLOCK`) and
+/// anything else is refused.
+fn open_log(path: &str) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = f.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(f);
+    }
+    let what = if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file (logs reads regular files; use exec for devices and pipes)"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("it is {what}"),
+    ))
+}
+
 fn io_error(op: &str, path: &str, e: &io::Error) -> String {
     format!("cannot {op} {path}: {e}")
 }
@@ -86,14 +111,8 @@ pub(crate) async fn serve_logs(
     w: &mut WriteHalf,
 ) -> Result<(), SessionError> {
     let path = logs.path.clone();
-    let opened = File::open(&path).and_then(|mut f| {
+    let opened = open_log(&path).and_then(|mut f| {
         let meta = f.metadata()?;
-        if meta.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "it is a directory",
-            ));
-        }
         let start = tail_start(&mut f, meta.len(), logs.lines, MAX_LOG_TAIL_BYTES)?;
         f.seek(SeekFrom::Start(start))?;
         Ok((f, meta))
@@ -140,7 +159,7 @@ pub(crate) async fn serve_logs(
                 // Rotated: the path names another file now. The old one's rest was sent above.
                 if let Ok(m) = std::fs::metadata(&path) {
                     if (m.dev(), m.ino()) != id {
-                        if let Ok(new) = File::open(&path) {
+                        if let Ok(new) = open_log(&path) {
                             debug!(path, "file rotated; following the new one");
                             file = new;
                             id = (m.dev(), m.ino());

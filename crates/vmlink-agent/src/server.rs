@@ -1,12 +1,14 @@
 //! One connection on the agent side: policy check, `Hello`, one request.
 //!
 //! States, in order: `Checking` (vsock peer CID against the policy), `Greeting` (waiting for the
-//! client's `Hello`, bounded by [`REQUEST_TIMEOUT`]), `Waiting` (for the one request, same bound),
+//! client's `Hello`, bounded by `Policy::request_timeout`, [`crate::REQUEST_TIMEOUT`] by
+//! default), `Waiting` (for the one request, same bound),
 //! then `Serving` that request. Each state is a step of [`serve`]; any failure ends the
 //! connection. Events a peer causes are logged at `debug`, never `warn`.
 
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal as NixSignal};
 use nix::unistd::Pid;
@@ -21,10 +23,10 @@ use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
 use crate::exec::{Script, SpawnError, Spawned, StdinSink};
 use crate::framed::{write_message, FrameReader, WireError};
-use crate::{Shared, REQUEST_TIMEOUT};
+use crate::Shared;
 
 /// How long a `Run`'s script may take to arrive (at most 16 MiB).
-const SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a connection ended early. Logged, never sent (the peer gets an `Error` frame instead).
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +35,12 @@ pub(crate) enum SessionError {
     #[error("connection failed")]
     Wire(#[from] WireError),
     /// The client sent nothing in time.
-    #[error("no {waiting_for} within {REQUEST_TIMEOUT:?}")]
+    #[error("no {waiting_for} within {after:?}")]
     Timeout {
         /// What was expected.
         waiting_for: &'static str,
+        /// How long it was awaited.
+        after: Duration,
     },
     /// The client closed before its request.
     #[error("the client closed before sending {waiting_for}")]
@@ -115,7 +119,8 @@ async fn session(
     let mut reader = FrameReader::new(r);
 
     // Greeting.
-    let hello = match next(&mut reader, "Hello").await? {
+    let limit = shared.policy.request_timeout;
+    let hello = match next(&mut reader, "Hello", limit).await? {
         Message::Hello(h) => h,
         other => {
             return protocol_error(w, format!("expected Hello, got {}", other.message_type())).await
@@ -136,12 +141,19 @@ async fn session(
     };
     write_message(w, &Message::Hello(ours)).await?;
 
-    // Waiting, then Serving.
-    let request = match reader.next().await {
-        Ok(Some(m)) => m,
+    // Waiting (bounded like the greeting: an idle client must not hold a session slot), then
+    // Serving.
+    let request = match tokio::time::timeout(limit, reader.next()).await {
+        Err(_) => {
+            return Err(SessionError::Timeout {
+                waiting_for: "a request",
+                after: limit,
+            })
+        }
+        Ok(Ok(Some(m))) => m,
         // A client that only wanted the Hello (e.g. `Client::connect`).
-        Ok(None) => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e.into()),
     };
     match request {
         Message::Ping => write_message(w, &Message::Pong).await?,
@@ -182,10 +194,17 @@ async fn session(
     Ok(())
 }
 
-/// The next message within [`REQUEST_TIMEOUT`].
-async fn next(reader: &mut Reader, waiting_for: &'static str) -> Result<Message, SessionError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await {
-        Err(_) => Err(SessionError::Timeout { waiting_for }),
+/// The next message within `limit`.
+async fn next(
+    reader: &mut Reader,
+    waiting_for: &'static str,
+    limit: Duration,
+) -> Result<Message, SessionError> {
+    match tokio::time::timeout(limit, reader.next()).await {
+        Err(_) => Err(SessionError::Timeout {
+            waiting_for,
+            after: limit,
+        }),
         Ok(Ok(Some(m))) => Ok(m),
         Ok(Ok(None)) => Err(SessionError::Closed { waiting_for }),
         Ok(Err(e)) => Err(e.into()),
@@ -219,7 +238,7 @@ async fn refuse(
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     Err(SessionError::Refused(message))
 }
 
@@ -426,6 +445,7 @@ async fn receive_script(
     match tokio::time::timeout(SCRIPT_TIMEOUT, receive).await {
         Err(_) => Err(SessionError::Timeout {
             waiting_for: "the script",
+            after: SCRIPT_TIMEOUT,
         }),
         Ok(Err(e)) => Err(e),
         Ok(Ok(Err(message))) => protocol_error(w, message).await.map(|()| Err(())),

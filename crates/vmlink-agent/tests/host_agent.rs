@@ -48,6 +48,61 @@ fn agent_over_unix_answers_pings_during_a_flood_and_kills_abandoned_commands() {
 }
 
 #[test]
+fn a_client_that_goes_quiet_before_or_after_its_hello_loses_its_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vmlink_proto::agent::{Hello, Message, PROTOCOL_VERSION};
+    use vmlink_transport::AsyncStream;
+
+    common::runtime().block_on(async {
+        let policy = Policy {
+            max_sessions: 1,
+            request_timeout: Duration::from_millis(300),
+            ..Policy::default()
+        };
+        let path = common::socket_path("quiet");
+        let agent = common::start_agent(&format!("unix-listen:{path}"), policy);
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            software: "test".into(),
+            features: Vec::new(),
+        })
+        .encode()
+        .expect("encodes");
+        for says_hello in [false, true] {
+            // The only session: silent from the start, or silent after the Hellos.
+            let mut quiet = AsyncStream::connect(&agent.addr).await.expect("connect");
+            if says_hello {
+                quiet.write_all(&hello).await.expect("send Hello");
+            }
+            let started = std::time::Instant::now();
+            let mut got = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(30), quiet.read_to_end(&mut got));
+            closed
+                .await
+                .expect("the agent closes a quiet connection")
+                .expect("read");
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_millis(250),
+                "closed after {waited:?}"
+            );
+            // What came before the close: the agent's Hello, if the client sent one.
+            assert_eq!(!got.is_empty(), says_hello, "{} bytes", got.len());
+            // The slot is free again (`busy` only while the agent has not yet seen the previous
+            // connection, or the client's own Hello-only one, close).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match async { Client::connect(&agent.addr).await?.ping().await }.await {
+                    Ok(_) => break,
+                    Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+}
+
+#[test]
 fn agent_refuses_sessions_over_its_limit_and_garbage_frames() {
     use vmlink_agent::client::ClientError;
     use vmlink_proto::agent::ErrorKind;

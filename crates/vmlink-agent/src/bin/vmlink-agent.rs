@@ -118,6 +118,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             deny: list(&args.deny_exec),
             read_only: args.read_only,
         },
+        ..Policy::default()
     };
     let defaults = args.listen.is_empty();
     let listen = if defaults {

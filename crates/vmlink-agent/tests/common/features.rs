@@ -287,17 +287,28 @@ pub async fn policy_refusals(client: &Client) {
         "{m}"
     );
     // The allowed name elsewhere is not the allowed program.
+    let dir = std::env::temp_dir().join(format!("vmlink-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let other_echo = dir.join("echo");
+    std::fs::write(&other_echo, b"#!/bin/sh\necho not the real one\n").expect("write");
+    std::fs::set_permissions(
+        &other_echo,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let other_echo = other_echo.display().to_string();
     let m = refused(
         client
             .exec(
-                cmd(&["/tmp/echo"]),
+                cmd(&[&other_echo]),
                 NO_STDIN,
                 tokio::io::sink(),
                 tokio::io::sink(),
             )
             .await,
     );
-    assert!(m.contains("/tmp/echo"), "{m}");
+    assert!(m.contains(&other_echo), "{m}");
+    let _ = std::fs::remove_dir_all(&dir);
     let (_keep, signals) = signal_channel();
     let m = refused(
         client
@@ -373,6 +384,38 @@ pub async fn logs(client: &Client, dir: &std::path::Path) {
         }
         other => panic!("a missing file gave {other:?}"),
     }
+
+    // A FIFO with no writer is refused at once (reading it would hold one of the agent's
+    // runtime threads), and the agent still answers.
+    let fifo = format!("{p}.fifo");
+    let c_fifo = std::ffi::CString::new(fifo.clone()).expect("no NUL");
+    // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
+    assert_eq!(
+        unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) },
+        0,
+        "mkfifo {fifo}"
+    );
+    let req = Logs {
+        path: fifo.clone(),
+        lines: 3,
+        follow: true,
+    };
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        client.logs(req, tokio::io::sink()),
+    )
+    .await
+    .expect("a FIFO is refused, not read");
+    match refused {
+        Err(ClientError::Agent {
+            kind: ErrorKind::Io,
+            message,
+            ..
+        }) => assert!(message.contains("not a regular file"), "{message}"),
+        other => panic!("a FIFO gave {other:?}"),
+    }
+    client.ping().await.expect("a ping after the FIFO");
+    let _ = std::fs::remove_file(&fifo);
 
     let (w, mut r) = tokio::io::duplex(64 * 1024);
     let c = client.clone();
