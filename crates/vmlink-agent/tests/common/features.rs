@@ -390,11 +390,8 @@ pub async fn logs(client: &Client, dir: &std::path::Path) {
     let fifo = format!("{p}.fifo");
     let c_fifo = std::ffi::CString::new(fifo.clone()).expect("no NUL");
     // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
-    assert_eq!(
-        unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) },
-        0,
-        "mkfifo {fifo}"
-    );
+    let made = unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) };
+    assert_eq!(made, 0, "mkfifo {fifo}");
     let req = Logs {
         path: fifo.clone(),
         lines: 3,
