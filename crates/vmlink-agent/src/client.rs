@@ -446,7 +446,34 @@ impl Client {
             #[allow(unreachable_code)]
             Ok::<(), ClientError>(())
         };
+        // The downlink: output to the local stdout/stderr until `Exit`. A local writer that
+        // stops taking output holds only this future: the uplink (stdin, signals) and the
+        // deadline go on.
+        let downlink = async {
+            loop {
+                match reader.next().await {
+                    Ok(Some(Message::Stdout(data))) => {
+                        local_write(&mut stdout, &data, "stdout").await?
+                    }
+                    Ok(Some(Message::Stderr(data))) => {
+                        local_write(&mut stderr, &data, "stderr").await?
+                    }
+                    Ok(Some(Message::Exit(exit))) => return Ok(exit),
+                    Ok(Some(other)) => {
+                        return Err(self.unexpected("Stdout, Stderr or Exit", &other))
+                    }
+                    Ok(None) => {
+                        return Err(ClientError::Closed {
+                            addr: self.addr.to_string(),
+                            waiting_for: "the command's exit status",
+                        })
+                    }
+                    Err(source) => return Err(self.wire(source)),
+                }
+            }
+        };
         tokio::pin!(uplink);
+        tokio::pin!(downlink);
         loop {
             tokio::select! {
                 r = &mut uplink => r?,
@@ -463,17 +490,7 @@ impl Client {
                         timed_out,
                     });
                 }
-                m = reader.next() => match m {
-                    Ok(Some(Message::Stdout(data))) => local_write(&mut stdout, &data, "stdout").await?,
-                    Ok(Some(Message::Stderr(data))) => local_write(&mut stderr, &data, "stderr").await?,
-                    Ok(Some(Message::Exit(exit))) => return Ok(Finished { exit, timed_out }),
-                    Ok(Some(other)) => return Err(self.unexpected("Stdout, Stderr or Exit", &other)),
-                    Ok(None) => return Err(ClientError::Closed {
-                        addr: self.addr.to_string(),
-                        waiting_for: "the command's exit status",
-                    }),
-                    Err(source) => return Err(self.wire(source)),
-                },
+                exit = &mut downlink => return Ok(Finished { exit: exit?, timed_out }),
             }
         }
     }

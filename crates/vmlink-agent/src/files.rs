@@ -25,7 +25,8 @@
 //!   earlier in the same copy nor one already in the destination can lead outside it. (A local
 //!   process racing the agent inside the destination directory is outside this model: whoever
 //!   can write there can already write there.)
-//! - At most [`MAX_ENTRIES`] entries per copy.
+//! - At most [`MAX_ENTRIES`] entries per copy, and [`MAX_DIR_BYTES`] of directory paths kept
+//!   until the end (for their modes and mtimes).
 //!
 //! # Sending
 //!
@@ -55,12 +56,18 @@ use xxhash_rust::xxh64::Xxh64;
 use crate::framed::{write_message, FrameReader, WireError};
 use crate::server::SessionError;
 
-/// How many frames may wait between the disk thread and the socket (with [`COPY_CHUNK`], at
-/// most 8 MiB in flight per direction and connection).
+/// How many frames may wait between the disk thread and the socket: with [`COPY_CHUNK`], 8 MiB
+/// in flight per direction and connection; a peer that sends frames of the largest size
+/// (`MAX_FRAME_LEN`, 1 MiB) can make it 32 MiB.
 const QUEUE: usize = 32;
 /// The data per `Data` frame a copy sends: larger than exec's 64 KiB chunks (fewer frames,
 /// syscalls and wakeups per byte), well under the frame bound.
 pub const COPY_CHUNK: usize = 256 * 1024;
+
+/// The most bytes of directory paths a receiver keeps until the end of a copy (to set each
+/// directory's mode and mtime after its contents): 64 MiB, some 500,000 directories at a
+/// typical depth. Without it, [`MAX_ENTRIES`] paths of `MAX_PATH_LEN` would be 4 GiB.
+pub const MAX_DIR_BYTES: usize = 64 << 20;
 
 /// A copy failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +132,9 @@ pub enum FilesError {
     /// More entries than [`MAX_ENTRIES`].
     #[error("the copy has more than {MAX_ENTRIES} entries")]
     TooManyEntries,
+    /// The directories a receiver must finish (mode, mtime) name more than [`MAX_DIR_BYTES`].
+    #[error("the copy's directories have more than {} MiB of paths", MAX_DIR_BYTES >> 20)]
+    TooManyDirs,
     /// A source or destination that cannot be copied as asked.
     #[error("{0}")]
     Unsupported(String),
@@ -157,7 +167,9 @@ impl FilesError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FilesError::Io { .. } | FilesError::Unsupported(_) => ErrorKind::Io,
-            FilesError::UnsafePath { .. } | FilesError::TooManyEntries => ErrorKind::UnsafePath,
+            FilesError::UnsafePath { .. }
+            | FilesError::TooManyEntries
+            | FilesError::TooManyDirs => ErrorKind::UnsafePath,
             FilesError::Checksum { .. }
             | FilesError::OtherChecksum { .. }
             | FilesError::Size { .. } => ErrorKind::ChecksumMismatch,
@@ -334,6 +346,8 @@ pub struct Receiver {
     current: Option<Current>,
     /// Directories to finish (mode, mtime), in creation order.
     dirs: Vec<(PathBuf, u32, i64, u32)>,
+    /// The bytes of their paths, at most [`MAX_DIR_BYTES`].
+    dir_bytes: usize,
     stream_out: Option<Box<dyn WriteDebug>>,
     summary: CopySummary,
     progress: Arc<AtomicU64>,
@@ -405,6 +419,7 @@ impl Receiver {
             expect_root: None,
             current: None,
             dirs: Vec::new(),
+            dir_bytes: 0,
             stream_out: out,
             summary: CopySummary::default(),
             progress,
@@ -574,6 +589,10 @@ impl Receiver {
                 // Writable for us until the end, when its own mode is applied.
                 fs::set_permissions(&target, fs::Permissions::from_mode(e.mode | 0o700))
                     .map_err(FilesError::io("set the mode of", &target))?;
+                self.dir_bytes += target.as_os_str().len();
+                if self.dir_bytes > MAX_DIR_BYTES {
+                    return Err(FilesError::TooManyDirs);
+                }
                 self.dirs.push((target, e.mode, e.mtime, e.mtime_nsec));
             }
             EntryKind::Symlink => {

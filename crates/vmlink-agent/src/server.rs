@@ -276,32 +276,77 @@ async fn info(shared: &Shared) -> Info {
     }
 }
 
-/// Kills a process group with `SIGKILL` when dropped, unless disarmed. Armed from spawn until the
-/// group leader has been reaped (until then its id cannot name another group).
-struct GroupKiller {
-    pgid: Option<Pid>,
-}
+/// The command's process group, shared by the exec loop and the task reading the client's
+/// frames: armed from spawn until the group leader has been reaped (until then its id cannot
+/// name another group). Signals go to the group only while it is armed.
+#[derive(Clone)]
+struct Group(Arc<std::sync::Mutex<Option<Pid>>>);
 
-impl GroupKiller {
-    fn kill(&mut self) {
-        if let Some(pgid) = self.pgid.take() {
+impl Group {
+    fn new(pgid: Option<Pid>) -> Group {
+        Group(Arc::new(std::sync::Mutex::new(pgid)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pid>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `signo` to the group; false when it is gone or the number is no signal.
+    fn signal(&self, signo: i32) -> bool {
+        match (*self.lock(), NixSignal::try_from(signo)) {
+            (Some(pgid), Ok(sig)) => killpg(pgid, sig).is_ok(),
+            (None, _) => {
+                debug!(signo, "signal after the command exited: ignored");
+                false
+            }
+            (_, Err(_)) => {
+                debug!(signo, "invalid signal number: ignored");
+                false
+            }
+        }
+    }
+
+    /// Kills the group with `SIGKILL` and disarms.
+    fn kill(&self) {
+        if let Some(pgid) = self.lock().take() {
             let _ = killpg(pgid, NixSignal::SIGKILL);
         }
     }
-}
 
-impl Drop for GroupKiller {
-    fn drop(&mut self) {
-        self.kill();
+    /// The leader was reaped: its id may be reused, so never signal it again.
+    fn reaped(&self) {
+        self.lock().take();
+    }
+
+    fn pgid(&self) -> i32 {
+        self.lock().map_or(0, Pid::as_raw)
     }
 }
 
-/// What the incoming half of an exec connection reports to the main loop.
+/// Kills the group when dropped (the exec ended early, or the agent's task was cancelled).
+struct GroupKiller(Group);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the incoming half of an exec connection reports to the exec loop, after acting on it.
 enum Incoming {
-    Signal(i32),
-    /// The client closed or broke the connection.
-    Gone(Option<WireError>),
-    /// The client sent a message that has no place here.
+    /// The client closed or broke the connection; the group (`pgid`, 0 if it had exited) was
+    /// killed.
+    Gone { pgid: i32, error: Option<WireError> },
+    /// The client sent a message that has no place here; the group was killed.
     Unexpected(MessageType),
 }
 
@@ -336,16 +381,21 @@ pub(crate) async fn run_exec(
         stdin,
     } = spawned;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
-    let mut killer = GroupKiller {
-        pgid: pid.map(Pid::from_raw),
-    };
+    let group = Group::new(pid.map(Pid::from_raw));
+    let _killer = GroupKiller(group.clone());
     debug!(?pid, argv = ?exec.argv, tty = exec.tty, user = ?exec.user, "exec started");
     let mut stderr = stderr;
 
+    // The client's frames are read by a task of their own, which also acts on signals and on
+    // the client going away: a client that stops reading the output (so that writes below
+    // wait) can still interrupt or kill the command.
     let (events_tx, mut events) = mpsc::channel(16);
-    let incoming = pump_incoming(reader, stdin, events_tx);
-    tokio::pin!(incoming);
-    let mut incoming_done = false;
+    let _pump = AbortOnDrop(tokio::spawn(pump_incoming(
+        reader,
+        stdin,
+        events_tx,
+        group.clone(),
+    )));
     let mut events_open = true;
 
     let mut out_buf = vec![0u8; HEADER_LEN + MAX_DATA_CHUNK];
@@ -357,27 +407,15 @@ pub(crate) async fn run_exec(
             break;
         }
         tokio::select! {
-            () = &mut incoming, if !incoming_done => incoming_done = true,
+            // The pump has already signalled or killed the group; here the exec ends.
             event = events.recv(), if events_open => match event {
-                Some(Incoming::Signal(signo)) => {
-                    match (killer.pgid, NixSignal::try_from(signo)) {
-                        (Some(pgid), Ok(sig)) => {
-                            let _ = killpg(pgid, sig);
-                        }
-                        (None, _) => debug!(signo, "signal after the command exited: ignored"),
-                        (_, Err(_)) => debug!(signo, "invalid signal number: ignored"),
-                    }
-                }
-                Some(Incoming::Gone(error)) => {
-                    let pgid = killer.pgid.map_or(0, Pid::as_raw);
-                    killer.kill();
+                Some(Incoming::Gone { pgid, error }) => {
                     if let Some(e) = error {
                         debug!("exec connection failed: {e}");
                     }
                     return Err(SessionError::Abandoned { pgid });
                 }
                 Some(Incoming::Unexpected(ty)) => {
-                    killer.kill();
                     return protocol_error(w, format!("{ty} is not allowed during an exec")).await;
                 }
                 None => events_open = false,
@@ -395,7 +433,7 @@ pub(crate) async fn run_exec(
             }
             st = child.wait(), if status.is_none() => {
                 // Once reaped, the group id may be reused: never signal it again.
-                killer.pgid = None;
+                group.reaped();
                 status = Some(st.map_err(WireError::Io)?);
             }
         }
@@ -485,52 +523,91 @@ async fn send_chunk(
     Ok(false)
 }
 
-/// Reads the client's frames during an exec: stdin data to the process (or its terminal),
-/// window sizes to the terminal, signals and the end of the connection to the main loop.
+/// How many `Stdin` frames (at most 64 KiB each) wait for the command to read them before the
+/// agent stops reading the client's frames: a signal or a disconnect behind more than this
+/// much unread input waits until the command reads it (or exits, or writes output the client
+/// no longer takes).
+const STDIN_QUEUE: usize = 16;
+
+/// Reads the client's frames for the whole exec: stdin goes to the command (through a queue, by
+/// a task of its own), signals and window sizes act at once, and a closed connection kills the
+/// group. Ends after reporting `Gone` or `Unexpected`.
 async fn pump_incoming(
     mut reader: Reader,
-    mut stdin: Option<StdinSink>,
+    stdin: Option<StdinSink>,
     events: mpsc::Sender<Incoming>,
+    group: Group,
 ) {
+    let pty = match &stdin {
+        Some(StdinSink::Pty(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let (input_tx, input_rx) = mpsc::channel::<Option<Vec<u8>>>(STDIN_QUEUE);
+    let _writer = stdin.map(|sink| AbortOnDrop(tokio::spawn(feed_stdin(sink, input_rx))));
+    let mut input = Some(input_tx);
     loop {
         let event = match reader.next().await {
             Ok(Some(Message::Stdin(data))) => {
-                let written = match &mut stdin {
-                    Some(StdinSink::Pipe(p)) => p.write_all(&data).await,
-                    Some(StdinSink::Pty(t)) => t.write_all(&data).await,
-                    None => Ok(()),
-                };
-                if let Err(e) = written {
-                    // The process closed its stdin: drop the rest, as a pipe would.
-                    debug!("writing the command's stdin: {e}");
-                    stdin = None;
+                // A closed queue: the command closed its stdin; drop the rest, as a pipe would.
+                if let Some(tx) = &input {
+                    if tx.send(Some(data)).await.is_err() {
+                        input = None;
+                    }
                 }
                 continue;
             }
             Ok(Some(Message::StdinEof)) => {
-                // A pipe is closed; a terminal gets its EOF character (Ctrl-D), as typed.
-                if let Some(StdinSink::Pty(t)) = &mut stdin {
-                    let _ = t.write_all(&[4]).await;
-                } else {
-                    stdin = None;
+                if let Some(tx) = input.take() {
+                    let _ = tx.send(None).await;
                 }
                 continue;
             }
             Ok(Some(Message::Resize(size))) => {
-                if let Some(StdinSink::Pty(t)) = &stdin {
+                if let Some(t) = &pty {
                     if let Err(e) = t.resize(size) {
                         debug!("resizing the terminal: {e}");
                     }
                 }
                 continue;
             }
-            Ok(Some(Message::Signal(s))) => Incoming::Signal(s.signo),
-            Ok(Some(other)) => Incoming::Unexpected(other.message_type()),
-            Ok(None) => Incoming::Gone(None),
-            Err(e) => Incoming::Gone(Some(e)),
+            Ok(Some(Message::Signal(s))) => {
+                group.signal(s.signo);
+                continue;
+            }
+            Ok(Some(other)) => {
+                group.kill();
+                Incoming::Unexpected(other.message_type())
+            }
+            Ok(None) => Incoming::Gone {
+                pgid: group.pgid(),
+                error: None,
+            },
+            Err(e) => Incoming::Gone {
+                pgid: group.pgid(),
+                error: Some(e),
+            },
         };
-        let last = !matches!(event, Incoming::Signal(_));
-        if events.send(event).await.is_err() || last {
+        if matches!(event, Incoming::Gone { .. }) {
+            group.kill();
+        }
+        let _ = events.send(event).await;
+        return;
+    }
+}
+
+/// Writes what the client sends to the command's stdin, in order; `None` is the client's EOF:
+/// a pipe is closed, a terminal gets its EOF character (Ctrl-D), as typed.
+async fn feed_stdin(mut sink: StdinSink, mut input: mpsc::Receiver<Option<Vec<u8>>>) {
+    while let Some(item) = input.recv().await {
+        let written = match (&mut sink, item) {
+            (StdinSink::Pipe(p), Some(data)) => p.write_all(&data).await,
+            (StdinSink::Pty(t), Some(data)) => t.write_all(&data).await,
+            (StdinSink::Pty(t), None) => t.write_all(&[4]).await,
+            (StdinSink::Pipe(_), None) => return,
+        };
+        if let Err(e) = written {
+            // The process closed its stdin: the rest is dropped (the queue closes).
+            debug!("writing the command's stdin: {e}");
             return;
         }
     }

@@ -31,6 +31,18 @@ fn exec_runs_on_a_terminal_with_a_timeout_as_another_user_and_runs_scripts() {
 }
 
 #[test]
+fn a_stalled_output_neither_blocks_a_signal_nor_a_timeout() {
+    common::runtime().block_on(async {
+        let agent = unix_agent("stalled", ExecPolicy::default());
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let dir = std::env::temp_dir().join(format!("vmlink-stalled-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        features::stalled_output(&client, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
 fn an_exec_policy_refuses_what_it_does_not_allow_naming_the_rule() {
     common::runtime().block_on(async {
         let agent = unix_agent(

@@ -54,7 +54,9 @@ pub struct UpArgs {
     /// How the host reaches the agent. serial: virtio-serial ports org.vmlink.ctl and
     /// org.vmlink.data through a bridge. hvsock: vhost-user-vsock-pci served by vmlink-vhost
     /// in the supervisor (guest CID 3), the agent on vsock port 7878, reached by hybrid
-    /// vsock. Neither needs vsock on the host.
+    /// vsock. Neither needs vsock on the host. (No plain `vsock` channel: that would take the
+    /// host kernel's vhost_vsock and an AF_VSOCK socket on the host; hvsock gives the guest
+    /// the same virtio-vsock device and driver.)
     #[arg(long, value_parser = ["serial", "hvsock"], default_value = "serial")]
     channel: String,
     /// The vmlink-agent binary to run in the guest (default: the one next to this vmlink,

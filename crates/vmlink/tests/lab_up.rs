@@ -120,8 +120,9 @@ fn ok(out: &Output, what: &str) -> String {
 }
 
 /// Every agent verb through `lab:NAME`, as the issue lists them: exit codes and signals,
-/// streaming, stdin with EOF, a PTY, a client that goes away, cp of a file and a tree both ways,
-/// and a 256 MiB copy with pings and an exec beside it.
+/// streaming, stdin with EOF, a PTY, a client that goes away, cp of a file and a tree both ways
+/// (the tree compared entry by entry, by SHA-256), a full disk, an interrupted copy, and a
+/// 256 MiB copy with pings and an exec beside it.
 fn every_verb(lab: &Lab, channel: &str) {
     let t = lab.target();
     // exec: exit status and signal death pass through.
@@ -263,18 +264,60 @@ fn every_verb(lab: &Lab, channel: &str) {
         "24 MiB differs"
     );
     assert_eq!(
-        std::fs::read(dir.join("tree.back/sub/b")).expect("read"),
-        b"beta"
+        tree_digest(&dir.join("tree.back")),
+        tree_digest(&dir.join("tree"))
     );
     assert_eq!(
         std::fs::read_link(dir.join("tree.back/link")).expect("a symlink"),
         Path::new("a")
     );
 
-    // 256 MiB up while pings and an exec run: the pings stay fast (the copy has its own
-    // stream with its own credit), the exec's output is complete; then back down, equal.
+    // A full disk in the guest: one clear line naming ENOSPC, status 1, no file left behind.
+    ok(
+        &lab.run(&[
+            "exec",
+            &t,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /mnt/small && mount -t tmpfs -o size=4m tmpfs /mnt/small",
+        ]),
+        "mount a small tmpfs",
+    );
+    let out = lab.run(&["cp", "-q", &p("big"), &format!("{t}:/mnt/small/")]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("No space left on device (ENOSPC)"), "{e}");
+    let left = ok(&lab.run(&["exec", &t, "--", "ls", "-A", "/mnt/small"]), "ls");
+    assert_eq!(left, "", "a failed copy left files");
+
+    // An interrupted copy (its client killed while the data flows) leaves neither the file
+    // nor its temporary file.
     let huge = common::payload(11, 256 << 20);
     std::fs::write(dir.join("huge"), &huge).expect("write");
+    let mut copy = lab
+        .cmd()
+        .args(["cp", "-q", &p("huge"), &format!("{t}:/dev/shm/cut")])
+        .spawn()
+        .expect("cp 256 MiB");
+    lab.wait_for(
+        "cat /dev/shm/.cut* 2>/dev/null | head -c 1048576 | wc -c",
+        "1048576",
+        Duration::from_secs(60),
+        "the copy to be cut never started",
+    );
+    copy.kill().expect("kill the copy");
+    let _ = copy.wait();
+    lab.wait_for(
+        "ls -A /dev/shm | grep -c cut || true",
+        "0",
+        Duration::from_secs(30),
+        "an interrupted copy left a file in /dev/shm",
+    );
+
+    // 256 MiB up while pings and an exec run: the pings stay fast (the copy has its own
+    // stream with its own credit), the exec's output is complete; then back down, equal.
     let mut copy = lab
         .cmd()
         .args(["cp", "-q", &p("huge"), &format!("{t}:/dev/shm/huge")])
@@ -338,6 +381,35 @@ fn every_verb(lab: &Lab, channel: &str) {
         std::fs::read(dir.join("huge.back")).expect("read") == huge,
         "256 MiB differs"
     );
+}
+
+/// Every entry under `root`, sorted: its path, kind, mode, and its content's SHA-256 or its
+/// symlink's target.
+fn tree_digest(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("readdir") {
+            let path = e.expect("entry").path();
+            let rel = path.strip_prefix(root).expect("inside").display().to_string();
+            let m = std::fs::symlink_metadata(&path).expect("lstat");
+            let mode = m.permissions().mode() & 0o7777;
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&path).expect("readlink").display())
+            } else if m.is_dir() {
+                todo.push(path.clone());
+                format!("dir {mode:o}")
+            } else {
+                let sum = common::sha(&std::fs::read(&path).expect("read"));
+                let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+                format!("file {mode:o} {hex}")
+            };
+            out.push(format!("{rel} {what}"));
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]

@@ -511,3 +511,95 @@ pub async fn ping_during_copy(client: &Client, dest: &str, len: u64, bound: Dura
     );
     assert!(p90 <= bound, "pings during the copy: {pings:?}");
 }
+
+/// A local stdout that never takes a byte (a consumer that stopped reading); it tells when a
+/// write first waits on it.
+struct Stalled(std::sync::Arc<tokio::sync::Notify>);
+
+impl tokio::io::AsyncWrite for Stalled {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.notify_one();
+        std::task::Poll::Pending
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Output nobody reads does not hold up the rest: with the local stdout stalled (and so the
+/// agent's writes, and the command's), a signal still reaches the command and `--timeout`
+/// still ends the exec. `dir` is a scratch directory.
+pub async fn stalled_output(client: &Client, dir: &std::path::Path) {
+    // A signal: the command's trap leaves a mark.
+    let mark = dir.join("interrupted");
+    let _ = std::fs::remove_file(&mark);
+    let script = format!("trap 'touch {}; exit 0' INT; yes", mark.display());
+    let (signals_tx, signals) = signal_channel();
+    let c = client.clone();
+    let stalled = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stdout = Stalled(stalled.clone());
+    let exec = tokio::spawn(async move {
+        c.exec_full(
+            cmd(&["sh", "-c", &script]),
+            None,
+            NO_STDIN,
+            stdout,
+            tokio::io::sink(),
+            signals,
+            None,
+        )
+        .await
+    });
+    // Output has reached the client and waits there; behind it the socket, the agent and the
+    // command's pipe fill up (`yes` writes far faster than a signal travels).
+    stalled.notified().await;
+    assert!(signals_tx.send(libc::SIGINT));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mark.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "SIGINT never reached the command"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    exec.abort();
+    let _ = exec.await;
+
+    // A timeout.
+    let (_keep, signals) = signal_channel();
+    let started = Instant::now();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.exec_full(
+            cmd(&["yes"]),
+            None,
+            NO_STDIN,
+            Stalled(std::sync::Arc::default()),
+            tokio::io::sink(),
+            signals,
+            Some(Duration::from_secs(1)),
+        ),
+    )
+    .await
+    .expect("the timeout ends an exec whose output is not read")
+    .expect("exec");
+    assert!(finished.timed_out, "{finished:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
