@@ -23,7 +23,7 @@
 //! streams are open per session.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -182,6 +182,9 @@ struct Entry {
     credit: watch::Sender<u64>,
     /// The highest stream offset (exclusive) the peer may send: our consumed + WINDOW.
     limit: Arc<AtomicU64>,
+    /// Payload bytes accepted from the peer and not yet written out: at most WINDOW for a
+    /// peer that keeps to its credit, however it repeats or overlaps offsets.
+    queued: Arc<AtomicU64>,
 }
 
 /// Counters, readable while the session runs.
@@ -195,12 +198,25 @@ pub struct Counters {
     pub credit_violations: AtomicU64,
     /// Streams opened.
     pub opened: AtomicU64,
+    /// Replies (PONG, HELLO, refusing RST) not sent because the peer was not reading its
+    /// control lane: more than [`MAX_QUEUED_REPLIES`] bytes of them were waiting.
+    pub replies_dropped: AtomicU64,
 }
+
+/// The most bytes of replies the peer asked for (PONG, HELLO, a refused OPEN's RST) that may
+/// wait for a peer that does not read its lanes; further ones are dropped and counted. Every
+/// other frame the session queues is bounded by the streams' windows.
+pub const MAX_QUEUED_REPLIES: usize = 1 << 20;
+
+/// One frame for a lane's writer, and how many of its bytes count as queued replies.
+type Queued = (Vec<u8>, usize);
 
 struct Session {
     role: Role,
-    ctl: mpsc::UnboundedSender<Vec<u8>>,
-    data: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    ctl: mpsc::UnboundedSender<Queued>,
+    data: Option<mpsc::UnboundedSender<Queued>>,
+    /// Reply bytes queued on the lanes (see [`MAX_QUEUED_REPLIES`]).
+    replies: Arc<AtomicUsize>,
     /// The peer sent a HELLO on the data lane, so it reads it.
     data_ok: AtomicBool,
     streams: Mutex<HashMap<u32, Entry>>,
@@ -239,17 +255,19 @@ impl Mux {
     /// a copy's bytes cross no extra system calls or kernel copies inside the guest).
     pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<Accepted>) {
         let (in_tx, in_rx) = mpsc::channel(64);
+        let replies = Arc::new(AtomicUsize::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(ctl.w, ctl_rx));
+        tokio::spawn(writer(ctl.w, ctl_rx, replies.clone()));
         let data_tx = data.map(|d| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(writer(d.w, rx));
+            tokio::spawn(writer(d.w, rx, replies.clone()));
             (tx, d.r)
         });
         let session = Arc::new(Session {
             role,
             ctl: ctl_tx,
             data: data_tx.as_ref().map(|(tx, _)| tx.clone()),
+            replies,
             data_ok: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -340,6 +358,7 @@ struct Parts {
     inbound: mpsc::UnboundedReceiver<Inbound>,
     credit: watch::Receiver<u64>,
     limit: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
     /// Whether DATA may take the data lane: the peer knows the stream (host: ACCEPT seen).
     accepted: Arc<AtomicBool>,
@@ -353,18 +372,38 @@ impl Session {
 
     /// Queues one encoded frame.
     fn send_frame(&self, data_lane: bool, f: Vec<u8>) {
+        self.queue(data_lane, (f, 0));
+    }
+
+    /// Queues a reply the peer asked for on the control lane, unless more than
+    /// [`MAX_QUEUED_REPLIES`] bytes of replies already wait there (a peer that does not read).
+    fn reply(&self, data_lane: bool, h: Header, payload: &[u8]) {
+        let f = frame(h, payload);
+        let n = f.len();
+        if self.replies.fetch_add(n, Ordering::AcqRel) + n > MAX_QUEUED_REPLIES {
+            self.replies.fetch_sub(n, Ordering::AcqRel);
+            self.counters
+                .replies_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.queue(data_lane, (f, n));
+    }
+
+    fn queue(&self, data_lane: bool, q: Queued) {
         let lane = match &self.data {
             Some(d) if data_lane => d,
             _ => &self.ctl,
         };
         // A closed lane means the session is ending; the frame has nowhere to go.
-        let _ = lane.send(f);
+        let _ = lane.send(q);
     }
 
     fn register(&self, id: u32) -> Parts {
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (credit_tx, credit_rx) = watch::channel(0u64);
         let limit = Arc::new(AtomicU64::new(WINDOW));
+        let queued = Arc::new(AtomicU64::new(0));
         let halves = Arc::new(AtomicU32::new(2));
         lock(&self.streams).insert(
             id,
@@ -372,12 +411,14 @@ impl Session {
                 inbound: in_tx,
                 credit: credit_tx,
                 limit: limit.clone(),
+                queued: queued.clone(),
             },
         );
         Parts {
             inbound: in_rx,
             credit: credit_rx,
             limit,
+            queued,
             halves,
             accepted: Arc::new(AtomicBool::new(self.role == Role::Guest)),
         }
@@ -395,6 +436,12 @@ impl Session {
     fn send_rst(&self, id: u32, reason: &str) {
         let r = &reason.as_bytes()[..reason.len().min(vmlink_proto::mux::MAX_REASON)];
         self.send(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
+    }
+
+    /// Refuses an OPEN: an RST the peer asked for, so a reply (bounded).
+    fn refuse(&self, id: u32, reason: &str) {
+        let r = &reason.as_bytes()[..reason.len().min(vmlink_proto::mux::MAX_REASON)];
+        self.reply(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
     }
 
     fn reset_all(&self, reason: &str) {
@@ -442,6 +489,7 @@ impl Session {
             sink,
             parts.inbound,
             parts.limit,
+            parts.queued,
             parts.halves,
         ));
     }
@@ -457,7 +505,7 @@ impl Session {
             None
         };
         if let Some(r) = reason {
-            return self.send_rst(id, &r);
+            return self.refuse(id, &r);
         }
         let (out, out_rx) = mpsc::channel((PIPE_BUF / MAX_DATA).max(1));
         let (data_tx, data) = mpsc::channel((PIPE_BUF / MAX_DATA).max(1));
@@ -467,7 +515,7 @@ impl Session {
         let parts = self.register(id);
         if incoming.try_send(Accepted { data, out }).is_err() {
             lock(&self.streams).remove(&id);
-            return self.send_rst(id, "the agent is not accepting streams");
+            return self.refuse(id, "the agent is not accepting streams");
         }
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);
@@ -491,7 +539,7 @@ impl Session {
                         // The peer (re)started: whatever it had open is gone.
                         self.reset_all("the peer restarted");
                     }
-                    self.send(data_lane, Header::hello(true), &[]);
+                    self.reply(data_lane, Header::hello(true), &[]);
                 }
                 if data_lane {
                     self.data_ok.store(true, Ordering::Release);
@@ -500,7 +548,7 @@ impl Session {
                 }
             }
             Kind::Open if self.role == Role::Guest => self.accept(h.stream),
-            Kind::Ping => self.send(false, Header::new(Kind::Pong, 0, 0, h.arg), &[]),
+            Kind::Ping => self.reply(false, Header::new(Kind::Pong, 0, 0, h.arg), &[]),
             Kind::Pong => self.pong.store(h.arg, Ordering::Release),
             Kind::Accept if self.role == Role::Host => {
                 match lock(&self.pending).remove(&h.stream) {
@@ -520,7 +568,12 @@ impl Session {
                     return unknown();
                 };
                 let end = h.arg.saturating_add(u64::from(h.len));
-                if end > e.limit.load(Ordering::Acquire) {
+                let len = u64::from(h.len);
+                // Beyond the window, or (with repeated or overlapping offsets) more bytes
+                // waiting than the window holds.
+                if end > e.limit.load(Ordering::Acquire)
+                    || e.queued.fetch_add(len, Ordering::AcqRel) + len > WINDOW
+                {
                     drop(streams);
                     self.counters
                         .credit_violations
@@ -588,21 +641,30 @@ async fn keepalive(s: Arc<Session>) {
 }
 
 /// Writes queued frames, coalescing what is already queued into one write.
-async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer(
+    mut w: BoxWrite,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    replies: Arc<AtomicUsize>,
+) {
     let mut batch = Vec::with_capacity(READ_BUF);
-    while let Some(f) = rx.recv().await {
+    while let Some((f, counted)) = rx.recv().await {
         if f.len() >= READ_BUF / 8 {
             // Big enough on its own: write it without copying it into the batch.
             if let Err(e) = w.write_all(&f).await {
                 debug!("mux lane write failed: {e}");
                 return;
             }
+            replies.fetch_sub(counted, Ordering::AcqRel);
             continue;
         }
         batch.extend_from_slice(&f);
+        let mut released = counted;
         while batch.len() < READ_BUF {
             match rx.try_recv() {
-                Ok(f) => batch.extend_from_slice(&f),
+                Ok((f, counted)) => {
+                    batch.extend_from_slice(&f);
+                    released += counted;
+                }
                 Err(_) => break,
             }
         }
@@ -610,6 +672,7 @@ async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
             debug!("mux lane write failed: {e}");
             return;
         }
+        replies.fetch_sub(released, Ordering::AcqRel);
         batch.clear();
     }
 }
@@ -766,6 +829,7 @@ async fn inbound<W: AsyncWrite + Unpin>(
     mut sink: Sink<W>,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
     limit: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
 ) {
     let mut expected = 0u64;
@@ -775,7 +839,13 @@ async fn inbound<W: AsyncWrite + Unpin>(
     while let Some(m) = rx.recv().await {
         match m {
             Inbound::Data(off, bytes) => {
-                if off < expected || stash.contains_key(&off) {
+                let end = off.saturating_add(bytes.len() as u64);
+                let before = stash.range(..off).next_back();
+                let after = stash.range(off..).next();
+                if off < expected
+                    || before.is_some_and(|(o, b)| o + b.len() as u64 > off)
+                    || after.is_some_and(|(&o, _)| o == off || o < end)
+                {
                     return s.reset(id, "overlapping DATA");
                 }
                 stash.insert(off, bytes);
@@ -788,6 +858,7 @@ async fn inbound<W: AsyncWrite + Unpin>(
                 return s.reset(id, &format!("local write: {e}"));
             }
             expected += n;
+            queued.fetch_sub(n, Ordering::AcqRel);
             limit.store(expected + WINDOW, Ordering::Release);
         }
         if expected - credited >= CREDIT_STEP {
@@ -929,6 +1000,84 @@ mod tests {
         writer.await.expect("writer");
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
+    }
+
+    /// Waits (event-free: counters have no notification) until `cond` holds, for 20 s at most.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never happened: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_pings_without_reading_gets_its_replies_dropped_not_queued() {
+        let (hc, raw) = UnixStream::pair().expect("socketpair");
+        let (host, _) = Mux::start(Role::Host, Lane::unix(hc), None);
+        let (_never_read, mut w) = raw.into_split();
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        // 4 MiB of PONGs asked for, none read: the socket takes a few hundred KiB, the queue
+        // at most MAX_QUEUED_REPLIES; the rest is dropped.
+        let ping = frame(Header::new(Kind::Ping, 0, 0, 7), &[]);
+        let pings: Vec<u8> = ping.repeat((4 << 20) / ping.len());
+        w.write_all(&pings).await.expect("pings");
+        until("replies dropped", || {
+            host.counters().replies_dropped.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        let queued = host.0.replies.load(Ordering::Acquire);
+        assert!(
+            queued <= MAX_QUEUED_REPLIES,
+            "{queued} bytes of replies queued"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_repeated_at_one_offset_is_a_credit_violation_not_a_growing_queue() {
+        let (hc, raw) = UnixStream::pair().expect("socketpair");
+        let (host, _) = Mux::start(Role::Host, Lane::unix(hc), None);
+        let (mut r, mut w) = raw.into_split();
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        // A local client whose stream nobody on this side reads: what the peer sends waits.
+        let (_unread, local) = UnixStream::pair().expect("socketpair");
+        let h = host.clone();
+        tokio::spawn(async move { h.open(local).await });
+        // The OPEN names the stream.
+        let mut dec = LaneDecoder::new();
+        let mut buf = vec![0u8; 4096];
+        let id = loop {
+            match dec.next_event() {
+                Some(Event::Frame(h, _)) if h.kind == Kind::Open => break h.stream,
+                Some(_) => continue,
+                None => {
+                    let n = r.read(&mut buf).await.expect("read");
+                    assert!(n > 0, "no OPEN");
+                    dec.push(&buf[..n]);
+                }
+            }
+        };
+        w.write_all(&frame(Header::new(Kind::Accept, id, 0, 0), &[]))
+            .await
+            .expect("accept");
+        // The same 64 KiB at offset 0, 64 times: 4 MiB against a 1 MiB window.
+        let chunk = vec![5u8; MAX_DATA];
+        let data = frame(Header::new(Kind::Data, id, MAX_DATA as u32, 0), &chunk);
+        for _ in 0..64 {
+            w.write_all(&data).await.expect("data");
+        }
+        until("the stream reset for a credit violation", || {
+            host.counters().credit_violations.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert!(!lock(&host.0.streams).contains_key(&id));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,7 +289,10 @@ fn every_verb(lab: &Lab, channel: &str) {
     assert_eq!(out.status.code(), Some(1), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("No space left on device (ENOSPC)"), "{e}");
-    let left = ok(&lab.run(&["exec", &t, "--", "ls", "-A", "/mnt/small"]), "ls");
+    let left = ok(
+        &lab.run(&["exec", &t, "--", "ls", "-A", "/mnt/small"]),
+        "ls",
+    );
     assert_eq!(left, "", "a failed copy left files");
 
     // An interrupted copy (its client killed while the data flows) leaves neither the file
@@ -392,11 +395,18 @@ fn tree_digest(root: &Path) -> Vec<String> {
     while let Some(d) = todo.pop() {
         for e in std::fs::read_dir(&d).expect("readdir") {
             let path = e.expect("entry").path();
-            let rel = path.strip_prefix(root).expect("inside").display().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .expect("inside")
+                .display()
+                .to_string();
             let m = std::fs::symlink_metadata(&path).expect("lstat");
             let mode = m.permissions().mode() & 0o7777;
             let what = if m.file_type().is_symlink() {
-                format!("-> {}", std::fs::read_link(&path).expect("readlink").display())
+                format!(
+                    "-> {}",
+                    std::fs::read_link(&path).expect("readlink").display()
+                )
             } else if m.is_dir() {
                 todo.push(path.clone());
                 format!("dir {mode:o}")
