@@ -2,7 +2,8 @@
 # Builds the statically linked vmlink-agent (glibc, +crt-static: for guests
 # whose libc is older or absent) and checks it: `file` must call it
 # statically linked (no dynamic interpreter), and in a lab guest it must
-# answer a ping and run an exec over vsock.
+# serve every verb over vsock: ping, exec (--user, -t), cp both ways, run and
+# logs.
 #
 #   bash scripts/static-agent.sh            # build, then check on the host and in a guest
 #   scripts/static-agent.sh --guest AGENT VMLINK   (what runs inside the guest)
@@ -38,7 +39,19 @@ if [ "${1:-}" = --guest ]; then
     [ "$who" = nobody ] || { echo "static agent --user nobody ran as: $who" >&2; exit 1; }
     size=$("$vmlink" exec -t --tty-size 33x77 "vsock:local:$port" -- stty size | tr -d '\r')
     [ "$size" = "33 77" ] || { echo "static agent -t: stty size said: $size" >&2; exit 1; }
-    echo "static agent: ping, exec, --user and -t OK in the guest"
+    # cp both ways (checksummed end to end, compared here too), run, logs.
+    t="vsock:local:$port"
+    head -c 5000000 /dev/urandom > /run/static-src
+    "$vmlink" cp -q /run/static-src "$t:/run/static-dst"
+    "$vmlink" cp -q "$t:/run/static-dst" /run/static-back
+    cmp /run/static-src /run/static-back || { echo "static agent: cp both ways changed the file" >&2; exit 1; }
+    printf '#!/bin/sh\necho "run: $1"\n' > /run/static-script
+    ran=$("$vmlink" run "$t" /run/static-script arg)
+    [ "$ran" = "run: arg" ] || { echo "static agent run printed: $ran" >&2; exit 1; }
+    printf 'one\ntwo\nthree\n' > /run/static-log
+    tail=$("$vmlink" logs -n 2 "$t" /run/static-log | tr '\n' ' ')
+    [ "$tail" = "two three " ] || { echo "static agent logs -n 2 printed: $tail" >&2; exit 1; }
+    echo "static agent: ping, exec, --user, -t, cp both ways, run and logs OK in the guest"
     exit 0
 fi
 
