@@ -85,7 +85,7 @@ guest_test! {
             let bound = Duration::from_millis(500);
             scenarios::ping_during_flood_and_disconnect_kills(&client, bound).await;
             // /dev/shm: tmpfs in the guest (the lab's /tmp is on 9p).
-            common::features::ping_during_copy(&client, "/dev/shm/vmlink-big.bin", 128 << 20, bound).await;
+            common::features::ping_during_copy(&client, "/dev/shm/vmlink-big.bin", 256 << 20, bound).await;
         });
     }
 }
