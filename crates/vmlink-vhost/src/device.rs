@@ -401,6 +401,8 @@ pub struct Device {
     next_token: u64,
     next_host_port: u32,
     ctrl: VecDeque<Header>,
+    /// Connections that may have data for the guest, in round-robin order: each open
+    /// connection at most once (`Conn::in_rx_queue`), a closed one never.
     data_ready: VecDeque<ConnKey>,
     /// Connections whose small guest packets wait in `to_host` ([`Device::flush_pending`]).
     pending_flush: Vec<ConnKey>,
@@ -1217,6 +1219,12 @@ impl Device {
             return;
         };
         self.tokens.remove(&conn.token);
+        if conn.in_rx_queue {
+            // Its schedule goes with it: a guest that opens and resets connections while it
+            // gives no RX buffers must not grow the queue (it holds at most one key per open
+            // connection).
+            self.data_ready.retain(|k| *k != key);
+        }
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
             conn.stream.as_raw_fd(),
@@ -1652,6 +1660,70 @@ fn recv_message(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device in a fresh directory (removed on drop), no timer-driven packets.
+    struct TestDevice {
+        dev: Device,
+        dir: PathBuf,
+    }
+
+    impl Drop for TestDevice {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn test_device(name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> TestDevice {
+        let dir = std::env::temp_dir().join(format!(
+            "vmlink-vhost-unit-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        tweak(&mut cfg);
+        let dev = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        TestDevice { dev, dir }
+    }
+
+    /// A guest-to-host header from guest port `gport` to host port `hport`.
+    fn guest(op: u16, gport: u32, hport: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: gport,
+            dst_port: hport,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 1 << 20,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn closed_connections_leave_nothing_in_the_rx_queue() {
+        // REQUEST, CREDIT_UPDATE (schedules the connection for RX), RST: repeated while the
+        // guest gives no RX buffers. The schedule of a closed connection must go with it.
+        let mut t = test_device("data-ready", |_| {});
+        let _l = UnixListener::bind(t.dir.join("v_1234")).expect("bind");
+        for round in 0..3000u32 {
+            let port = 5000 + round % 7;
+            t.dev.on_guest_packet(&guest(OP_REQUEST, port, 1234), &[]);
+            t.dev
+                .on_guest_packet(&guest(OP_CREDIT_UPDATE, port, 1234), &[]);
+            t.dev.on_guest_packet(&guest(OP_RST, port, 1234), &[]);
+        }
+        assert_eq!(t.dev.connection_count(), 0);
+        assert!(
+            t.dev.data_ready.len() <= t.dev.connection_count(),
+            "{} keys scheduled for {} connections",
+            t.dev.data_ready.len(),
+            t.dev.connection_count()
+        );
+    }
 
     #[test]
     fn a_header_has_the_spec_layout_and_round_trips() {
