@@ -665,7 +665,7 @@ impl Device {
                 conn.peer_buf_alloc = hdr.buf_alloc;
                 conn.peer_fwd_cnt = hdr.fwd_cnt;
                 match op {
-                    OP_RESPONSE => self.guest_response(key),
+                    OP_RESPONSE => self.guest_response(key, hdr),
                     OP_SHUTDOWN => self.guest_shutdown(key, hdr.flags),
                     OP_RW => self.guest_data(key, hdr, data),
                     OP_CREDIT_REQUEST => self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0),
@@ -767,13 +767,13 @@ impl Device {
         self.push_ctrl_for(key, OP_RESPONSE, 0);
     }
 
-    fn guest_response(&mut self, key: ConnKey) {
+    fn guest_response(&mut self, key: ConnKey, hdr: &Header) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         if conn.state == State::Established {
-            let hdr = self.header_for(key, OP_RESPONSE, 0);
-            self.bad(&hdr, "response on an established connection");
+            // The guest's own header: `bad` frees this connection and resets it.
+            self.bad(hdr, "response on an established connection");
             return;
         }
         conn.state = State::Established;
