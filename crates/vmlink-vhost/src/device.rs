@@ -91,6 +91,19 @@ const TOKEN_SEQ_LISTENER: u64 = 3;
 /// connection rather than being cut.
 pub const MAX_HOST_SEQ_MSG: usize = 256 * 1024;
 
+/// A seqpacket connection keeps at most `tx_buffer_size / SEQ_MSG_CHARGE` whole guest messages
+/// waiting for its host socket ([`seq_msg_bound`]).
+pub const SEQ_MSG_CHARGE: u32 = 16;
+
+/// The most whole guest messages a seqpacket connection keeps waiting for its host socket:
+/// `tx_buffer_size / 16` (16 384 with the default 256 KiB). The credit bounds their bytes; this
+/// bounds their bookkeeping (4 bytes each, a quarter of `tx_buffer_size` at most) for messages
+/// under 16 bytes on average. A guest that queues more, which takes a host reader that does not
+/// read, has its connection reset (`seqpacket_limit`).
+pub fn seq_msg_bound(tx_buffer_size: u32) -> usize {
+    (tx_buffer_size / SEQ_MSG_CHARGE).max(1) as usize
+}
+
 /// Where host clients connect for seqpacket connections to the guest: `<uds_path>_seqpacket`,
 /// a `SOCK_SEQPACKET` Unix socket. The `CONNECT <port>\n` line and the `OK <port>\n` reply are
 /// one message each; every later message is one guest seqpacket message.
@@ -271,10 +284,13 @@ struct Conn {
     rx_cnt: u32,
     fwd_cnt: u32,
     reported_fwd_cnt: u32,
+    /// Guest bytes waiting for the host socket. Seqpacket: whole messages back to back (their
+    /// lengths in `msg_lens`), then the `cur_len` bytes of the one being assembled.
     to_host: VecDeque<u8>,
-    /// Seqpacket: whole messages waiting for the host socket, and the one being assembled.
-    msgs: VecDeque<Vec<u8>>,
-    cur_msg: Vec<u8>,
+    /// Seqpacket: the lengths of the whole messages at the front of `to_host`; at most
+    /// [`seq_msg_bound`] of them.
+    msg_lens: VecDeque<u32>,
+    cur_len: u32,
     guest_shut_send: bool,
     guest_shut_recv: bool,
     host_write_shut: bool,
@@ -314,8 +330,8 @@ impl Conn {
             fwd_cnt: 0,
             reported_fwd_cnt: 0,
             to_host: VecDeque::new(),
-            msgs: VecDeque::new(),
-            cur_msg: Vec::new(),
+            msg_lens: VecDeque::new(),
+            cur_len: 0,
             guest_shut_send: false,
             guest_shut_recv: false,
             host_write_shut: false,
@@ -337,9 +353,14 @@ impl Conn {
         }
     }
 
-    /// Whether everything the guest sent has reached the host socket.
+    /// Whether everything the guest sent has reached the host socket (for seqpacket: every
+    /// whole message; the bytes of a message never ended are never sent).
     fn to_host_empty(&self) -> bool {
-        self.to_host.is_empty() && self.msgs.is_empty()
+        if self.type_ == TYPE_SEQPACKET {
+            self.msg_lens.is_empty()
+        } else {
+            self.to_host.is_empty()
+        }
     }
 
     /// Whether host bytes wait in `from_host`.
@@ -838,11 +859,38 @@ impl Device {
         conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
         if conn.type_ == TYPE_SEQPACKET {
             // A message goes to the host socket whole, once its last packet (EOM) is here. The
-            // credit check above bounds it by tx-buffer-size.
-            conn.cur_msg.extend_from_slice(data);
+            // credit check above bounds the bytes waiting by tx-buffer-size.
+            conn.to_host.extend(data);
+            conn.cur_len = conn.cur_len.wrapping_add(data.len() as u32);
             if hdr.flags & SEQ_EOM != 0 {
-                let msg = std::mem::take(&mut conn.cur_msg);
-                conn.msgs.push_back(msg);
+                let len = std::mem::take(&mut conn.cur_len);
+                if len == 0 {
+                    // An empty message would reach a host SOCK_SEQPACKET reader as end-of-file
+                    // (recv returns 0 for both), and it costs no credit: dropped, counted. A
+                    // Linux guest never sends one (its transport sends no empty RW packet).
+                    let n = self.counters.inc(Counter::empty_messages);
+                    if should_log(n) {
+                        info!(
+                            cid = self.cfg.guest_cid,
+                            "guest port {} sent an empty seqpacket message: dropped ({n} so far)",
+                            key.guest_port
+                        );
+                    }
+                } else if conn.msg_lens.len() >= seq_msg_bound(buf_alloc) {
+                    let n = self.counters.inc(Counter::seqpacket_limit);
+                    if should_log(n) {
+                        info!(
+                            cid = self.cfg.guest_cid,
+                            "guest port {} has {} messages waiting for its host socket: connection reset ({n} so far)",
+                            key.guest_port,
+                            conn.msg_lens.len()
+                        );
+                    }
+                    self.close(key, Why::Violation, true);
+                    return;
+                } else {
+                    conn.msg_lens.push_back(len);
+                }
             }
             self.flush(key);
             return;
@@ -916,15 +964,23 @@ impl Device {
             return;
         };
         while conn.type_ == TYPE_SEQPACKET && conn.host_writable {
-            let Some(msg) = conn.msgs.front() else {
+            let Some(&len) = conn.msg_lens.front() else {
                 break;
             };
-            match write_some(&mut conn.stream, msg) {
-                Ok(0) if !msg.is_empty() => conn.host_writable = false,
+            let len = len as usize;
+            let (a, b) = conn.to_host.as_slices();
+            let (a, b) = if a.len() >= len {
+                (&a[..len], &b[..0])
+            } else {
+                (a, &b[..len - a.len()])
+            };
+            // One message per write: a seqpacket socket takes it whole or not at all.
+            match write_some_vectored(&mut conn.stream, a, b) {
+                Ok(0) => conn.host_writable = false,
                 Ok(_) => {
-                    let len = msg.len() as u32;
-                    conn.msgs.pop_front();
-                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len);
+                    conn.to_host.drain(..len);
+                    conn.msg_lens.pop_front();
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len as u32);
                 }
                 Err(e) => {
                     debug!("host side of guest port {} failed: {e}", key.guest_port);
@@ -933,7 +989,7 @@ impl Device {
                 }
             }
         }
-        while !conn.to_host.is_empty() && conn.host_writable {
+        while conn.type_ == TYPE_STREAM && !conn.to_host.is_empty() && conn.host_writable {
             let (a, b) = conn.to_host.as_slices();
             match write_some_vectored(&mut conn.stream, a, b) {
                 Ok(0) => conn.host_writable = false,
@@ -1723,6 +1779,65 @@ mod tests {
             t.dev.data_ready.len(),
             t.dev.connection_count()
         );
+    }
+
+    #[test]
+    fn empty_seqpacket_messages_are_dropped_and_waiting_messages_are_bounded() {
+        let mut t = test_device("seq-bound", |c| c.tx_buffer_size = 4096);
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = |op, flags, data: &[u8]| Header {
+            type_: TYPE_SEQPACKET,
+            flags,
+            len: data.len() as u32,
+            ..guest(op, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq(OP_REQUEST, 0, &[]), &[]);
+        let (host, _) = l.accept().expect("accept");
+        host.set_nonblocking(true).expect("nb");
+        // An empty message, then "hi": the host's first message is "hi" (an empty one would
+        // read as end-of-file there).
+        t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, &[]), &[]);
+        t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, b"hi"), b"hi");
+        let mut b = [0u8; 16];
+        assert_eq!(recv_message(&host, &mut b).expect("recv"), 2);
+        assert_eq!(&b[..2], b"hi");
+        assert_eq!(t.dev.counters.get(Counter::empty_messages), 1);
+
+        // The host stops reading: 1-byte messages fill its socket, then wait in the device,
+        // at most `seq_msg_bound` of them; empty ones never do.
+        let bound = seq_msg_bound(4096);
+        let key = ConnKey {
+            host_port: 1234,
+            guest_port: 5000,
+        };
+        let mut sent = 0usize;
+        while t.dev.connection_count() == 1 && sent < 8192 {
+            for _ in 0..100 {
+                t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, &[]), &[]);
+            }
+            if let Some(c) = t.dev.conns.get(&key) {
+                assert!(c.msg_lens.len() <= bound, "{} waiting", c.msg_lens.len());
+            }
+            t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, b"x"), b"x");
+            sent += 1;
+        }
+        assert_eq!(t.dev.connection_count(), 0, "reset after {sent} messages");
+        assert_eq!(t.dev.counters.get(Counter::seqpacket_limit), 1);
+        assert_eq!(t.dev.counters.get(Counter::credit_violations), 0);
+        // What the host socket took, plus the bound, plus the one that was refused.
+        let mut taken = 0usize;
+        while recv_message(&host, &mut b).is_ok_and(|n| n == 1) {
+            taken += 1;
+        }
+        assert_eq!(sent, taken + bound + 1, "the host socket took {taken}");
+        let mut rst = None;
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            if h.op == OP_RST {
+                rst = Some(h);
+            }
+        }
+        let rst = rst.expect("an RST");
+        assert_eq!((rst.src_port, rst.dst_port, rst.type_), (1234, 5000, TYPE_SEQPACKET));
     }
 
     #[test]
