@@ -115,7 +115,7 @@ pub fn fill_rx<M: GuestMemory>(
         let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
             Ok(p) => p,
             Err(e) => {
-                device.count_malformed(&format_args!("RX chain: {e}"));
+                device.count_malformed_rx(&e);
                 if let Err(e) = queue.add_used(mem, head, 0) {
                     warn!("cannot return an RX descriptor to the guest: {e}");
                 }

@@ -37,6 +37,9 @@ counters! {
     rx_bytes,
     /// TX descriptor chains that virtio-vsock could not parse (bad descriptors, lengths).
     malformed_descriptors,
+    /// RX descriptor chains (buffers the guest gave for packets to it) that virtio-vsock could
+    /// not parse: returned unused, the packet waits for the next one.
+    malformed_rx_descriptors,
     /// Packets with an unknown type or operation, or an operation not valid in the
     /// connection's state.
     bad_packets,

@@ -594,6 +594,18 @@ impl Device {
             .and_then(|r| r.inbox(self.cfg.guest_cid))
     }
 
+    /// Records an RX descriptor chain (a buffer the guest gave) that could not be parsed. Not
+    /// a packet from the guest: `tx_packets` does not count it.
+    pub fn count_malformed_rx(&self, what: &dyn std::fmt::Display) {
+        let n = self.counters.inc(Counter::malformed_rx_descriptors);
+        if should_log(n) {
+            info!(
+                cid = self.cfg.guest_cid,
+                "returned a malformed RX descriptor chain unused ({n} so far): {what}"
+            );
+        }
+    }
+
     /// Records a TX descriptor chain that could not be parsed.
     pub fn count_malformed(&self, what: &dyn std::fmt::Display) {
         self.counters.inc(Counter::tx_packets);

@@ -783,3 +783,34 @@ fn a_response_on_an_established_connection_resets_it() {
     host.read_to_end(&mut rest).expect("the host side sees EOF");
     assert!(rest.is_empty());
 }
+
+#[test]
+fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "bad-rx", |_| {});
+    let _l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.count(Counter::tx_packets), 1);
+    // A read-only RX buffer: the device cannot write a packet into it.
+    let at = RX_BUFS + u64::from(rig.rx_slot) * SLOT;
+    rig.rx_mock
+        .add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(at, 4096, 0, 0))],
+            rig.rx_slot,
+        )
+        .expect("add rx chain");
+    rig.rx_slot += 1;
+    assert!(fill_rx(
+        &mut rig.device,
+        &mut rig.rx,
+        rig.mem,
+        &mut rig.buf,
+        None
+    ));
+    rig.rx_seen += 1;
+    assert_eq!(rig.count(Counter::malformed_rx_descriptors), 1);
+    assert_eq!(rig.count(Counter::malformed_descriptors), 0);
+    assert_eq!(rig.count(Counter::tx_packets), 1, "no packet came from the guest");
+    // The RESPONSE waited for a good buffer.
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+}
