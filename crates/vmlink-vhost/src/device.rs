@@ -1742,10 +1742,8 @@ mod tests {
     }
 
     fn test_device(name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> TestDevice {
-        let dir = std::env::temp_dir().join(format!(
-            "vmlink-vhost-unit-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-unit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let mut cfg = DeviceConfig::new(3, dir.join("v"));
@@ -1849,7 +1847,10 @@ mod tests {
             }
         }
         let rst = rst.expect("an RST");
-        assert_eq!((rst.src_port, rst.dst_port, rst.type_), (1234, 5000, TYPE_SEQPACKET));
+        assert_eq!(
+            (rst.src_port, rst.dst_port, rst.type_),
+            (1234, 5000, TYPE_SEQPACKET)
+        );
     }
 
     #[test]

@@ -810,7 +810,11 @@ fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
     rig.rx_seen += 1;
     assert_eq!(rig.count(Counter::malformed_rx_descriptors), 1);
     assert_eq!(rig.count(Counter::malformed_descriptors), 0);
-    assert_eq!(rig.count(Counter::tx_packets), 1, "no packet came from the guest");
+    assert_eq!(
+        rig.count(Counter::tx_packets),
+        1,
+        "no packet came from the guest"
+    );
     // The RESPONSE waited for a good buffer.
     assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
 }
