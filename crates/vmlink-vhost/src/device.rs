@@ -648,7 +648,11 @@ impl Device {
                 Some(Err(ForwardError::Full)) => {
                     let n = self.counters.inc(Counter::forward_dropped);
                     if should_log(n) {
-                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
+                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection on both sides ({n} so far)", hdr.dst_cid);
+                    }
+                    // Both halves: the sender's here, the receiver's through its inbox.
+                    if let Some(r) = &self.router {
+                        r.reset_receiver(hdr);
                     }
                     self.reply_rst(hdr);
                     return;
@@ -1851,6 +1855,57 @@ mod tests {
             (rst.src_port, rst.dst_port, rst.type_),
             (1234, 5000, TYPE_SEQPACKET)
         );
+    }
+
+    #[test]
+    fn a_packet_dropped_for_a_full_inbox_resets_both_halves() {
+        let g = vec!["g".to_string()];
+        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-unit-vm2vm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        let mut a = Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
+            .expect("device");
+        let to_b = |op| Header {
+            dst_cid: 4,
+            ..guest(op, 5000, 6000)
+        };
+        // VM 4 takes nothing: its inbox fills.
+        let rw = Header {
+            len: 1,
+            ..to_b(OP_RW)
+        };
+        while router.forward(&rw, b"x").is_ok() {}
+        a.on_guest_packet(&rw, b"x");
+        assert_eq!(a.counters.get(Counter::forward_dropped), 1);
+        let mut b = [0u8; 16];
+        let rst = a.next_rx(&mut b).expect("the sender's RST");
+        assert_eq!(
+            (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+            (OP_RST, 4, 3, 6000, 5000)
+        );
+        let inbox = router.inbox(4).expect("inbox");
+        let mut last = None;
+        while let Some(p) = inbox.pop(usize::MAX) {
+            last = Some(p.hdr);
+        }
+        let last = last.expect("packets");
+        assert_eq!(
+            (
+                last.op,
+                last.src_cid,
+                last.dst_cid,
+                last.src_port,
+                last.dst_port
+            ),
+            (OP_RST, 3, 4, 5000, 6000),
+            "the receiver's RST, as from the sender"
+        );
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
