@@ -1690,7 +1690,7 @@ fn remove_stale_socket(path: &Path) {
 
 /// A listening, non-blocking `SOCK_SEQPACKET` Unix socket. `UnixListener` only wraps the fd:
 /// `accept` works the same for every socket type.
-fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
     use nix::sys::socket::{
         bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
     };
