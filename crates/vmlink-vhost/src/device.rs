@@ -71,8 +71,9 @@ pub const SEQ_EOM: u32 = 1;
 /// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
 pub const SEQ_EOR: u32 = 2;
 
-/// Host bytes read ahead per connection, at most (64 KiB): one read fills several guest RX
-/// buffers.
+/// Host bytes read ahead per stream connection, at most (64 KiB): one read fills several guest
+/// RX buffers. A seqpacket connection reads one whole message instead (up to
+/// [`MAX_HOST_SEQ_MSG`]), and lets go of room beyond this once the message is sent.
 const STAGE: usize = 64 * 1024;
 
 /// Largest payload of one packet, in either direction (the Linux driver's 64 KiB).
@@ -1170,6 +1171,11 @@ impl Device {
                 if conn.seq_msg && !conn.has_staged() {
                     conn.seq_msg = false;
                     flags = SEQ_EOM;
+                    // A message longer than a stream's read-ahead is not kept room for once it
+                    // is sent: a connection holds at most STAGE bytes between messages.
+                    if conn.from_host.capacity() > STAGE {
+                        conn.from_host = Vec::new();
+                    }
                 }
                 n
             } else {
@@ -1906,6 +1912,38 @@ mod tests {
         );
         drop(a);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_big_host_message_is_not_kept_room_for_once_sent() {
+        let mut t = test_device("seq-stage", |_| {});
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = Header {
+            type_: TYPE_SEQPACKET,
+            ..guest(OP_REQUEST, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq, &[]);
+        let (mut host, _) = l.accept().expect("accept");
+        let msg: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        assert_eq!(host.write(&msg).expect("one message"), msg.len());
+        t.dev.handle_host_events();
+        let mut got = Vec::new();
+        let mut b = vec![0u8; MAX_PKT_DATA];
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            if h.op == OP_RW {
+                got.extend_from_slice(&b[..h.len as usize]);
+                if h.flags & SEQ_EOM != 0 {
+                    break;
+                }
+            }
+        }
+        assert!(got == msg, "{} of {} bytes", got.len(), msg.len());
+        let key = ConnKey {
+            host_port: 1234,
+            guest_port: 5000,
+        };
+        let cap = t.dev.conns[&key].from_host.capacity();
+        assert!(cap <= STAGE, "{cap} bytes kept");
     }
 
     #[test]
