@@ -20,7 +20,7 @@
 //! accepted; data the host socket does not take at once is buffered, and that buffer is bounded by
 //! the credit: a guest that sends more is in violation and its connection is reset.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -406,6 +406,7 @@ enum Why {
     HostError,
     Done,
     Timeout,
+    GuestRestart,
 }
 
 /// One VM's vsock device: its connections and its hybrid host side.
@@ -593,6 +594,54 @@ impl Device {
         self.router
             .as_ref()
             .and_then(|r| r.inbox(self.cfg.guest_cid))
+    }
+
+    /// The guest's driver started afresh (the guest rebooted, or reset its vsock device): the
+    /// connections of its previous boot are gone on its side. Frees them (their host sockets are
+    /// closed, so host clients see end-of-file), and drops what waited for the old driver
+    /// (control packets, the RX schedule, clean closes waiting for its RST). Host connections
+    /// whose REQUEST was never given to the guest are kept, REQUEST and all: the new driver gets
+    /// it. Packets from other VMs stay in the inbox; the new guest answers those of unknown
+    /// connections with RST, which resets the other VM's half. Returns how many connections
+    /// were freed.
+    pub fn guest_restarted(&mut self) -> usize {
+        let request_key = |h: &Header| ConnKey {
+            host_port: h.src_port,
+            guest_port: h.dst_port,
+        };
+        let undelivered: HashSet<ConnKey> = self
+            .ctrl
+            .iter()
+            .filter(|h| h.op == OP_REQUEST)
+            .map(request_key)
+            .collect();
+        let stale: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter(|k| !undelivered.contains(k))
+            .copied()
+            .collect();
+        for key in &stale {
+            self.close(*key, Why::GuestRestart, false);
+        }
+        let conns = &self.conns;
+        self.ctrl
+            .retain(|h| h.op == OP_REQUEST && conns.contains_key(&request_key(h)));
+        self.data_ready.clear();
+        self.pending_flush.clear();
+        for conn in self.conns.values_mut() {
+            conn.in_rx_queue = false;
+            conn.flush_queued = false;
+        }
+        self.closing.clear();
+        if !stale.is_empty() {
+            info!(
+                cid = self.cfg.guest_cid,
+                "the guest restarted its vsock device: freed {} connections of its previous boot",
+                stale.len()
+            );
+        }
+        stale.len()
     }
 
     /// Records an RX descriptor chain (a buffer the guest gave) that could not be parsed. Not
@@ -1944,6 +1993,67 @@ mod tests {
         };
         let cap = t.dev.conns[&key].from_host.capacity();
         assert!(cap <= STAGE, "{cap} bytes kept");
+    }
+
+    #[test]
+    fn a_guest_restart_frees_the_old_boots_connections_and_keeps_undelivered_requests() {
+        let mut t = test_device("restart", |_| {});
+        let l = UnixListener::bind(t.dir.join("v_1234")).expect("bind");
+        // A guest connection, established.
+        t.dev.on_guest_packet(&guest(OP_REQUEST, 5000, 1234), &[]);
+        let (mut host, _) = l.accept().expect("accept");
+        // A host connection whose REQUEST the guest got (and never answered)...
+        let uds = t.dev.config().uds_path.clone();
+        let mut asked = UnixStream::connect(&uds).expect("connect");
+        asked.write_all(b"CONNECT 52\n").expect("w");
+        t.dev.handle_host_events();
+        let mut b = [0u8; 64];
+        let mut ops = Vec::new();
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            ops.push(h.op);
+        }
+        assert_eq!(ops, [OP_RESPONSE, OP_REQUEST]);
+        // ...and one whose REQUEST still waits, with credit news for the old boot behind it.
+        let mut waiting = UnixStream::connect(&uds).expect("connect");
+        waiting.write_all(b"CONNECT 53\n").expect("w");
+        t.dev.handle_host_events();
+        t.dev
+            .on_guest_packet(&guest(OP_CREDIT_REQUEST, 5000, 1234), &[]);
+        host.write_all(b"for the old boot").expect("w");
+        t.dev.handle_host_events();
+        assert_eq!(t.dev.connection_count(), 3);
+
+        assert_eq!(t.dev.guest_restarted(), 2);
+        assert_eq!(t.dev.connection_count(), 1);
+        // Closed: end-of-file, or a reset where the device left host bytes unread.
+        for (who, s) in [
+            ("guest connection", &mut host),
+            ("delivered request", &mut asked),
+        ] {
+            let mut rest = Vec::new();
+            match s.read_to_end(&mut rest) {
+                Ok(_) => assert!(rest.is_empty(), "{who}"),
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}"),
+            }
+        }
+        // The new driver gets the waiting REQUEST, and nothing of the old boot.
+        let h = t.dev.next_rx(&mut b).expect("the waiting REQUEST");
+        assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
+        assert!(t.dev.next_rx(&mut b).is_none());
+        assert!(!t.dev.has_rx());
+        // It answers, and the waiting client is served.
+        t.dev.on_guest_packet(
+            &Header {
+                dst_port: h.src_port,
+                ..guest(OP_RESPONSE, 53, 0)
+            },
+            &[],
+        );
+        let want = format!("OK {}\n", h.src_port);
+        let mut line = vec![0u8; want.len()];
+        waiting.read_exact(&mut line).expect("OK line");
+        assert_eq!(String::from_utf8_lossy(&line), want);
+        assert_eq!(t.dev.connection_count(), 1);
     }
 
     #[test]
