@@ -1914,7 +1914,7 @@ mod tests {
 
     #[test]
     fn a_packet_dropped_for_a_full_inbox_resets_both_halves() {
-        let g = vec!["g".to_string()];
+        let g = ["g".to_string()];
         let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
         let dir =
             std::env::temp_dir().join(format!("vmlink-vhost-unit-vm2vm-{}", std::process::id()));
