@@ -115,7 +115,7 @@ pub fn fill_rx<M: GuestMemory>(
         let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
             Ok(p) => p,
             Err(e) => {
-                device.count_malformed(&format_args!("RX chain: {e}"));
+                device.count_malformed_rx(&e);
                 if let Err(e) = queue.add_used(mem, head, 0) {
                     warn!("cannot return an RX descriptor to the guest: {e}");
                 }
@@ -193,6 +193,9 @@ pub struct VsockBackend {
     tx_unsignalled: usize,
     /// How long to poll for more work after an event that moved packets.
     poll: Duration,
+    /// The VMM negotiated features (it does on every start of the rings): the next time the
+    /// rings are ready, see whether a new driver started them ([`VsockBackend::new_boot`]).
+    started: bool,
 }
 
 impl VsockBackend {
@@ -208,6 +211,21 @@ impl VsockBackend {
             event_idx: false,
             tx_unsignalled: 0,
             poll: Duration::ZERO,
+            started: false,
+        })
+    }
+
+    /// Whether the rings, just (re)started, belong to a new driver: every index of the RX and
+    /// TX rings is 0. QEMU stops the rings (GET_VRING_BASE) when the guest resets the device
+    /// (a reboot, a driver reset) and also when the VM is only paused; on the next start it
+    /// sends SET_FEATURES, then each ring's base: the avail index the device had reached (0
+    /// after a reset), and vhost-user-backend reads the used index from the guest's fresh ring
+    /// (0 after a reset too). After a pause they are where they were, so connections stay.
+    fn new_boot(rx: &VringRwLock, tx: &VringRwLock) -> bool {
+        [rx, tx].iter().all(|v| {
+            let state = v.get_ref();
+            let q = state.get_queue();
+            q.next_avail() == 0 && q.next_used() == 0
         })
     }
 
@@ -254,6 +272,13 @@ impl VsockBackend {
         // disconnecting): leave them alone.
         if !rx.get_ref().get_queue().ready() || !tx.get_ref().get_queue().ready() {
             return false;
+        }
+        if std::mem::take(&mut self.started) && Self::new_boot(rx, tx) {
+            // A reboot in the same vhost-user session: the old boot's connections are gone.
+            // (On the first start this frees nothing: the guest had no connection yet, and
+            // host requests not yet given to it are kept.)
+            self.device.guest_restarted();
+            self.tx_unsignalled = 0;
         }
         // TX first: guest packets (credit updates, RSTs) change what RX may send. With
         // EVENT_IDX, notifications are off while draining and the ring is looked at again after
@@ -388,6 +413,10 @@ impl VhostUserBackendMut for VsockBackend {
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
     }
 
+    fn acked_features(&mut self, _features: u64) {
+        self.started = true;
+    }
+
     fn set_event_idx(&mut self, enabled: bool) {
         self.event_idx = enabled;
     }
@@ -446,5 +475,94 @@ fn notify(vring: &VringRwLock, name: &str) {
         if let Err(e) = vring.signal_used_queue() {
             warn!("cannot notify the guest ({name}): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use vhost_user_backend::VringT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::device::{DeviceConfig, HOST_CID, OP_REQUEST, TYPE_STREAM};
+
+    /// A backend whose device has one open guest connection, and its three rings, ready, every
+    /// index at `idx` (the guest has nothing new on them). Start with `start` (the VMM
+    /// negotiated features: the rings were (re)started).
+    fn restarted(name: &str, idx: u16, start: bool) -> usize {
+        let dir = std::env::temp_dir().join(format!(
+            "vmlink-vhost-backend-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        let mut device = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        let l = UnixListener::bind(dir.join("v_1234")).expect("bind");
+        let req = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: 1234,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 1 << 18,
+            ..Header::default()
+        };
+        device.on_guest_packet(&req, &[]);
+        let _host = l.accept().expect("accept");
+        assert_eq!(device.connection_count(), 1);
+
+        let mut backend = VsockBackend::new(device).expect("backend");
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory"),
+        );
+        backend.update_memory(mem.clone()).expect("memory");
+        let vrings: Vec<VringRwLock> = (0..NUM_QUEUES as u64)
+            .map(|i| {
+                let v = VringRwLock::new(mem.clone(), 256).expect("vring");
+                let base = i * 0x1_0000;
+                v.set_queue_info(base, base + 0x1000, base + 0x2000)
+                    .expect("queue addresses");
+                mem.memory()
+                    .write_obj(idx, GuestAddress(base + 0x1000 + 2))
+                    .expect("avail idx");
+                mem.memory()
+                    .write_obj(idx, GuestAddress(base + 0x2000 + 2))
+                    .expect("used idx");
+                v.set_queue_next_avail(idx);
+                v.set_queue_next_used(idx);
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        if start {
+            backend.acked_features(backend.features());
+        }
+        backend
+            .handle_event(HOST_EVENT, EventSet::IN, &vrings, 0)
+            .expect("handled");
+        let n = backend.device().connection_count();
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&dir);
+        n
+    }
+
+    #[test]
+    fn rings_restarted_by_a_new_driver_free_the_old_boots_connections() {
+        assert_eq!(
+            restarted("reboot", 0, true),
+            0,
+            "a reboot: every index back at 0"
+        );
+        assert_eq!(
+            restarted("resume", 7, true),
+            1,
+            "a pause: the rings go on where they were"
+        );
+        assert_eq!(restarted("running", 0, false), 1, "no restart");
     }
 }

@@ -112,9 +112,17 @@ impl Capture {
     /// Writes one record that is already in the link type's layout (the vsockmon header, the
     /// transport header, the payload), as the kernel's vsockmon device delivers it.
     pub fn raw(&self, rec: &[u8]) {
+        self.raw_cut(rec, rec.len());
+    }
+
+    /// [`Capture::raw`] for a record of which only the first `rec.len()` bytes were read: the
+    /// pcap record keeps `orig_len` as the packet's real length, so that readers show it as cut
+    /// short (as pcap does with a snap length).
+    pub fn raw_cut(&self, rec: &[u8], orig_len: usize) {
         if !self.enabled() {
             return;
         }
+        let orig_len = orig_len.max(rec.len());
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -124,7 +132,7 @@ impl Capture {
             out.write_all(&(now.as_secs() as u32).to_le_bytes())?;
             out.write_all(&now.subsec_micros().to_le_bytes())?;
             out.write_all(&(incl as u32).to_le_bytes())?;
-            out.write_all(&(rec.len() as u32).to_le_bytes())?;
+            out.write_all(&(orig_len.min(u32::MAX as usize) as u32).to_le_bytes())?;
             out.write_all(&rec[..incl])
         })();
         if let Err(e) = r {
@@ -174,5 +182,22 @@ mod tests {
         assert_eq!(vsockmon_op(OP_RST), 2);
         assert_eq!(vsockmon_op(OP_CREDIT_UPDATE), 3);
         assert_eq!(vsockmon_op(99), 0);
+    }
+
+    #[test]
+    fn a_cut_record_keeps_its_real_length() {
+        let path = std::env::temp_dir().join(format!("vmlink-cap-cut-{}.pcap", std::process::id()));
+        let cap = Capture::create(&path, true).expect("create");
+        cap.raw(b"whole");
+        cap.raw_cut(b"cut", 70_000);
+        cap.flush();
+        let b = std::fs::read(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // File header 24 bytes; each record: ts (8), incl_len, orig_len, data.
+        assert_eq!((u32_at(24 + 8), u32_at(24 + 12)), (5, 5));
+        let second = 24 + 16 + 5;
+        assert_eq!((u32_at(second + 8), u32_at(second + 12)), (3, 70_000));
+        assert_eq!(&b[second + 16..], b"cut");
     }
 }

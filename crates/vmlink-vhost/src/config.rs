@@ -313,9 +313,27 @@ pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
     parse_config(&text, path)
 }
 
-/// Checks a whole set of VMs: at least one, and no CID, socket or uds-path used twice; and that
-/// `stats_socket`, if any, is none of the VMs' socket files (`socket`, `uds-path`,
-/// `<uds-path>_*`).
+/// Which of `vm`'s hybrid socket paths `p` is, if any: `<uds-path>_seqpacket` (the host side of
+/// seqpacket connections) or `<uds-path>_<port>` (where guest connections to host port `port`
+/// go, the port in decimal as the device writes it).
+fn hybrid_path_of(p: &Path, vm: &VmConfig) -> Option<String> {
+    let rest = p
+        .as_os_str()
+        .as_encoded_bytes()
+        .strip_prefix(vm.uds_path.as_os_str().as_encoded_bytes())?
+        .strip_prefix(b"_")?;
+    if rest == b"seqpacket" {
+        return Some("its seqpacket socket (`<uds-path>_seqpacket`)".into());
+    }
+    let port: u32 = std::str::from_utf8(rest).ok()?.parse().ok()?;
+    (port.to_string().as_bytes() == rest)
+        .then(|| format!("the socket of its host port {port} (`<uds-path>_{port}`)"))
+}
+
+/// Checks a whole set of VMs: at least one, and no CID, socket or uds-path used twice, nor one
+/// VM's `socket` or `uds-path` one of the sockets a VM derives from its `uds-path`
+/// (`<uds-path>_seqpacket`, `<uds-path>_<port>`); and that `stats_socket`, if any, is none of
+/// the VMs' socket files (`socket`, `uds-path`, `<uds-path>_*`).
 pub fn check_all(vms: &[VmConfig], stats_socket: Option<&Path>) -> Result<(), ConfigError> {
     if vms.is_empty() {
         return Err(bad("no VM: give --vm SPEC or --config FILE"));
@@ -352,6 +370,20 @@ pub fn check_all(vms: &[VmConfig], stats_socket: Option<&Path>) -> Result<(), Co
                     stats.display(),
                     vm.guest_cid
                 )));
+            }
+        }
+    }
+    for vm in vms {
+        for (key, p) in [("socket", &vm.socket), ("uds-path", &vm.uds_path)] {
+            for other in vms {
+                if let Some(what) = hybrid_path_of(p, other) {
+                    return Err(bad(format!(
+                        "{key} {} of the VM with guest-cid {} is {what} of the VM with guest-cid {}",
+                        p.display(),
+                        vm.guest_cid,
+                        other.guest_cid
+                    )));
+                }
             }
         }
     }
@@ -476,6 +508,47 @@ poll-us = 200
             .expect_err("dup")
             .to_string();
         assert_eq!(e, "guest-cid 3 is used by two VMs");
+    }
+
+    #[test]
+    fn no_vm_path_is_a_socket_another_vm_derives_from_its_uds_path() {
+        let vm = |cid: u64, socket: &str, uds: &str| VmConfig {
+            guest_cid: cid,
+            socket: socket.into(),
+            uds_path: uds.into(),
+            groups: Vec::new(),
+            tx_buffer_size: DEFAULT_TX_BUFFER_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            poll_us: DEFAULT_POLL_US,
+        };
+        let a = vm(3, "/run/3.sock", "/run/3");
+        let clashes = [
+            (vm(4, "/run/3_seqpacket", "/run/4"), "socket /run/3_seqpacket of the VM with guest-cid 4 is its seqpacket socket"),
+            (vm(4, "/run/4.sock", "/run/3_1000"), "uds-path /run/3_1000 of the VM with guest-cid 4 is the socket of its host port 1000"),
+            (vm(4, "/run/3_4294967295", "/run/4"), "host port 4294967295"),
+        ];
+        for (b, want) in clashes {
+            for pair in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
+                let e = check_all(&pair, None).expect_err(want).to_string();
+                assert!(
+                    e.contains(want) && e.ends_with("of the VM with guest-cid 3"),
+                    "{e}"
+                );
+            }
+        }
+        // A VM's own socket counts too.
+        let e = check_all(&[vm(3, "/run/3_52", "/run/3")], None)
+            .expect_err("own port")
+            .to_string();
+        assert!(e.contains("host port 52"), "{e}");
+        // Names that share the prefix but are no socket the device makes are fine.
+        for (socket, uds) in [
+            ("/run/3_vhost.sock", "/run/4"),
+            ("/run/3_052", "/run/3_x"),
+            ("/run/3_4294967296", "/run/3_seqpacket2"),
+        ] {
+            check_all(&[a.clone(), vm(4, socket, uds)], None).expect(socket);
+        }
     }
 
     #[test]

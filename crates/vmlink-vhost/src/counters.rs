@@ -37,6 +37,9 @@ counters! {
     rx_bytes,
     /// TX descriptor chains that virtio-vsock could not parse (bad descriptors, lengths).
     malformed_descriptors,
+    /// RX descriptor chains (buffers the guest gave for packets to it) that virtio-vsock could
+    /// not parse: returned unused, the packet waits for the next one.
+    malformed_rx_descriptors,
     /// Packets with an unknown type or operation, or an operation not valid in the
     /// connection's state.
     bad_packets,
@@ -46,6 +49,12 @@ counters! {
     unroutable,
     /// Data beyond the credit this device gave: the connection is reset.
     credit_violations,
+    /// Seqpacket connections reset because the guest queued more whole messages for a host
+    /// socket than `tx-buffer-size / 16` (`device::seq_msg_bound`).
+    seqpacket_limit,
+    /// Empty seqpacket messages from the guest: dropped (a host reader would take one for
+    /// end-of-file).
+    empty_messages,
     /// Connections refused because the VM is at its connection bound.
     connection_limit,
     /// Guest connections to a host port where nothing listens: answered with RST.

@@ -20,7 +20,7 @@
 //! accepted; data the host socket does not take at once is buffered, and that buffer is bounded by
 //! the credit: a guest that sends more is in violation and its connection is reset.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -71,8 +71,9 @@ pub const SEQ_EOM: u32 = 1;
 /// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
 pub const SEQ_EOR: u32 = 2;
 
-/// Host bytes read ahead per connection, at most (64 KiB): one read fills several guest RX
-/// buffers.
+/// Host bytes read ahead per stream connection, at most (64 KiB): one read fills several guest
+/// RX buffers. A seqpacket connection reads one whole message instead (up to
+/// [`MAX_HOST_SEQ_MSG`]), and lets go of room beyond this once the message is sent.
 const STAGE: usize = 64 * 1024;
 
 /// Largest payload of one packet, in either direction (the Linux driver's 64 KiB).
@@ -90,6 +91,19 @@ const TOKEN_SEQ_LISTENER: u64 = 3;
 /// Largest seqpacket message taken from a host socket (256 KiB); a longer one resets the
 /// connection rather than being cut.
 pub const MAX_HOST_SEQ_MSG: usize = 256 * 1024;
+
+/// A seqpacket connection keeps at most `tx_buffer_size / SEQ_MSG_CHARGE` whole guest messages
+/// waiting for its host socket ([`seq_msg_bound`]).
+pub const SEQ_MSG_CHARGE: u32 = 16;
+
+/// The most whole guest messages a seqpacket connection keeps waiting for its host socket:
+/// `tx_buffer_size / 16` (16 384 with the default 256 KiB). The credit bounds their bytes; this
+/// bounds their bookkeeping (4 bytes each, a quarter of `tx_buffer_size` at most) for messages
+/// under 16 bytes on average. A guest that queues more, which takes a host reader that does not
+/// read, has its connection reset (`seqpacket_limit`).
+pub fn seq_msg_bound(tx_buffer_size: u32) -> usize {
+    (tx_buffer_size / SEQ_MSG_CHARGE).max(1) as usize
+}
 
 /// Where host clients connect for seqpacket connections to the guest: `<uds_path>_seqpacket`,
 /// a `SOCK_SEQPACKET` Unix socket. The `CONNECT <port>\n` line and the `OK <port>\n` reply are
@@ -271,10 +285,13 @@ struct Conn {
     rx_cnt: u32,
     fwd_cnt: u32,
     reported_fwd_cnt: u32,
+    /// Guest bytes waiting for the host socket. Seqpacket: whole messages back to back (their
+    /// lengths in `msg_lens`), then the `cur_len` bytes of the one being assembled.
     to_host: VecDeque<u8>,
-    /// Seqpacket: whole messages waiting for the host socket, and the one being assembled.
-    msgs: VecDeque<Vec<u8>>,
-    cur_msg: Vec<u8>,
+    /// Seqpacket: the lengths of the whole messages at the front of `to_host`; at most
+    /// [`seq_msg_bound`] of them.
+    msg_lens: VecDeque<u32>,
+    cur_len: u32,
     guest_shut_send: bool,
     guest_shut_recv: bool,
     host_write_shut: bool,
@@ -314,8 +331,8 @@ impl Conn {
             fwd_cnt: 0,
             reported_fwd_cnt: 0,
             to_host: VecDeque::new(),
-            msgs: VecDeque::new(),
-            cur_msg: Vec::new(),
+            msg_lens: VecDeque::new(),
+            cur_len: 0,
             guest_shut_send: false,
             guest_shut_recv: false,
             host_write_shut: false,
@@ -337,9 +354,14 @@ impl Conn {
         }
     }
 
-    /// Whether everything the guest sent has reached the host socket.
+    /// Whether everything the guest sent has reached the host socket (for seqpacket: every
+    /// whole message; the bytes of a message never ended are never sent).
     fn to_host_empty(&self) -> bool {
-        self.to_host.is_empty() && self.msgs.is_empty()
+        if self.type_ == TYPE_SEQPACKET {
+            self.msg_lens.is_empty()
+        } else {
+            self.to_host.is_empty()
+        }
     }
 
     /// Whether host bytes wait in `from_host`.
@@ -384,6 +406,7 @@ enum Why {
     HostError,
     Done,
     Timeout,
+    GuestRestart,
 }
 
 /// One VM's vsock device: its connections and its hybrid host side.
@@ -401,6 +424,8 @@ pub struct Device {
     next_token: u64,
     next_host_port: u32,
     ctrl: VecDeque<Header>,
+    /// Connections that may have data for the guest, in round-robin order: each open
+    /// connection at most once (`Conn::in_rx_queue`), a closed one never.
     data_ready: VecDeque<ConnKey>,
     /// Connections whose small guest packets wait in `to_host` ([`Device::flush_pending`]).
     pending_flush: Vec<ConnKey>,
@@ -571,6 +596,66 @@ impl Device {
             .and_then(|r| r.inbox(self.cfg.guest_cid))
     }
 
+    /// The guest's driver started afresh (the guest rebooted, or reset its vsock device): the
+    /// connections of its previous boot are gone on its side. Frees them (their host sockets are
+    /// closed, so host clients see end-of-file), and drops what waited for the old driver
+    /// (control packets, the RX schedule, clean closes waiting for its RST). Host connections
+    /// whose REQUEST was never given to the guest are kept, REQUEST and all: the new driver gets
+    /// it. Packets from other VMs stay in the inbox; the new guest answers those of unknown
+    /// connections with RST, which resets the other VM's half. Returns how many connections
+    /// were freed.
+    pub fn guest_restarted(&mut self) -> usize {
+        let request_key = |h: &Header| ConnKey {
+            host_port: h.src_port,
+            guest_port: h.dst_port,
+        };
+        let undelivered: HashSet<ConnKey> = self
+            .ctrl
+            .iter()
+            .filter(|h| h.op == OP_REQUEST)
+            .map(request_key)
+            .collect();
+        let stale: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter(|k| !undelivered.contains(k))
+            .copied()
+            .collect();
+        for key in &stale {
+            self.close(*key, Why::GuestRestart, false);
+        }
+        let conns = &self.conns;
+        self.ctrl
+            .retain(|h| h.op == OP_REQUEST && conns.contains_key(&request_key(h)));
+        self.data_ready.clear();
+        self.pending_flush.clear();
+        for conn in self.conns.values_mut() {
+            conn.in_rx_queue = false;
+            conn.flush_queued = false;
+        }
+        self.closing.clear();
+        if !stale.is_empty() {
+            info!(
+                cid = self.cfg.guest_cid,
+                "the guest restarted its vsock device: freed {} connections of its previous boot",
+                stale.len()
+            );
+        }
+        stale.len()
+    }
+
+    /// Records an RX descriptor chain (a buffer the guest gave) that could not be parsed. Not
+    /// a packet from the guest: `tx_packets` does not count it.
+    pub fn count_malformed_rx(&self, what: &dyn std::fmt::Display) {
+        let n = self.counters.inc(Counter::malformed_rx_descriptors);
+        if should_log(n) {
+            info!(
+                cid = self.cfg.guest_cid,
+                "returned a malformed RX descriptor chain unused ({n} so far): {what}"
+            );
+        }
+    }
+
     /// Records a TX descriptor chain that could not be parsed.
     pub fn count_malformed(&self, what: &dyn std::fmt::Display) {
         self.counters.inc(Counter::tx_packets);
@@ -613,7 +698,11 @@ impl Device {
                 Some(Err(ForwardError::Full)) => {
                     let n = self.counters.inc(Counter::forward_dropped);
                     if should_log(n) {
-                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection ({n} so far)", hdr.dst_cid);
+                        info!(cid, "VM {} does not take its packets: dropped one, reset the connection on both sides ({n} so far)", hdr.dst_cid);
+                    }
+                    // Both halves: the sender's here, the receiver's through its inbox.
+                    if let Some(r) = &self.router {
+                        r.reset_receiver(hdr);
                     }
                     self.reply_rst(hdr);
                     return;
@@ -663,7 +752,7 @@ impl Device {
                 conn.peer_buf_alloc = hdr.buf_alloc;
                 conn.peer_fwd_cnt = hdr.fwd_cnt;
                 match op {
-                    OP_RESPONSE => self.guest_response(key),
+                    OP_RESPONSE => self.guest_response(key, hdr),
                     OP_SHUTDOWN => self.guest_shutdown(key, hdr.flags),
                     OP_RW => self.guest_data(key, hdr, data),
                     OP_CREDIT_REQUEST => self.push_ctrl_for(key, OP_CREDIT_UPDATE, 0),
@@ -765,13 +854,13 @@ impl Device {
         self.push_ctrl_for(key, OP_RESPONSE, 0);
     }
 
-    fn guest_response(&mut self, key: ConnKey) {
+    fn guest_response(&mut self, key: ConnKey, hdr: &Header) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         if conn.state == State::Established {
-            let hdr = self.header_for(key, OP_RESPONSE, 0);
-            self.bad(&hdr, "response on an established connection");
+            // The guest's own header: `bad` frees this connection and resets it.
+            self.bad(hdr, "response on an established connection");
             return;
         }
         conn.state = State::Established;
@@ -836,11 +925,38 @@ impl Device {
         conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
         if conn.type_ == TYPE_SEQPACKET {
             // A message goes to the host socket whole, once its last packet (EOM) is here. The
-            // credit check above bounds it by tx-buffer-size.
-            conn.cur_msg.extend_from_slice(data);
+            // credit check above bounds the bytes waiting by tx-buffer-size.
+            conn.to_host.extend(data);
+            conn.cur_len = conn.cur_len.wrapping_add(data.len() as u32);
             if hdr.flags & SEQ_EOM != 0 {
-                let msg = std::mem::take(&mut conn.cur_msg);
-                conn.msgs.push_back(msg);
+                let len = std::mem::take(&mut conn.cur_len);
+                if len == 0 {
+                    // An empty message would reach a host SOCK_SEQPACKET reader as end-of-file
+                    // (recv returns 0 for both), and it costs no credit: dropped, counted. A
+                    // Linux guest never sends one (its transport sends no empty RW packet).
+                    let n = self.counters.inc(Counter::empty_messages);
+                    if should_log(n) {
+                        info!(
+                            cid = self.cfg.guest_cid,
+                            "guest port {} sent an empty seqpacket message: dropped ({n} so far)",
+                            key.guest_port
+                        );
+                    }
+                } else if conn.msg_lens.len() >= seq_msg_bound(buf_alloc) {
+                    let n = self.counters.inc(Counter::seqpacket_limit);
+                    if should_log(n) {
+                        info!(
+                            cid = self.cfg.guest_cid,
+                            "guest port {} has {} messages waiting for its host socket: connection reset ({n} so far)",
+                            key.guest_port,
+                            conn.msg_lens.len()
+                        );
+                    }
+                    self.close(key, Why::Violation, true);
+                    return;
+                } else {
+                    conn.msg_lens.push_back(len);
+                }
             }
             self.flush(key);
             return;
@@ -914,15 +1030,23 @@ impl Device {
             return;
         };
         while conn.type_ == TYPE_SEQPACKET && conn.host_writable {
-            let Some(msg) = conn.msgs.front() else {
+            let Some(&len) = conn.msg_lens.front() else {
                 break;
             };
-            match write_some(&mut conn.stream, msg) {
-                Ok(0) if !msg.is_empty() => conn.host_writable = false,
+            let len = len as usize;
+            let (a, b) = conn.to_host.as_slices();
+            let (a, b) = if a.len() >= len {
+                (&a[..len], &b[..0])
+            } else {
+                (a, &b[..len - a.len()])
+            };
+            // One message per write: a seqpacket socket takes it whole or not at all.
+            match write_some_vectored(&mut conn.stream, a, b) {
+                Ok(0) => conn.host_writable = false,
                 Ok(_) => {
-                    let len = msg.len() as u32;
-                    conn.msgs.pop_front();
-                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len);
+                    conn.to_host.drain(..len);
+                    conn.msg_lens.pop_front();
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(len as u32);
                 }
                 Err(e) => {
                     debug!("host side of guest port {} failed: {e}", key.guest_port);
@@ -931,7 +1055,7 @@ impl Device {
                 }
             }
         }
-        while !conn.to_host.is_empty() && conn.host_writable {
+        while conn.type_ == TYPE_STREAM && !conn.to_host.is_empty() && conn.host_writable {
             let (a, b) = conn.to_host.as_slices();
             match write_some_vectored(&mut conn.stream, a, b) {
                 Ok(0) => conn.host_writable = false,
@@ -1096,6 +1220,11 @@ impl Device {
                 if conn.seq_msg && !conn.has_staged() {
                     conn.seq_msg = false;
                     flags = SEQ_EOM;
+                    // A message longer than a stream's read-ahead is not kept room for once it
+                    // is sent: a connection holds at most STAGE bytes between messages.
+                    if conn.from_host.capacity() > STAGE {
+                        conn.from_host = Vec::new();
+                    }
                 }
                 n
             } else {
@@ -1217,6 +1346,12 @@ impl Device {
             return;
         };
         self.tokens.remove(&conn.token);
+        if conn.in_rx_queue {
+            // Its schedule goes with it: a guest that opens and resets connections while it
+            // gives no RX buffers must not grow the queue (it holds at most one key per open
+            // connection).
+            self.data_ready.retain(|k| *k != key);
+        }
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
             conn.stream.as_raw_fd(),
@@ -1610,7 +1745,7 @@ fn remove_stale_socket(path: &Path) {
 
 /// A listening, non-blocking `SOCK_SEQPACKET` Unix socket. `UnixListener` only wraps the fd:
 /// `accept` works the same for every socket type.
-fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn listen_seqpacket(path: &Path) -> io::Result<UnixListener> {
     use nix::sys::socket::{
         bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
     };
@@ -1652,6 +1787,274 @@ fn recv_message(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device in a fresh directory (removed on drop), no timer-driven packets.
+    struct TestDevice {
+        dev: Device,
+        dir: PathBuf,
+    }
+
+    impl Drop for TestDevice {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn test_device(name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> TestDevice {
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        tweak(&mut cfg);
+        let dev = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        TestDevice { dev, dir }
+    }
+
+    /// A guest-to-host header from guest port `gport` to host port `hport`.
+    fn guest(op: u16, gport: u32, hport: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: gport,
+            dst_port: hport,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 1 << 20,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn closed_connections_leave_nothing_in_the_rx_queue() {
+        // REQUEST, CREDIT_UPDATE (schedules the connection for RX), RST: repeated while the
+        // guest gives no RX buffers. The schedule of a closed connection must go with it.
+        let mut t = test_device("data-ready", |_| {});
+        let _l = UnixListener::bind(t.dir.join("v_1234")).expect("bind");
+        for round in 0..3000u32 {
+            let port = 5000 + round % 7;
+            t.dev.on_guest_packet(&guest(OP_REQUEST, port, 1234), &[]);
+            t.dev
+                .on_guest_packet(&guest(OP_CREDIT_UPDATE, port, 1234), &[]);
+            t.dev.on_guest_packet(&guest(OP_RST, port, 1234), &[]);
+        }
+        assert_eq!(t.dev.connection_count(), 0);
+        assert!(
+            t.dev.data_ready.len() <= t.dev.connection_count(),
+            "{} keys scheduled for {} connections",
+            t.dev.data_ready.len(),
+            t.dev.connection_count()
+        );
+    }
+
+    #[test]
+    fn empty_seqpacket_messages_are_dropped_and_waiting_messages_are_bounded() {
+        let mut t = test_device("seq-bound", |c| c.tx_buffer_size = 4096);
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = |op, flags, data: &[u8]| Header {
+            type_: TYPE_SEQPACKET,
+            flags,
+            len: data.len() as u32,
+            ..guest(op, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq(OP_REQUEST, 0, &[]), &[]);
+        let (host, _) = l.accept().expect("accept");
+        host.set_nonblocking(true).expect("nb");
+        // An empty message, then "hi": the host's first message is "hi" (an empty one would
+        // read as end-of-file there).
+        t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, &[]), &[]);
+        t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, b"hi"), b"hi");
+        let mut b = [0u8; 16];
+        assert_eq!(recv_message(&host, &mut b).expect("recv"), 2);
+        assert_eq!(&b[..2], b"hi");
+        assert_eq!(t.dev.counters.get(Counter::empty_messages), 1);
+
+        // The host stops reading: 1-byte messages fill its socket, then wait in the device,
+        // at most `seq_msg_bound` of them; empty ones never do.
+        let bound = seq_msg_bound(4096);
+        let key = ConnKey {
+            host_port: 1234,
+            guest_port: 5000,
+        };
+        let mut sent = 0usize;
+        while t.dev.connection_count() == 1 && sent < 8192 {
+            for _ in 0..100 {
+                t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, &[]), &[]);
+            }
+            if let Some(c) = t.dev.conns.get(&key) {
+                assert!(c.msg_lens.len() <= bound, "{} waiting", c.msg_lens.len());
+            }
+            t.dev.on_guest_packet(&seq(OP_RW, SEQ_EOM, b"x"), b"x");
+            sent += 1;
+        }
+        assert_eq!(t.dev.connection_count(), 0, "reset after {sent} messages");
+        assert_eq!(t.dev.counters.get(Counter::seqpacket_limit), 1);
+        assert_eq!(t.dev.counters.get(Counter::credit_violations), 0);
+        // What the host socket took, plus the bound, plus the one that was refused.
+        let mut taken = 0usize;
+        while recv_message(&host, &mut b).is_ok_and(|n| n == 1) {
+            taken += 1;
+        }
+        assert_eq!(sent, taken + bound + 1, "the host socket took {taken}");
+        let mut rst = None;
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            if h.op == OP_RST {
+                rst = Some(h);
+            }
+        }
+        let rst = rst.expect("an RST");
+        assert_eq!(
+            (rst.src_port, rst.dst_port, rst.type_),
+            (1234, 5000, TYPE_SEQPACKET)
+        );
+    }
+
+    #[test]
+    fn a_packet_dropped_for_a_full_inbox_resets_both_halves() {
+        let g = ["g".to_string()];
+        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-unit-vm2vm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        let mut a = Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
+            .expect("device");
+        let to_b = |op| Header {
+            dst_cid: 4,
+            ..guest(op, 5000, 6000)
+        };
+        // VM 4 takes nothing: its inbox fills.
+        let rw = Header {
+            len: 1,
+            ..to_b(OP_RW)
+        };
+        while router.forward(&rw, b"x").is_ok() {}
+        a.on_guest_packet(&rw, b"x");
+        assert_eq!(a.counters.get(Counter::forward_dropped), 1);
+        let mut b = [0u8; 16];
+        let rst = a.next_rx(&mut b).expect("the sender's RST");
+        assert_eq!(
+            (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+            (OP_RST, 4, 3, 6000, 5000)
+        );
+        let inbox = router.inbox(4).expect("inbox");
+        let mut last = None;
+        while let Some(p) = inbox.pop(usize::MAX) {
+            last = Some(p.hdr);
+        }
+        let last = last.expect("packets");
+        assert_eq!(
+            (
+                last.op,
+                last.src_cid,
+                last.dst_cid,
+                last.src_port,
+                last.dst_port
+            ),
+            (OP_RST, 3, 4, 5000, 6000),
+            "the receiver's RST, as from the sender"
+        );
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_big_host_message_is_not_kept_room_for_once_sent() {
+        let mut t = test_device("seq-stage", |_| {});
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = Header {
+            type_: TYPE_SEQPACKET,
+            ..guest(OP_REQUEST, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq, &[]);
+        let (mut host, _) = l.accept().expect("accept");
+        let msg: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        assert_eq!(host.write(&msg).expect("one message"), msg.len());
+        t.dev.handle_host_events();
+        let mut got = Vec::new();
+        let mut b = vec![0u8; MAX_PKT_DATA];
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            if h.op == OP_RW {
+                got.extend_from_slice(&b[..h.len as usize]);
+                if h.flags & SEQ_EOM != 0 {
+                    break;
+                }
+            }
+        }
+        assert!(got == msg, "{} of {} bytes", got.len(), msg.len());
+        let key = ConnKey {
+            host_port: 1234,
+            guest_port: 5000,
+        };
+        let cap = t.dev.conns[&key].from_host.capacity();
+        assert!(cap <= STAGE, "{cap} bytes kept");
+    }
+
+    #[test]
+    fn a_guest_restart_frees_the_old_boots_connections_and_keeps_undelivered_requests() {
+        let mut t = test_device("restart", |_| {});
+        let l = UnixListener::bind(t.dir.join("v_1234")).expect("bind");
+        // A guest connection, established.
+        t.dev.on_guest_packet(&guest(OP_REQUEST, 5000, 1234), &[]);
+        let (mut host, _) = l.accept().expect("accept");
+        // A host connection whose REQUEST the guest got (and never answered)...
+        let uds = t.dev.config().uds_path.clone();
+        let mut asked = UnixStream::connect(&uds).expect("connect");
+        asked.write_all(b"CONNECT 52\n").expect("w");
+        t.dev.handle_host_events();
+        let mut b = [0u8; 64];
+        let mut ops = Vec::new();
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            ops.push(h.op);
+        }
+        assert_eq!(ops, [OP_RESPONSE, OP_REQUEST]);
+        // ...and one whose REQUEST still waits, with credit news for the old boot behind it.
+        let mut waiting = UnixStream::connect(&uds).expect("connect");
+        waiting.write_all(b"CONNECT 53\n").expect("w");
+        t.dev.handle_host_events();
+        t.dev
+            .on_guest_packet(&guest(OP_CREDIT_REQUEST, 5000, 1234), &[]);
+        host.write_all(b"for the old boot").expect("w");
+        t.dev.handle_host_events();
+        assert_eq!(t.dev.connection_count(), 3);
+
+        assert_eq!(t.dev.guest_restarted(), 2);
+        assert_eq!(t.dev.connection_count(), 1);
+        // Closed: end-of-file, or a reset where the device left host bytes unread.
+        for (who, s) in [
+            ("guest connection", &mut host),
+            ("delivered request", &mut asked),
+        ] {
+            let mut rest = Vec::new();
+            match s.read_to_end(&mut rest) {
+                Ok(_) => assert!(rest.is_empty(), "{who}"),
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}"),
+            }
+        }
+        // The new driver gets the waiting REQUEST, and nothing of the old boot.
+        let h = t.dev.next_rx(&mut b).expect("the waiting REQUEST");
+        assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
+        assert!(t.dev.next_rx(&mut b).is_none());
+        assert!(!t.dev.has_rx());
+        // It answers, and the waiting client is served.
+        t.dev.on_guest_packet(
+            &Header {
+                dst_port: h.src_port,
+                ..guest(OP_RESPONSE, 53, 0)
+            },
+            &[],
+        );
+        let want = format!("OK {}\n", h.src_port);
+        let mut line = vec![0u8; want.len()];
+        waiting.read_exact(&mut line).expect("OK line");
+        assert_eq!(String::from_utf8_lossy(&line), want);
+        assert_eq!(t.dev.connection_count(), 1);
+    }
 
     #[test]
     fn a_header_has_the_spec_layout_and_round_trips() {

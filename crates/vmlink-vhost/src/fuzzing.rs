@@ -6,8 +6,17 @@
 //! 16 bytes (`addr` u64, `len` u32, `flags` u16, `next` u16, little-endian, used as given); then
 //! one byte `k` (mod 17) and `k` head indexes for the avail ring; the rest is copied into guest
 //! memory at [`DATA`] (so headers and payloads are the input's too).
+//!
+//! The host side is there too, so that connections open and the established-connection code
+//! (data, credit, seqpacket assembly, shutdown) is reached: stream listeners on host ports 0, 1
+//! and 2 and a seqpacket listener on port 3 ([`HOST_PORTS`]). After each input the harness
+//! accepts what connected, greets each new connection with a few bytes (data toward the guest),
+//! reads what waits on every one it holds, and closes the oldest beyond [`HELD`] (a host
+//! hang-up).
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,7 +25,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::backend::{drain_tx, fill_rx};
 use crate::counters::Counters;
-use crate::device::{Device, DeviceConfig};
+use crate::device::{listen_seqpacket, Device, DeviceConfig};
+
+/// Host ports with a listener: `(port, seqpacket)`.
+pub const HOST_PORTS: [(u32, bool); 4] = [(0, false), (1, false), (2, false), (3, true)];
+/// Most host sides of connections the harness keeps open; older ones are closed.
+pub const HELD: usize = 32;
 
 /// Guest memory size.
 pub const MEM_SIZE: usize = 1 << 20;
@@ -38,6 +52,9 @@ pub struct TxHarness {
     mem: GuestMemoryMmap,
     buf: Vec<u8>,
     dir: PathBuf,
+    listeners: Vec<UnixListener>,
+    held: VecDeque<UnixStream>,
+    accepted: u64,
 }
 
 impl Drop for TxHarness {
@@ -71,17 +88,65 @@ impl TxHarness {
         let device = Device::new(cfg, Arc::new(Counters::default())).map_err(io::Error::other)?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(io::Error::other)?;
+        let mut listeners = Vec::new();
+        for (port, seqpacket) in HOST_PORTS {
+            let path = dir.join(format!("v_{port}"));
+            let _ = std::fs::remove_file(&path);
+            let l = if seqpacket {
+                listen_seqpacket(&path)?
+            } else {
+                UnixListener::bind(&path)?
+            };
+            l.set_nonblocking(true)?;
+            listeners.push(l);
+        }
         Ok(TxHarness {
             device,
             mem,
             buf: Vec::new(),
             dir,
+            listeners,
+            held: VecDeque::new(),
+            accepted: 0,
         })
     }
 
     /// The device (for its counters).
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How many connections the host listeners accepted in all.
+    pub fn accepted(&self) -> u64 {
+        self.accepted
+    }
+
+    /// The host side: accepts, greets, reads, and closes the oldest beyond [`HELD`].
+    fn serve_host(&mut self) {
+        for l in &self.listeners {
+            while let Ok((s, _)) = l.accept() {
+                if s.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                let mut s = s;
+                let _ = s.write(b"hello guest");
+                self.accepted += 1;
+                self.held.push_back(s);
+            }
+        }
+        let mut b = [0u8; 4096];
+        for s in &mut self.held {
+            // A bounded read per input: a guest's flood stays in the device's buffers.
+            for _ in 0..4 {
+                match s.read(&mut b) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
+        while self.held.len() > HELD {
+            self.held.pop_front();
+        }
     }
 
     /// Runs one input through the TX path, then gives the device RX buffers for its answers.
@@ -121,6 +186,7 @@ impl TxHarness {
         }
         let mut tx = queue(TX_DESC, TX_AVAIL, TX_USED);
         drain_tx(&mut self.device, &mut tx, &self.mem, &mut self.buf, None);
+        self.serve_host();
 
         // Well-formed RX buffers: header then 4 KiB, write-only.
         let _ = self.mem.write_slice(&zero, GuestAddress(RX_DESC));

@@ -7,7 +7,17 @@
 //!
 //! Each VM has an [`Inbox`]: a bounded queue of packets from other VMs plus an eventfd that wakes
 //! the VM's device thread. A full inbox (the receiving guest is not taking its RX queue) drops
-//! the packet and resets the sender's connection.
+//! the packet and resets the connection on both sides: the sender's guest gets an RST from its
+//! own device, the receiver's an RST in its inbox, as if from the sender, in room kept for such
+//! RSTs ([`INBOX_RESERVED_RSTS`]; when that is full too, only the sender's side is reset and the
+//! receiver's half stays open until it sends, which the sender's guest answers with RST).
+//!
+//! The inbox is not divided among senders: it is first come, first served. A guest that sends
+//! to another faster than that guest takes its RX queue (a hostile one ignores the receiver's
+//! credit) can keep the receiver's inbox full, and then the packets of every other VM of the
+//! group to that receiver are dropped too and their connections reset. The other VMs' own
+//! traffic (to the host, to VMs whose inbox is not full) is not affected, and VMs that share no
+//! group with the sender cannot be reached by it at all: groups are the isolation boundary.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -22,6 +32,9 @@ use crate::device::Header;
 pub const INBOX_MAX_PACKETS: usize = 4096;
 /// Most payload bytes waiting in one VM's inbox (8 MiB).
 pub const INBOX_MAX_BYTES: usize = 8 << 20;
+/// Room kept in each inbox, beyond [`INBOX_MAX_PACKETS`], for the RSTs that reset the
+/// receiver's half of a connection whose packet a full inbox dropped ([`Router::reset_receiver`]).
+pub const INBOX_RESERVED_RSTS: usize = 1024;
 
 /// A packet from another VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,10 +113,14 @@ impl Inbox {
         q.bytes = 0;
     }
 
-    fn push(&self, p: Forwarded) -> bool {
+    /// Queues `p` if there is room: [`INBOX_MAX_PACKETS`] and [`INBOX_MAX_BYTES`], plus
+    /// `reserved` packets more.
+    fn push(&self, p: Forwarded, reserved: usize) -> bool {
         {
             let mut q = self.lock();
-            if q.packets.len() >= INBOX_MAX_PACKETS || q.bytes + p.data.len() > INBOX_MAX_BYTES {
+            if q.packets.len() >= INBOX_MAX_PACKETS + reserved
+                || q.bytes + p.data.len() > INBOX_MAX_BYTES
+            {
                 return false;
             }
             q.bytes += p.data.len();
@@ -173,14 +190,43 @@ impl Router {
             .vms
             .get(&hdr.dst_cid)
             .ok_or(ForwardError::Unreachable)?;
-        if to.inbox.push(Forwarded {
-            hdr: *hdr,
-            data: data.to_vec(),
-        }) {
+        if to.inbox.push(
+            Forwarded {
+                hdr: *hdr,
+                data: data.to_vec(),
+            },
+            0,
+        ) {
             Ok(())
         } else {
             Err(ForwardError::Full)
         }
+    }
+
+    /// After [`Router::forward`] dropped `hdr` for a full inbox: queues, in the room kept for it
+    /// ([`INBOX_RESERVED_RSTS`]), an RST to the receiver as from the sender, so that the
+    /// receiving guest frees its half of the connection. Nothing for a dropped REQUEST (the
+    /// receiver never heard of that connection). Returns whether an RST was queued.
+    pub fn reset_receiver(&self, hdr: &Header) -> bool {
+        if hdr.op == crate::device::OP_REQUEST || !self.can_reach(hdr.src_cid, hdr.dst_cid) {
+            return false;
+        }
+        let Some(to) = self.vms.get(&hdr.dst_cid) else {
+            return false;
+        };
+        let rst = Header {
+            len: 0,
+            op: crate::device::OP_RST,
+            flags: 0,
+            ..*hdr
+        };
+        to.inbox.push(
+            Forwarded {
+                hdr: rst,
+                data: Vec::new(),
+            },
+            INBOX_RESERVED_RSTS,
+        )
     }
 }
 
@@ -239,5 +285,49 @@ mod tests {
         }
         assert_eq!(sent, INBOX_MAX_BYTES / big.len());
         assert_eq!(r.forward(&hdr, &big), Err(ForwardError::Full));
+    }
+
+    #[test]
+    fn a_full_inbox_keeps_room_for_the_receivers_rsts() {
+        let a = groups(&["x"]);
+        let r = Router::new([(3, &a[..]), (4, &a[..])]).expect("router");
+        let hdr = Header {
+            src_cid: 3,
+            dst_cid: 4,
+            src_port: 7,
+            dst_port: 8,
+            type_: crate::device::TYPE_STREAM,
+            op: crate::device::OP_RW,
+            len: 1,
+            ..Header::default()
+        };
+        while r.forward(&hdr, b"x").is_ok() {}
+        let inbox = r.inbox(4).expect("inbox");
+        assert_eq!(inbox.lock().packets.len(), INBOX_MAX_PACKETS);
+        let mut rsts = 0;
+        while r.reset_receiver(&hdr) {
+            rsts += 1;
+        }
+        assert_eq!(rsts, INBOX_RESERVED_RSTS, "bounded too");
+        let last = inbox.lock().packets.back().cloned().expect("rst");
+        assert_eq!(
+            (
+                last.hdr.op,
+                last.hdr.src_cid,
+                last.hdr.dst_cid,
+                last.hdr.len
+            ),
+            (crate::device::OP_RST, 3, 4, 0)
+        );
+        assert_eq!((last.hdr.src_port, last.hdr.dst_port), (7, 8));
+        let req = Header {
+            op: crate::device::OP_REQUEST,
+            ..hdr
+        };
+        inbox.clear();
+        assert!(
+            !r.reset_receiver(&req),
+            "no RST for a connection never opened"
+        );
     }
 }

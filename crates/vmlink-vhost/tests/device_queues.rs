@@ -758,3 +758,63 @@ fn a_clean_close_the_guest_never_answers_ends_with_rst() {
     assert_eq!(got.len(), 1, "one RST within 10 s: {got:?}");
     assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 5000));
 }
+
+#[test]
+fn a_response_on_an_established_connection_resets_it() {
+    // The guest answers a connection that is already open: a protocol error on that
+    // connection, which is freed and reset (RST from the host side, the guest's ports).
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "dup-response", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    rig.send(pkt(OP_RESPONSE, 5000, 1234), &[]);
+    assert_eq!(rig.count(Counter::bad_packets), 1);
+    let got = rig.recv(2);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let rst = got[0].0;
+    assert_eq!(
+        (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+        (OP_RST, HOST_CID, CID, 1234, 5000)
+    );
+    assert_eq!(rig.device.connection_count(), 0, "the connection is freed");
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).expect("the host side sees EOF");
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "bad-rx", |_| {});
+    let _l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.count(Counter::tx_packets), 1);
+    // A read-only RX buffer: the device cannot write a packet into it.
+    let at = RX_BUFS + u64::from(rig.rx_slot) * SLOT;
+    rig.rx_mock
+        .add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(at, 4096, 0, 0))],
+            rig.rx_slot,
+        )
+        .expect("add rx chain");
+    rig.rx_slot += 1;
+    assert!(fill_rx(
+        &mut rig.device,
+        &mut rig.rx,
+        rig.mem,
+        &mut rig.buf,
+        None
+    ));
+    rig.rx_seen += 1;
+    assert_eq!(rig.count(Counter::malformed_rx_descriptors), 1);
+    assert_eq!(rig.count(Counter::malformed_descriptors), 0);
+    assert_eq!(
+        rig.count(Counter::tx_packets),
+        1,
+        "no packet came from the guest"
+    );
+    // The RESPONSE waited for a good buffer.
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+}

@@ -109,9 +109,39 @@ fn packet_socket(ifindex: i32) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `ARPHRD_VSOCKMON`: the link type of a vsockmon interface (`/sys/class/net/IF/type`).
+const ARPHRD_VSOCKMON: u32 = 826;
+
+/// Checks that the existing interface at `sys` (`/sys/class/net/NAME`) is a vsockmon device:
+/// any other would be recorded under the vsock link type, and its packets misread.
+fn check_vsockmon(sys: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(sys.join("type"))
+        .with_context(|| format!("reading the link type of interface {name}"))?;
+    let t: u32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing the link type of interface {name}: {text:?}"))?;
+    if t != ARPHRD_VSOCKMON {
+        bail!(
+            "interface {name} is not a vsockmon device (its link type is {t}, a vsockmon's is \
+             {ARPHRD_VSOCKMON}): give -i a vsockmon interface, or a name that does not exist \
+             to have one created"
+        );
+    }
+    Ok(())
+}
+
+/// Writes one record received from the packet socket: `got` is its real length (`recv` with
+/// `MSG_TRUNC`), `buf` holds its first bytes; a record cut to `buf` keeps its real length.
+fn write_received(cap: &vmlink_vhost::capture::Capture, buf: &[u8], got: usize) {
+    let len = got.min(buf.len());
+    cap.raw_cut(&buf[..len], got);
+}
+
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let sys = PathBuf::from("/sys/class/net").join(&a.interface);
     let created = if sys.exists() {
+        check_vsockmon(&sys, &a.interface)?;
         false
     } else {
         // The module may be built in, or loaded already; `ip` says what is wrong if not.
@@ -183,11 +213,55 @@ fn capture(a: &Args, sys: &std::path::Path) -> anyhow::Result<ExitCode> {
             }
         }
         // MSG_TRUNC returns the real length; keep what fits.
-        let len = (got as usize).min(buf.len());
-        cap.raw(&buf[..len]);
+        write_received(&cap, &buf, got as usize);
         n += 1;
     }
     cap.flush();
     eprintln!("vmlink: {n} packets captured to {}", a.write.display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmlink-capture-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        p
+    }
+
+    #[test]
+    fn a_record_cut_to_the_buffer_keeps_its_real_length() {
+        let dir = scratch("cut");
+        let file = dir.join("x.pcap");
+        let cap = vmlink_vhost::capture::Capture::create(&file, true).expect("create");
+        write_received(&cap, &[7u8; 100], 300);
+        cap.flush();
+        let b = std::fs::read(&file).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // After the 24-byte file header: seconds, microseconds, incl_len, orig_len.
+        assert_eq!((u32_at(32), u32_at(36)), (100, 300));
+        assert_eq!(b.len(), 24 + 16 + 100);
+    }
+
+    #[test]
+    fn only_a_vsockmon_interface_is_captured() {
+        let dir = scratch("type");
+        std::fs::write(dir.join("type"), "826\n").expect("write");
+        check_vsockmon(&dir, "vsockmon0").expect("a vsockmon device");
+        std::fs::write(dir.join("type"), "1\n").expect("write");
+        let e = check_vsockmon(&dir, "eth0")
+            .expect_err("ethernet")
+            .to_string();
+        assert!(
+            e.contains("interface eth0 is not a vsockmon device (its link type is 1"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("type")).expect("rm");
+        check_vsockmon(&dir, "gone").expect_err("no type file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
