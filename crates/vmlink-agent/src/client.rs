@@ -474,9 +474,26 @@ impl Client {
         };
         tokio::pin!(uplink);
         tokio::pin!(downlink);
+        // An uplink that fails (the agent sent Exit and closed while stdin was still flowing)
+        // is not the end yet: the Exit may still be on its way down, so it gets REPLY_TIMEOUT.
+        let mut up_error: Option<ClientError> = None;
+        let mut up_done = false;
+        let up_grace = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(up_grace);
         loop {
             tokio::select! {
-                r = &mut uplink => r?,
+                r = &mut uplink, if !up_done => {
+                    up_done = true;
+                    if let Err(e) = r {
+                        up_error = Some(e);
+                        up_grace.as_mut().reset(tokio::time::Instant::now() + REPLY_TIMEOUT);
+                    }
+                }
+                () = &mut up_grace, if up_error.is_some() => {
+                    if let Some(e) = up_error.take() {
+                        return Err(e);
+                    }
+                }
                 () = &mut deadline, if !timed_out => {
                     timed_out = true;
                     kill.notify_one();
@@ -490,7 +507,13 @@ impl Client {
                         timed_out,
                     });
                 }
-                exit = &mut downlink => return Ok(Finished { exit: exit?, timed_out }),
+                exit = &mut downlink => {
+                    return match exit {
+                        Ok(exit) => Ok(Finished { exit, timed_out }),
+                        // The uplink's failure came first and says more.
+                        Err(e) => Err(up_error.take().unwrap_or(e)),
+                    };
+                }
             }
         }
     }

@@ -471,10 +471,16 @@ impl ExecPolicy {
                     "program {argv0:?} is a relative path, which the agent's exec rules cannot \
                      check (give a bare name or an absolute path)"
                 ))
+            } else if program_exists(argv0) {
+                // There, but not an executable file (no x bit, a directory): as EACCES is.
+                SpawnError::Failed(format!(
+                    "cannot run {argv0:?}: it is not an executable file (the agent's exec \
+                     rules look for it in the agent's PATH)"
+                ))
             } else {
                 SpawnError::NotFound(format!(
-                    "cannot run {argv0:?}: no executable file of that name (the agent's exec \
-                     rules look for it in the agent's PATH)"
+                    "cannot run {argv0:?}: no file of that name (the agent's exec rules look \
+                     for it in the agent's PATH)"
                 ))
             });
         };
@@ -555,6 +561,17 @@ pub(crate) fn resolve_program(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// Whether `name` (absolute, or a bare name looked up in `PATH`) names any file at all.
+fn program_exists(name: &str) -> bool {
+    if name.starts_with('/') {
+        return std::fs::metadata(name).is_ok();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .filter(|d| d.is_absolute())
+        .any(|d| std::fs::metadata(d.join(name)).is_ok())
+}
+
 /// Parses a comma-separated program list (`--allow-exec ls,cat`).
 pub fn parse_program_list(list: &str) -> Vec<String> {
     list.split(',')
@@ -602,6 +619,11 @@ mod tests {
         assert!(matches!(
             policy.check_exec("/nonexistent/true"),
             Err(SpawnError::NotFound(m)) if m.contains("/nonexistent/true")
+        ));
+        // There but not executable: cannot run (126), not missing (127).
+        assert!(matches!(
+            policy.check_exec("/etc/passwd"),
+            Err(SpawnError::Failed(m)) if m.contains("not an executable file")
         ));
         assert!(policy.check_run("x.sh").is_err());
         let open = ExecPolicy::default();

@@ -380,8 +380,12 @@ impl Session {
     fn reply(&self, data_lane: bool, h: Header, payload: &[u8]) {
         let f = frame(h, payload);
         let n = f.len();
-        if self.replies.fetch_add(n, Ordering::AcqRel) + n > MAX_QUEUED_REPLIES {
-            self.replies.fetch_sub(n, Ordering::AcqRel);
+        let room = self
+            .replies
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= MAX_QUEUED_REPLIES).then_some(q + n)
+            });
+        if room.is_err() {
             self.counters
                 .replies_dropped
                 .fetch_add(1, Ordering::Relaxed);
@@ -1046,8 +1050,23 @@ mod tests {
         w.write_all(&frame(Header::hello(false), &[]))
             .await
             .expect("hello");
-        // A local client whose stream nobody on this side reads: what the peer sends waits.
+        // A local client whose stream nobody on this side reads, with a send buffer smaller
+        // than one DATA payload: the first frame's delivery blocks, and what the peer sends
+        // after it waits in the session.
         let (_unread, local) = UnixStream::pair().expect("socketpair");
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt(2) on a socket this test owns, with a pointer to a c_int and its
+        // size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&local),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                std::ptr::addr_of!(small).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_SNDBUF");
         let h = host.clone();
         tokio::spawn(async move { h.open(local).await });
         // The OPEN names the stream.

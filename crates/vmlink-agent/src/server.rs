@@ -313,7 +313,10 @@ impl Group {
         }
     }
 
-    /// The leader was reaped: its id may be reused, so never signal it again.
+    /// The leader was reaped: its id may be reused, so never signal it again. (`child.wait()`
+    /// reaps just before this runs; a signal the pump sends in between could only reach
+    /// another group if the kernel handed out the same id within those microseconds, which
+    /// takes a wrap of the whole pid space.)
     fn reaped(&self) {
         self.lock().take();
     }
@@ -523,11 +526,14 @@ async fn send_chunk(
     Ok(false)
 }
 
-/// How many `Stdin` frames (at most 64 KiB each) wait for the command to read them before the
-/// agent stops reading the client's frames: a signal or a disconnect behind more than this
-/// much unread input waits until the command reads it (or exits, or writes output the client
-/// no longer takes).
-const STDIN_QUEUE: usize = 16;
+/// How many bytes of `Stdin` frames wait for the command to read them before the agent stops
+/// reading the client's frames (1 MiB, one frame more at most): a signal or a disconnect behind
+/// more unread input than this waits until the command reads it (or exits, or writes output
+/// the client no longer takes).
+const STDIN_QUEUE: usize = 1 << 20;
+
+/// What the pump hands the stdin task: data with its share of [`STDIN_QUEUE`], or the EOF.
+type StdinItem = Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>;
 
 /// Reads the client's frames for the whole exec: stdin goes to the command (through a queue, by
 /// a task of its own), signals and window sizes act at once, and a closed connection kills the
@@ -542,23 +548,38 @@ async fn pump_incoming(
         Some(StdinSink::Pty(t)) => Some(t.clone()),
         _ => None,
     };
-    let (input_tx, input_rx) = mpsc::channel::<Option<Vec<u8>>>(STDIN_QUEUE);
+    let (input_tx, input_rx) = mpsc::unbounded_channel::<StdinItem>();
+    let room = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE));
     let _writer = stdin.map(|sink| AbortOnDrop(tokio::spawn(feed_stdin(sink, input_rx))));
     let mut input = Some(input_tx);
     loop {
         let event = match reader.next().await {
             Ok(Some(Message::Stdin(data))) => {
+                // Room for it in the queue (a frame is at most 1 MiB, the whole queue).
+                let want = u32::try_from(data.len().min(STDIN_QUEUE)).unwrap_or(u32::MAX);
+                let Ok(permit) = room.clone().acquire_many_owned(want).await else {
+                    continue; // never closed
+                };
                 // A closed queue: the command closed its stdin; drop the rest, as a pipe would.
                 if let Some(tx) = &input {
-                    if tx.send(Some(data)).await.is_err() {
+                    if tx.send(Some((data, permit))).is_err() {
                         input = None;
                     }
                 }
                 continue;
             }
             Ok(Some(Message::StdinEof)) => {
-                if let Some(tx) = input.take() {
-                    let _ = tx.send(None).await;
+                // A pipe is closed after what is queued; a terminal gets Ctrl-D, and stays
+                // open for what may still come (as typed after a Ctrl-D).
+                match (&pty, &input) {
+                    (Some(_), Some(tx)) => {
+                        let _ = tx.send(None);
+                    }
+                    _ => {
+                        if let Some(tx) = input.take() {
+                            let _ = tx.send(None);
+                        }
+                    }
                 }
                 continue;
             }
@@ -595,13 +616,14 @@ async fn pump_incoming(
     }
 }
 
-/// Writes what the client sends to the command's stdin, in order; `None` is the client's EOF:
-/// a pipe is closed, a terminal gets its EOF character (Ctrl-D), as typed.
-async fn feed_stdin(mut sink: StdinSink, mut input: mpsc::Receiver<Option<Vec<u8>>>) {
+/// Writes what the client sends to the command's stdin, in order (each piece's share of the
+/// queue is given back once written); `None` is the client's EOF: a pipe is closed, a terminal
+/// gets its EOF character (Ctrl-D), as typed.
+async fn feed_stdin(mut sink: StdinSink, mut input: mpsc::UnboundedReceiver<StdinItem>) {
     while let Some(item) = input.recv().await {
         let written = match (&mut sink, item) {
-            (StdinSink::Pipe(p), Some(data)) => p.write_all(&data).await,
-            (StdinSink::Pty(t), Some(data)) => t.write_all(&data).await,
+            (StdinSink::Pipe(p), Some((data, _room))) => p.write_all(&data).await,
+            (StdinSink::Pty(t), Some((data, _room))) => t.write_all(&data).await,
             (StdinSink::Pty(t), None) => t.write_all(&[4]).await,
             (StdinSink::Pipe(_), None) => return,
         };

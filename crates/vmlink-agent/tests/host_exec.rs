@@ -38,6 +38,7 @@ fn a_stalled_output_neither_blocks_a_signal_nor_a_timeout() {
         let dir = std::env::temp_dir().join(format!("vmlink-stalled-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         features::stalled_output(&client, &dir).await;
+        features::exit_while_stdin_flows(&client).await;
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

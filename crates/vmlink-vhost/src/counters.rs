@@ -50,7 +50,7 @@ counters! {
     /// Data beyond the credit this device gave: the connection is reset.
     credit_violations,
     /// Seqpacket connections reset because the guest queued more whole messages for a host
-    /// socket than `tx-buffer-size / 16` (`device::seq_msg_bound`).
+    /// socket than `tx-buffer-size / 4` (`device::seq_msg_bound`).
     seqpacket_limit,
     /// Empty seqpacket messages from the guest: dropped (a host reader would take one for
     /// end-of-file).

@@ -94,13 +94,13 @@ pub const MAX_HOST_SEQ_MSG: usize = 256 * 1024;
 
 /// A seqpacket connection keeps at most `tx_buffer_size / SEQ_MSG_CHARGE` whole guest messages
 /// waiting for its host socket ([`seq_msg_bound`]).
-pub const SEQ_MSG_CHARGE: u32 = 16;
+pub const SEQ_MSG_CHARGE: u32 = 4;
 
 /// The most whole guest messages a seqpacket connection keeps waiting for its host socket:
-/// `tx_buffer_size / 16` (16 384 with the default 256 KiB). The credit bounds their bytes; this
-/// bounds their bookkeeping (4 bytes each, a quarter of `tx_buffer_size` at most) for messages
-/// under 16 bytes on average. A guest that queues more, which takes a host reader that does not
-/// read, has its connection reset (`seqpacket_limit`).
+/// `tx_buffer_size / 4` (65 536 with the default 256 KiB). The credit bounds their bytes; this
+/// bounds their bookkeeping (4 bytes each, `tx_buffer_size` at most) for messages under 4 bytes
+/// on average. A guest that queues more, which takes such tiny messages and a host reader that
+/// falls that far behind, has its connection reset (`seqpacket_limit`).
 pub fn seq_msg_bound(tx_buffer_size: u32) -> usize {
     (tx_buffer_size / SEQ_MSG_CHARGE).max(1) as usize
 }

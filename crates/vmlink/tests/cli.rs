@@ -278,8 +278,9 @@ fn exec_user_needs_a_root_agent_and_says_so_and_usage_errors_are_status_2() {
     let line = lines.next().expect("agent printed nothing").expect("read");
     assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
     let target = format!("unix:{}", sock.display());
+    // The command cannot start: 126, as a shell says it.
     let (code, out, err) = run(&["exec", "--user", "root", &target, "--", "id", "-u"]);
-    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(code, Some(126), "{out}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("not root, so it cannot run commands as user \"root\""),

@@ -603,3 +603,22 @@ pub async fn stalled_output(client: &Client, dir: &std::path::Path) {
         started.elapsed()
     );
 }
+
+/// A command that exits while stdin still flows (`head -c 1` fed without end): its status
+/// comes back, not the broken pipe the client then meets sending more stdin.
+pub async fn exit_while_stdin_flows(client: &Client) {
+    for _ in 0..10 {
+        let mut out = Vec::new();
+        let exit = client
+            .exec(
+                cmd(&["head", "-c", "1"]),
+                Some(tokio::io::repeat(b'x')),
+                &mut out,
+                tokio::io::sink(),
+            )
+            .await
+            .expect("the exit status, not an error");
+        assert!(exit.success(), "{exit}");
+        assert_eq!(out, b"x");
+    }
+}
