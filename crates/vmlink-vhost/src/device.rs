@@ -2056,6 +2056,171 @@ mod tests {
         assert_eq!(t.dev.connection_count(), 1);
     }
 
+    /// Reads what is left on `s` until the peer closed it: end-of-file, or a reset where the
+    /// device left bytes unread. Fails (after 5 s) if the socket stays open.
+    fn assert_closed(who: &str, s: &mut UnixStream) -> Vec<u8> {
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}: {e}"),
+        }
+        rest
+    }
+
+    /// Whether `s` is still open with nothing to read.
+    fn is_open_and_quiet(s: &UnixStream) -> bool {
+        s.set_nonblocking(true).expect("nb");
+        let mut b = [0u8; 8];
+        matches!((&*s).read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    #[test]
+    fn host_clients_in_their_handshake_are_bounded_and_time_out() {
+        let timeout = Duration::from_secs(5);
+        let mut t = test_device("handshakes", |c| {
+            c.max_handshakes = 2;
+            c.handshake_timeout = timeout;
+        });
+        let uds = t.dev.config().uds_path.clone();
+        let before = Instant::now();
+        // Two clients in their handshake: half a line, nothing at all.
+        let mut half = UnixStream::connect(&uds).expect("connect");
+        half.write_all(b"CONNECT").expect("w");
+        let mut mute = UnixStream::connect(&uds).expect("connect");
+        t.dev.handle_host_events();
+        assert_eq!(t.dev.handshake_count(), 2);
+        assert_eq!(t.dev.counters.get(Counter::handshake_limit), 0);
+        // The third is over the bound: closed at once, counted.
+        let mut third = UnixStream::connect(&uds).expect("connect");
+        t.dev.handle_host_events();
+        assert_eq!(t.dev.handshake_count(), 2);
+        assert_eq!(t.dev.counters.get(Counter::handshake_limit), 1);
+        assert!(assert_closed("third client", &mut third).is_empty());
+        assert!(is_open_and_quiet(&half) && is_open_and_quiet(&mute));
+        let after = Instant::now();
+
+        // The device's clock: just before the deadline nothing happens, at it both go.
+        t.dev.sweep(before + timeout - Duration::from_millis(1));
+        assert_eq!(t.dev.handshake_count(), 2, "not yet timed out");
+        assert_eq!(t.dev.counters.get(Counter::handshake_errors), 0);
+        t.dev.sweep(after + timeout);
+        assert_eq!(t.dev.handshake_count(), 0);
+        assert_eq!(t.dev.counters.get(Counter::handshake_errors), 2);
+        assert!(assert_closed("half a line", &mut half).is_empty());
+        assert!(assert_closed("mute client", &mut mute).is_empty());
+        assert_eq!(t.dev.connection_count(), 0);
+        assert!(!t.dev.has_rx(), "nothing for the guest");
+
+        // The room is free again: a new client is served.
+        let mut next = UnixStream::connect(&uds).expect("connect");
+        next.write_all(b"CONNECT 52\n").expect("w");
+        t.dev.handle_host_events();
+        assert_eq!(t.dev.handshake_count(), 0);
+        assert_eq!(t.dev.connection_count(), 1);
+        let mut b = [0u8; 16];
+        let req = t.dev.next_rx(&mut b).expect("a REQUEST");
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
+        assert_eq!(t.dev.counters.get(Counter::handshake_limit), 1);
+    }
+
+    #[test]
+    fn a_host_connection_the_guest_never_answers_is_reset_and_closed() {
+        let timeout = Duration::from_secs(10);
+        let mut t = test_device("connect-timeout", |c| c.connect_timeout = timeout);
+        let uds = t.dev.config().uds_path.clone();
+        let before = Instant::now();
+        let mut silent = UnixStream::connect(&uds).expect("connect");
+        silent.write_all(b"CONNECT 52\n").expect("w");
+        let mut answered = UnixStream::connect(&uds).expect("connect");
+        answered.write_all(b"CONNECT 53\n").expect("w");
+        t.dev.handle_host_events();
+        let mut b = [0u8; 64];
+        let mut reqs = Vec::new();
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            assert_eq!(h.op, OP_REQUEST);
+            reqs.push(h);
+        }
+        reqs.sort_by_key(|h| h.dst_port);
+        let [to52, to53] = reqs[..] else {
+            panic!("two REQUESTs: {reqs:?}")
+        };
+        assert_eq!((to52.dst_port, to53.dst_port), (52, 53));
+        // The guest accepts port 53 only.
+        t.dev
+            .on_guest_packet(&guest(OP_RESPONSE, 53, to53.src_port), &[]);
+        let want = format!("OK {}\n", to53.src_port);
+        let mut line = vec![0u8; want.len()];
+        answered.read_exact(&mut line).expect("OK line");
+        assert_eq!(String::from_utf8_lossy(&line), want);
+        let after = Instant::now();
+
+        t.dev.sweep(before + timeout - Duration::from_millis(1));
+        assert_eq!(t.dev.connection_count(), 2, "not yet timed out");
+        assert_eq!(t.dev.counters.get(Counter::connect_timeouts), 0);
+        assert!(t.dev.next_rx(&mut b).is_none());
+        t.dev.sweep(after + timeout);
+        assert_eq!(t.dev.counters.get(Counter::connect_timeouts), 1);
+        assert_eq!(t.dev.connection_count(), 1, "the accepted one stays");
+        let rst = t.dev.next_rx(&mut b).expect("an RST");
+        assert_eq!(
+            (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+            (OP_RST, HOST_CID, 3, to52.src_port, 52)
+        );
+        assert!(t.dev.next_rx(&mut b).is_none());
+        assert!(
+            assert_closed("unanswered client", &mut silent).is_empty(),
+            "closed without an OK line"
+        );
+        assert!(is_open_and_quiet(&answered));
+        // A late answer finds nothing: RST.
+        t.dev
+            .on_guest_packet(&guest(OP_RESPONSE, 52, to52.src_port), &[]);
+        let late = t.dev.next_rx(&mut b).expect("an RST for the late answer");
+        assert_eq!((late.op, late.dst_port), (OP_RST, 52));
+        assert_eq!(t.dev.connection_count(), 1);
+    }
+
+    #[test]
+    fn control_packets_for_a_guest_that_takes_no_rx_buffers_are_bounded() {
+        let mut t = test_device("ctrl-bound", |c| c.max_connections = 1);
+        let bound = ctrl_bound(t.dev.config());
+        assert_eq!(bound, 4 + 1024);
+        // Data for connections that do not exist: each is answered with RST, and the guest
+        // takes none of them.
+        let bogus = |i: usize| Header {
+            len: 0,
+            ..guest(OP_RW, 10_000 + i as u32, 1234)
+        };
+        for i in 0..bound {
+            t.dev.on_guest_packet(&bogus(i), &[]);
+        }
+        assert_eq!(t.dev.ctrl.len(), bound);
+        assert_eq!(t.dev.counters.get(Counter::rx_overflow), 0, "at the bound");
+        assert_eq!(t.dev.counters.get(Counter::resets_sent), bound as u64);
+        for i in bound..bound + 10 {
+            t.dev.on_guest_packet(&bogus(i), &[]);
+        }
+        assert_eq!(t.dev.ctrl.len(), bound, "past the bound");
+        assert_eq!(t.dev.counters.get(Counter::rx_overflow), 10);
+        assert_eq!(t.dev.counters.get(Counter::resets_sent), bound as u64);
+        // The guest gets the oldest `bound` of them, then nothing.
+        let mut b = [0u8; 16];
+        let mut ports = Vec::new();
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            assert_eq!(h.op, OP_RST);
+            ports.push(h.dst_port);
+        }
+        let want: Vec<u32> = (0..bound as u32).map(|i| 10_000 + i).collect();
+        assert_eq!(ports, want);
+        // Room again once the guest took them.
+        t.dev.on_guest_packet(&bogus(0), &[]);
+        assert_eq!(t.dev.ctrl.len(), 1);
+        assert_eq!(t.dev.counters.get(Counter::rx_overflow), 10);
+    }
+
     #[test]
     fn a_header_has_the_spec_layout_and_round_trips() {
         let h = Header {
