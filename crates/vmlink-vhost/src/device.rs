@@ -1265,6 +1265,11 @@ impl Device {
             self.schedule(key);
             return Some(hdr);
         }
+        if !self.ctrl.is_empty() {
+            // A host socket failed above and its connection was reset: the RST goes now, not
+            // at the next event (`fill_rx` stops at the first `None`).
+            return self.next_rx_with(room, write);
+        }
         None
     }
 
@@ -2219,6 +2224,58 @@ mod tests {
         t.dev.on_guest_packet(&bogus(0), &[]);
         assert_eq!(t.dev.ctrl.len(), 1);
         assert_eq!(t.dev.counters.get(Counter::rx_overflow), 10);
+    }
+
+    #[test]
+    fn a_host_seqpacket_message_over_the_bound_resets_the_connection() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let mut t = test_device("seq-max", |_| {});
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = Header {
+            type_: TYPE_SEQPACKET,
+            ..guest(OP_REQUEST, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq, &[]);
+        let (mut host, _) = l.accept().expect("accept");
+        // Room for a message over 256 KiB in the host's send buffer (212 992 by default).
+        setsockopt(&host, sockopt::SndBuf, &(2 << 20)).expect("SO_SNDBUF");
+        let mut b = vec![0u8; MAX_PKT_DATA];
+        assert_eq!(t.dev.next_rx(&mut b).map(|h| h.op), Some(OP_RESPONSE));
+
+        // Exactly the bound: delivered whole, the end-of-message flag on its last packet only.
+        let msg: Vec<u8> = (0..MAX_HOST_SEQ_MSG as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        assert_eq!(host.write(&msg).expect("one message"), msg.len());
+        t.dev.handle_host_events();
+        let mut got = Vec::new();
+        let mut packets = 0;
+        while let Some(h) = t.dev.next_rx(&mut b) {
+            assert_eq!((h.op, h.type_), (OP_RW, TYPE_SEQPACKET));
+            packets += 1;
+            got.extend_from_slice(&b[..h.len as usize]);
+            let last = got.len() == msg.len();
+            assert_eq!(h.flags & SEQ_EOM != 0, last, "EOM on packet {packets}");
+            if last {
+                break;
+            }
+        }
+        assert!(got == msg, "{} of {} bytes", got.len(), msg.len());
+        assert_eq!(packets, MAX_HOST_SEQ_MSG / MAX_PKT_DATA);
+
+        // One byte more: the connection is reset, nothing of the message reaches the guest.
+        let over = vec![7u8; MAX_HOST_SEQ_MSG + 1];
+        assert_eq!(host.write(&over).expect("one message"), over.len());
+        t.dev.handle_host_events();
+        // At once: the same call that found the message too long gives the guest its RST.
+        let rst = t.dev.next_rx(&mut b).expect("an RST");
+        assert_eq!(
+            (rst.op, rst.type_, rst.src_port, rst.dst_port),
+            (OP_RST, TYPE_SEQPACKET, 1234, 5000)
+        );
+        assert!(t.dev.next_rx(&mut b).is_none(), "no cut message");
+        assert_eq!(t.dev.connection_count(), 0);
+        assert!(assert_closed("host seqpacket socket", &mut host).is_empty());
     }
 
     #[test]
