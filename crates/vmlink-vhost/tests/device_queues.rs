@@ -2,8 +2,10 @@
 //! guest driver would put on the rings, including hostile input.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -14,6 +16,7 @@ use vmlink_vhost::backend::{drain_tx, fill_rx};
 use vmlink_vhost::capture::Capture;
 use vmlink_vhost::counters::{Counter, Counters};
 use vmlink_vhost::device::*;
+use vmlink_vhost::router::{Router, INBOX_MAX_PACKETS};
 
 const CID: u64 = 3;
 const HDR: u32 = 44;
@@ -81,6 +84,20 @@ const SLOT: u64 = 0x1_1000;
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap, name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> Self {
+        Self::build(mem, name, tweak, None)
+    }
+
+    /// A rig whose device routes VM-to-VM packets through `router`.
+    fn with_router(mem: &'a GuestMemoryMmap, name: &str, router: Arc<Router>) -> Self {
+        Self::build(mem, name, |_| {}, Some(router))
+    }
+
+    fn build(
+        mem: &'a GuestMemoryMmap,
+        name: &str,
+        tweak: impl FnOnce(&mut DeviceConfig),
+        router: Option<Arc<Router>>,
+    ) -> Self {
         let dir =
             std::env::temp_dir().join(format!("vmlink-vhost-dq-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -89,7 +106,8 @@ impl<'a> Rig<'a> {
         // No timer-driven packets in the middle of a test.
         cfg.tick = std::time::Duration::from_secs(3600);
         tweak(&mut cfg);
-        let device = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        let device =
+            Device::with_router(cfg, Arc::new(Counters::default()), router).expect("device");
         let tx_mock = MockSplitQueue::create(mem, GuestAddress(0), 256);
         let rx_mock = MockSplitQueue::create(mem, GuestAddress(0x8000), 256);
         let tx = tx_mock.create_queue::<Queue>().expect("tx queue");
@@ -817,4 +835,327 @@ fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
     );
     // The RESPONSE waited for a good buffer.
     assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+}
+
+/// A `SOCK_SEQPACKET` Unix listener at `path` (std has none; `UnixListener` only wraps the fd).
+fn listen_seqpacket(path: &std::path::Path) -> UnixListener {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = nix::sys::socket::UnixAddr::new(path).expect("addr");
+    bind(fd.as_raw_fd(), &addr).expect("bind");
+    listen(&fd, Backlog::new(8).expect("backlog")).expect("listen");
+    UnixListener::from(fd)
+}
+
+/// A `SOCK_SEQPACKET` Unix client of `path`.
+fn connect_seqpacket(path: &std::path::Path) -> UnixStream {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = nix::sys::socket::UnixAddr::new(path).expect("addr");
+    connect(fd.as_raw_fd(), &addr).expect("connect");
+    UnixStream::from(fd)
+}
+
+/// Waits (at most 5 s) for `s` to be closed by the device: end-of-file, or a reset where the
+/// device left bytes unread. Returns what was left to read.
+fn closed_by_the_device(s: &mut UnixStream) -> Vec<u8> {
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    if let Err(e) = s.read_to_end(&mut rest) {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    rest
+}
+
+/// Offers no new RX buffers and calls `rig.recv(0)` (which runs the device's host events, its
+/// timer among them) until a packet arrives or 10 s have passed.
+fn recv_within_10s(rig: &mut Rig) -> Vec<(Header, Vec<u8>)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = rig.recv(0);
+        if !got.is_empty() || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn host_clients_in_their_handshake_are_bounded_and_time_out_on_the_tick() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "handshakes", |c| {
+        c.max_handshakes = 2;
+        c.handshake_timeout = Duration::from_millis(50);
+        c.tick = Duration::from_millis(20);
+    });
+    let uds = rig.device.config().uds_path.clone();
+    let mut half = UnixStream::connect(&uds).expect("connect");
+    half.write_all(b"CONNECT 5").expect("w");
+    let mut mute = UnixStream::connect(&uds).expect("connect");
+    let mut third = UnixStream::connect(&uds).expect("connect");
+    assert!(rig.recv(2).is_empty());
+    assert_eq!(rig.device.handshake_count(), 2);
+    assert_eq!(rig.count(Counter::handshake_limit), 1, "the third one");
+    assert!(closed_by_the_device(&mut third).is_empty());
+    // The two in their handshake are closed by the timer, without a reply.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.device.handshake_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(rig.recv(0).is_empty(), "nothing for the guest");
+    }
+    assert_eq!(rig.device.handshake_count(), 0, "timed out within 10 s");
+    assert_eq!(rig.count(Counter::handshake_errors), 2);
+    assert!(closed_by_the_device(&mut half).is_empty());
+    assert!(closed_by_the_device(&mut mute).is_empty());
+    assert_eq!(rig.device.connection_count(), 0);
+}
+
+#[test]
+fn a_host_connection_the_guest_never_answers_gets_rst_and_is_closed() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "connect-timeout", |c| {
+        c.connect_timeout = Duration::from_millis(50);
+        c.tick = Duration::from_millis(20);
+    });
+    let uds = rig.device.config().uds_path.clone();
+    let mut c = UnixStream::connect(&uds).expect("connect");
+    c.write_all(b"CONNECT 52\n").expect("w");
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let req = got[0].0;
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
+    assert_eq!(rig.device.connection_count(), 1);
+    // The guest stays silent: a tick after the time-out resets the connection.
+    let mut got = rig.recv(1);
+    if got.is_empty() {
+        got = recv_within_10s(&mut rig);
+    }
+    assert_eq!(got.len(), 1, "one RST within 10 s: {got:?}");
+    let rst = got[0].0;
+    assert_eq!(
+        (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+        (OP_RST, HOST_CID, CID, req.src_port, 52)
+    );
+    assert_eq!(rig.count(Counter::connect_timeouts), 1);
+    assert_eq!(rig.device.connection_count(), 0);
+    assert!(
+        closed_by_the_device(&mut c).is_empty(),
+        "closed without an OK line"
+    );
+}
+
+#[test]
+fn seqpacket_messages_keep_their_boundaries_and_an_oversized_host_message_resets() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "seqpacket", |_| {});
+    let p = rig.device.config().uds_path.clone();
+    let l = listen_seqpacket(std::path::Path::new(&format!("{}_1234", p.display())));
+    let seq = |op| Header {
+        type_: TYPE_SEQPACKET,
+        ..pkt(op, 5000, 1234)
+    };
+    rig.send(seq(OP_REQUEST), &[]);
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.op, got[0].0.type_), (OP_RESPONSE, TYPE_SEQPACKET));
+    let (mut host, _) = l.accept().expect("accept");
+
+    // Guest to host: a message in two packets, then one in one, in the same TX pass: the host
+    // reads two messages.
+    rig.queue(seq(OP_RW), b"hello ");
+    rig.queue(
+        Header {
+            flags: SEQ_EOM | SEQ_EOR,
+            ..seq(OP_RW)
+        },
+        b"world",
+    );
+    rig.queue(
+        Header {
+            flags: SEQ_EOM,
+            ..seq(OP_RW)
+        },
+        b"!",
+    );
+    rig.run_tx();
+    let mut b = vec![0u8; 64];
+    let n = host.read(&mut b).expect("message");
+    assert_eq!(&b[..n], b"hello world");
+    let n = host.read(&mut b).expect("message");
+    assert_eq!(&b[..n], b"!");
+
+    // Host to guest: a 10 000-byte message in 4 KiB RX buffers, EOM on its last packet only.
+    let msg: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    assert_eq!(host.write(&msg).expect("w"), msg.len());
+    let got = rig.recv(4);
+    let shape: Vec<(u16, u32, usize)> = got.iter().map(|(h, d)| (h.op, h.flags, d.len())).collect();
+    assert_eq!(
+        shape,
+        [(OP_RW, 0, 4096), (OP_RW, 0, 4096), (OP_RW, SEQ_EOM, 1808)]
+    );
+    assert!(got
+        .iter()
+        .flat_map(|(_, d)| d.iter().copied())
+        .eq(msg.iter().copied()));
+
+    // Over MAX_HOST_SEQ_MSG: never cut; the connection is reset at once and the host closed.
+    setsockopt(&host, sockopt::SndBuf, &(2 << 20)).expect("SO_SNDBUF");
+    let over = vec![1u8; MAX_HOST_SEQ_MSG + 1];
+    assert_eq!(host.write(&over).expect("w"), over.len());
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (
+            got[0].0.op,
+            got[0].0.type_,
+            got[0].0.src_port,
+            got[0].0.dst_port
+        ),
+        (OP_RST, TYPE_SEQPACKET, 1234, 5000)
+    );
+    assert_eq!(rig.device.connection_count(), 0);
+    assert!(closed_by_the_device(&mut host).is_empty());
+}
+
+#[test]
+fn a_host_seqpacket_client_connects_with_one_message_each_way() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "seq-host", |_| {});
+    let uds = rig.device.config().uds_path.clone();
+    let mut c = connect_seqpacket(&seqpacket_listener_path(&uds));
+    c.write_all(b"CONNECT 52\n").expect("w");
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let req = got[0].0;
+    assert_eq!(
+        (req.op, req.type_, req.dst_port),
+        (OP_REQUEST, TYPE_SEQPACKET, 52)
+    );
+    rig.send(
+        Header {
+            type_: TYPE_SEQPACKET,
+            ..pkt(OP_RESPONSE, 52, req.src_port)
+        },
+        &[],
+    );
+    let mut b = vec![0u8; 64];
+    let n = c.read(&mut b).expect("the OK message");
+    assert_eq!(
+        String::from_utf8_lossy(&b[..n]),
+        format!("OK {}\n", req.src_port)
+    );
+    c.write_all(b"one").expect("w");
+    c.write_all(b"two").expect("w");
+    let got = rig.recv(2);
+    let msgs: Vec<(u32, &[u8])> = got.iter().map(|(h, d)| (h.flags, &d[..])).collect();
+    assert_eq!(msgs, [(SEQ_EOM, &b"one"[..]), (SEQ_EOM, &b"two"[..])]);
+}
+
+#[test]
+fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
+    let mem = memory();
+    let g = ["g".to_string()];
+    let router = Arc::new(Router::new([(CID, &g[..]), (4, &g[..])]).expect("router"));
+    let mut rig = Rig::with_router(&mem, "vm2vm", router.clone());
+    // VM 4's device, driven by plain calls: its guest answers, then stops taking packets.
+    let mut cfg = DeviceConfig::new(4, rig._dir.0.join("b"));
+    cfg.tick = Duration::from_secs(3600);
+    let mut b_dev =
+        Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone())).expect("b");
+    let to_b = |op| Header {
+        dst_cid: 4,
+        ..pkt(op, 5000, 6000)
+    };
+    rig.send(to_b(OP_REQUEST), &[]);
+    assert_eq!(rig.count(Counter::forwarded), 1);
+    let mut buf = vec![0u8; MAX_PKT_DATA];
+    let req = b_dev.next_rx(&mut buf).expect("the REQUEST reached VM 4");
+    assert_eq!(
+        (req.op, req.src_cid, req.dst_cid, req.src_port, req.dst_port),
+        (OP_REQUEST, CID, 4, 5000, 6000)
+    );
+    b_dev.on_guest_packet(
+        &Header {
+            src_cid: 4,
+            dst_cid: CID,
+            src_port: 6000,
+            dst_port: 5000,
+            ..pkt(OP_RESPONSE, 0, 0)
+        },
+        &[],
+    );
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].0.op, got[0].0.src_cid, got[0].0.src_port),
+        (OP_RESPONSE, 4, 6000)
+    );
+
+    // Another connection fills VM 4's inbox to one place short of its bound (through the router
+    // itself: the rig's rings hold 128 descriptors).
+    let filler = Header {
+        len: 1,
+        ..pkt(OP_RW, 7000, 6001)
+    };
+    let filler = Header {
+        dst_cid: 4,
+        ..filler
+    };
+    for _ in 0..INBOX_MAX_PACKETS - 1 {
+        router.forward(&filler, b"f").expect("room");
+    }
+    // The last place is taken; the next packet is dropped, and its connection reset on both sides.
+    rig.send(to_b(OP_RW), b"last");
+    assert_eq!(rig.count(Counter::forwarded), 2);
+    assert_eq!(rig.count(Counter::forward_dropped), 0, "at the bound");
+    assert!(rig.recv(1).is_empty());
+    rig.send(to_b(OP_RW), b"dropped");
+    assert_eq!(rig.count(Counter::forwarded), 2);
+    assert_eq!(rig.count(Counter::forward_dropped), 1);
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (
+            got[0].0.op,
+            got[0].0.src_cid,
+            got[0].0.dst_cid,
+            got[0].0.src_port,
+            got[0].0.dst_port
+        ),
+        (OP_RST, 4, CID, 6000, 5000),
+        "the sender's guest is reset"
+    );
+    // VM 4's guest gets the filler, "last", then an RST as from the sender; "dropped" never.
+    let mut fillers = 0;
+    let mut rest = Vec::new();
+    while let Some(h) = b_dev.next_rx(&mut buf) {
+        if h.src_port == 7000 {
+            fillers += 1;
+        } else {
+            rest.push((h.op, h.src_cid, h.src_port, buf[..h.len as usize].to_vec()));
+        }
+    }
+    assert_eq!(fillers, INBOX_MAX_PACKETS - 1);
+    assert_eq!(
+        rest,
+        [
+            (OP_RW, CID, 5000, b"last".to_vec()),
+            (OP_RST, CID, 5000, Vec::new())
+        ]
+    );
 }
