@@ -104,7 +104,8 @@ fn pings_are_answered_promptly_during_a_large_copy() {
         features::ping_during_copy(
             &client,
             &dest.display().to_string(),
-            128 << 20,
+            // The figures: pings within 100 ms while 256 MiB are copied.
+            256 << 20,
             std::time::Duration::from_millis(100),
         )
         .await;
