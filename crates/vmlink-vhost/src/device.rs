@@ -1817,6 +1817,18 @@ mod tests {
         TestDevice { dev, dir }
     }
 
+    /// A seqpacket connection the guest opens from port 5000 to a host listener on port 1234:
+    /// the host's end (the device's RESPONSE is not taken yet).
+    fn seqpacket_from_guest(t: &mut TestDevice) -> UnixStream {
+        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
+        let seq = Header {
+            type_: TYPE_SEQPACKET,
+            ..guest(OP_REQUEST, 5000, 1234)
+        };
+        t.dev.on_guest_packet(&seq, &[]);
+        l.accept().expect("accept").0
+    }
+
     /// A guest-to-host header from guest port `gport` to host port `hport`.
     fn guest(op: u16, gport: u32, hport: u32) -> Header {
         Header {
@@ -1971,13 +1983,7 @@ mod tests {
     #[test]
     fn a_big_host_message_is_not_kept_room_for_once_sent() {
         let mut t = test_device("seq-stage", |_| {});
-        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
-        let seq = Header {
-            type_: TYPE_SEQPACKET,
-            ..guest(OP_REQUEST, 5000, 1234)
-        };
-        t.dev.on_guest_packet(&seq, &[]);
-        let (mut host, _) = l.accept().expect("accept");
+        let mut host = seqpacket_from_guest(&mut t);
         let msg: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         assert_eq!(host.write(&msg).expect("one message"), msg.len());
         t.dev.handle_host_events();
@@ -2230,13 +2236,7 @@ mod tests {
     fn a_host_seqpacket_message_over_the_bound_resets_the_connection() {
         use nix::sys::socket::{setsockopt, sockopt};
         let mut t = test_device("seq-max", |_| {});
-        let l = listen_seqpacket(&t.dir.join("v_1234")).expect("listen");
-        let seq = Header {
-            type_: TYPE_SEQPACKET,
-            ..guest(OP_REQUEST, 5000, 1234)
-        };
-        t.dev.on_guest_packet(&seq, &[]);
-        let (mut host, _) = l.accept().expect("accept");
+        let mut host = seqpacket_from_guest(&mut t);
         // Room for a message over 256 KiB in the host's send buffer (212 992 by default).
         setsockopt(&host, sockopt::SndBuf, &(2 << 20)).expect("SO_SNDBUF");
         let mut b = vec![0u8; MAX_PKT_DATA];

@@ -1,8 +1,9 @@
 //! The device model and the queue adapter driven through virtio-queue's `MockSplitQueue`: what a
 //! guest driver would put on the rings, including hostile input.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -837,37 +838,6 @@ fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
     assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
 }
 
-/// A `SOCK_SEQPACKET` Unix listener at `path` (std has none; `UnixListener` only wraps the fd).
-fn listen_seqpacket(path: &std::path::Path) -> UnixListener {
-    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    let addr = nix::sys::socket::UnixAddr::new(path).expect("addr");
-    bind(fd.as_raw_fd(), &addr).expect("bind");
-    listen(&fd, Backlog::new(8).expect("backlog")).expect("listen");
-    UnixListener::from(fd)
-}
-
-/// A `SOCK_SEQPACKET` Unix client of `path`.
-fn connect_seqpacket(path: &std::path::Path) -> UnixStream {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    let addr = nix::sys::socket::UnixAddr::new(path).expect("addr");
-    connect(fd.as_raw_fd(), &addr).expect("connect");
-    UnixStream::from(fd)
-}
-
 /// Waits (at most 5 s) for `s` to be closed by the device: end-of-file, or a reset where the
 /// device left bytes unread. Returns what was left to read.
 fn closed_by_the_device(s: &mut UnixStream) -> Vec<u8> {
@@ -964,7 +934,7 @@ fn seqpacket_messages_keep_their_boundaries_and_an_oversized_host_message_resets
     let mem = memory();
     let mut rig = Rig::new(&mem, "seqpacket", |_| {});
     let p = rig.device.config().uds_path.clone();
-    let l = listen_seqpacket(std::path::Path::new(&format!("{}_1234", p.display())));
+    let l = common::listen_seqpacket(std::path::Path::new(&format!("{}_1234", p.display())));
     let seq = |op| Header {
         type_: TYPE_SEQPACKET,
         ..pkt(op, 5000, 1234)
@@ -1037,7 +1007,7 @@ fn a_host_seqpacket_client_connects_with_one_message_each_way() {
     let mem = memory();
     let mut rig = Rig::new(&mem, "seq-host", |_| {});
     let uds = rig.device.config().uds_path.clone();
-    let mut c = connect_seqpacket(&seqpacket_listener_path(&uds));
+    let mut c = common::connect_seqpacket(&seqpacket_listener_path(&uds));
     c.write_all(b"CONNECT 52\n").expect("w");
     let got = rig.recv(1);
     assert_eq!(got.len(), 1, "{got:?}");
