@@ -191,22 +191,11 @@ pub async fn user(client: &Client) {
     );
     let mut req = cmd(&["id"]);
     req.user = Some("no-such-user".into());
-    match client
-        .exec(req, NO_STDIN, tokio::io::sink(), tokio::io::sink())
-        .await
-    {
-        Err(ClientError::Agent {
-            kind: ErrorKind::SpawnFailed,
-            message,
-            ..
-        }) => {
-            assert!(
-                message.contains("user \"no-such-user\" does not exist"),
-                "{message}"
-            )
-        }
-        other => panic!("an unknown user gave {other:?}"),
-    }
+    let message = super::exec_error(client, req, ErrorKind::SpawnFailed).await;
+    assert!(
+        message.contains("user \"no-such-user\" does not exist"),
+        "{message}"
+    );
 }
 
 /// Runs a script with the general exec; returns (stdout, status code).

@@ -226,6 +226,25 @@ pub fn cmd(argv: &[&str]) -> vmlink_agent::ExecRequest {
 /// No stdin.
 pub const NO_STDIN: Option<tokio::io::Empty> = None;
 
+/// Runs `req`, which the agent must refuse to start with an error of `kind`; returns the
+/// agent's message.
+pub async fn exec_error(
+    client: &vmlink_agent::client::Client,
+    req: vmlink_agent::ExecRequest,
+    kind: vmlink_proto::agent::ErrorKind,
+) -> String {
+    let what = format!("{:?}", req.argv);
+    match client
+        .exec(req, NO_STDIN, tokio::io::sink(), tokio::io::sink())
+        .await
+    {
+        Err(vmlink_agent::client::ClientError::Agent {
+            kind: k, message, ..
+        }) if k == kind => message,
+        other => panic!("{what}: expected an agent error of kind {kind}, got {other:?}"),
+    }
+}
+
 /// Whether process `pid` is gone (or a zombie, which has released everything).
 pub fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

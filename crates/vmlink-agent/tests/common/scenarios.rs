@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tokio::io::AsyncReadExt;
-use vmlink_agent::client::{signal_channel, Client, ClientError};
+use vmlink_agent::client::{signal_channel, Client};
 use vmlink_agent::ExitStatus;
 use vmlink_proto::agent::ErrorKind;
 
-use super::{cmd, process_gone, Hashing, Pattern, Stamped, NO_STDIN};
+use super::{cmd, exec_error, process_gone, Hashing, Pattern, Stamped, NO_STDIN};
 
 /// Runs `argv` without stdin; returns (stdout, stderr, status).
 pub async fn run(client: &Client, argv: &[&str]) -> (Vec<u8>, Vec<u8>, ExitStatus) {
@@ -165,27 +165,11 @@ pub async fn streaming_status_and_signals(client: &Client) {
     );
 
     // Clear errors for what cannot run.
-    match client
-        .exec(
-            cmd(&["/nonexistent/prog"]),
-            NO_STDIN,
-            tokio::io::sink(),
-            tokio::io::sink(),
-        )
-        .await
-    {
-        Err(ClientError::Agent {
-            kind: ErrorKind::NotFound,
-            message,
-            ..
-        }) => {
-            assert!(
-                message.contains("/nonexistent/prog") && message.contains("No such file"),
-                "{message}"
-            );
-        }
-        other => panic!("a missing program gave {other:?}"),
-    }
+    let message = exec_error(client, cmd(&["/nonexistent/prog"]), ErrorKind::NotFound).await;
+    assert!(
+        message.contains("/nonexistent/prog") && message.contains("No such file"),
+        "{message}"
+    );
     // A program that exists but cannot run, and a missing working directory, are
     // `spawn_failed` (a client exits 126), not `not_found` (127).
     let mut in_missing_dir = cmd(&["true"]);
@@ -194,17 +178,8 @@ pub async fn streaming_status_and_signals(client: &Client) {
         (cmd(&["/etc/passwd"]), "\"/etc/passwd\""),
         (in_missing_dir, "working directory \"/nonexistent/dir\""),
     ] {
-        match client
-            .exec(req, NO_STDIN, tokio::io::sink(), tokio::io::sink())
-            .await
-        {
-            Err(ClientError::Agent {
-                kind: ErrorKind::SpawnFailed,
-                message,
-                ..
-            }) => assert!(message.contains(expect), "{message}"),
-            other => panic!("{expect} gave {other:?}"),
-        }
+        let message = exec_error(client, req, ErrorKind::SpawnFailed).await;
+        assert!(message.contains(expect), "{message}");
     }
     // A terminal is supported (its details: `features::tty`).
     let mut tty = cmd(&["true"]);
