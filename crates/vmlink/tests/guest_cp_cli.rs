@@ -1,6 +1,6 @@
 //! `vmlink cp` as a user runs it, against the real `vmlink-agent` binary over vsock in a lab
-//! guest: a 64 MiB file both ways (with the raw channel's `vmlink bench` figures beside it), a
-//! directory tree with modes, mtimes, a symlink and an empty directory, stdin and stdout, a
+//! guest: a 256 MiB file both ways, compared byte for byte (with the raw channel's `vmlink bench`
+//! figures beside it), a directory tree with modes, mtimes, a symlink and an empty directory, stdin and stdout, a
 //! client killed mid-copy, and a full tmpfs. One guest boot for all of it.
 
 mod common;
@@ -67,8 +67,41 @@ fn cp_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-fn sha_file(p: &Path) -> Vec<u8> {
-    common::sha(&fs::read(p).expect("read"))
+/// Writes `len` bytes (a multiple of 1 MiB) to `p`: one pseudo-random MiB, each copy stamped with
+/// its index, so that a block delivered twice, lost or out of order shows. Generating every byte
+/// afresh would take this debug test binary most of a minute under TCG.
+fn write_big(p: &Path, seed: u64, len: usize) {
+    let mut block = common::payload(seed, 1 << 20);
+    let mut f = fs::File::create(p).expect("create");
+    for i in 0..len >> 20 {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        f.write_all(&block).expect("write");
+    }
+    f.sync_all().expect("fsync");
+}
+
+/// Whether two files hold the same bytes (read a MiB at a time: hashing 256 MiB three times
+/// would cost this TCG guest ~25 s).
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        fs::File::open(a).expect("open"),
+        fs::File::open(b).expect("open"),
+    );
+    if fa.metadata().expect("stat").len() != fb.metadata().expect("stat").len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).expect("read");
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).expect("read");
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
 }
 
 fn set_mtime(p: &Path, secs: u64) {
@@ -128,10 +161,13 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-const BIG: usize = 64 << 20;
+const BIG: usize = 256 << 20;
 
 guest_test! {
-    fn vmlink_cp_copies_files_and_trees_both_ways_atomically_over_vsock() cfg { common::vsock_lab() } {
+    fn vmlink_cp_copies_files_and_trees_both_ways_atomically_over_vsock() cfg {
+        // The guest's files live in its RAM (a tmpfs of half of it): 256 MiB three times over.
+        vmlink_lab::LabConfig { mem: "2560M".into(), ..common::vsock_lab() }
+    } {
         let mut agent_cmd = std::process::Command::new(agent_binary());
         agent_cmd.args(["--listen", "vsock-listen:any", "--allow-cid", "local"]);
         let (mut agent, port) = start_listener(agent_cmd, "vmlink-agent: listening on ");
@@ -153,16 +189,16 @@ guest_test! {
         let raw_down = v["download_mib_s"].as_f64().expect("download");
         let _ = bench.wait();
 
-        // 64 MiB to the agent and back, by sha256.
+        // 256 MiB to the agent and back, compared byte for byte with the source.
         let src = work.join("src.bin");
-        fs::write(&src, common::payload(11, BIG)).expect("write source");
-        let want = sha_file(&src);
+        write_big(&src, 11, BIG);
         let up = cp_json(&[src.to_str().expect("utf8"), &format!("{t}:/tmp/cp/up")]);
-        assert_eq!(sha_file(&work.join("up/src.bin")), want);
-        fs::remove_file(&src).expect("rm");
+        assert!(same_bytes(&src, &work.join("up/src.bin")), "256 MiB put differs");
         let down = cp_json(&[&format!("{t}:/tmp/cp/up/src.bin"), "/tmp/cp/down.bin"]);
-        assert_eq!(sha_file(&work.join("down.bin")), want);
-        fs::remove_file(work.join("down.bin")).expect("rm");
+        assert!(same_bytes(&src, &work.join("down.bin")), "256 MiB get differs");
+        for f in ["src.bin", "down.bin", "up/src.bin"] {
+            fs::remove_file(work.join(f)).expect("rm");
+        }
         for (r, dir) in [(&up, "put"), (&down, "get")] {
             assert_eq!(r["direction"], dir, "{r}");
             assert_eq!(r["bytes"], BIG as u64, "{r}");
@@ -172,8 +208,8 @@ guest_test! {
         }
         let (up, down) = (up["mib_s"].as_f64().expect("mib_s"), down["mib_s"].as_f64().expect("mib_s"));
         println!(
-            "measured: vsock loopback 64 MiB: raw bench up {raw_up:.1} MiB/s down {raw_down:.1} MiB/s; \
-             vmlink cp put {up:.1} MiB/s ({:.0} %) get {down:.1} MiB/s ({:.0} %) (connect to fsync and rename, as cp --json reports it)",
+            "measured: vsock loopback: raw bench (64 MiB) up {raw_up:.1} MiB/s down {raw_down:.1} MiB/s; \
+             vmlink cp 256 MiB put {up:.1} MiB/s ({:.0} %) get {down:.1} MiB/s ({:.0} %) (connect to fsync and rename, as cp --json reports it)",
             100.0 * up / raw_up, 100.0 * down / raw_down
         );
 
