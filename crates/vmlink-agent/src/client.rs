@@ -21,7 +21,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmlink_proto::agent::{
     Checksum, ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run,
-    Signal, WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION,
+    Signal, WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION, STDIN_WINDOW,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
@@ -361,6 +361,12 @@ impl Client {
         for (needed, feature, what) in needs {
             self.require(&hello, needed, feature, what)?;
         }
+        // Keep to the stdin window where the agent acknowledges input: then it always reads
+        // this connection, and a signal or a hang-up behind unread input acts at once.
+        let windowed = req.stdin && hello.features.iter().any(|f| f == "stdin_window");
+        req.stdin_window = windowed;
+        let acked = std::sync::atomic::AtomicU64::new(0);
+        let ack_ready = tokio::sync::Notify::new();
         let Conn { mut reader, mut w } = conn;
         let sent = match script {
             None => self.send(&mut w, &Message::Exec(req)).await,
@@ -404,22 +410,34 @@ impl Client {
             let mut input = stdin;
             let mut buf = vec![0u8; MAX_DATA_CHUNK];
             let mut signals_open = true;
+            let mut sent = 0u64;
             while input.is_some() || signals_open {
+                // Room in the window: stdin is read no further ahead than the agent takes it.
+                let room = if windowed {
+                    let in_flight = sent.saturating_sub(acked.load(Ordering::Relaxed));
+                    usize::try_from(STDIN_WINDOW.saturating_sub(in_flight))
+                        .unwrap_or(usize::MAX)
+                        .min(MAX_DATA_CHUNK)
+                } else {
+                    MAX_DATA_CHUNK
+                };
                 tokio::select! {
                     n = async {
                         match &mut input {
-                            Some(i) => i.read(&mut buf).await,
+                            Some(i) => i.read(&mut buf[..room]).await,
                             None => std::future::pending().await,
                         }
-                    }, if input.is_some() => {
+                    }, if input.is_some() && room > 0 => {
                         let n = n.map_err(|source| ClientError::Local { what: "stdin", source })?;
                         if n == 0 {
                             input = None;
                             self.send(&mut w, &Message::StdinEof).await?;
                         } else {
+                            sent += n as u64;
                             self.send(&mut w, &Message::Stdin(buf[..n].to_vec())).await?;
                         }
                     }
+                    () = ack_ready.notified(), if input.is_some() && room == 0 => {}
                     control = signals.0.recv(), if signals_open => match control {
                         Some(Control::Signal(signo)) => {
                             self.send(&mut w, &Message::Signal(Signal { signo })).await?
@@ -459,6 +477,12 @@ impl Client {
                         local_write(&mut stderr, &data, "stderr").await?
                     }
                     Ok(Some(Message::Exit(exit))) => return Ok(exit),
+                    Ok(Some(Message::StdinAck(ack))) => {
+                        // Acknowledging more than was sent gains a peer nothing: saturate.
+                        let total = acked.load(Ordering::Relaxed).saturating_add(ack.bytes);
+                        acked.store(total, Ordering::Relaxed);
+                        ack_ready.notify_one();
+                    }
                     Ok(Some(other)) => {
                         return Err(self.unexpected("Stdout, Stderr or Exit", &other))
                     }

@@ -7,6 +7,7 @@
 //! connection. Events a peer causes are logged at `debug`, never `warn`.
 
 use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::{debug, info};
 use vmlink_proto::agent::{
-    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, FEATURES, HEADER_LEN,
-    MAX_DATA_CHUNK, PROTOCOL_VERSION,
+    encode_header, ErrorKind, Exec, Exit, Hello, Info, Message, MessageType, StdinAck, FEATURES,
+    HEADER_LEN, MAX_DATA_CHUNK, PROTOCOL_VERSION, STDIN_WINDOW,
 };
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
@@ -393,11 +394,14 @@ pub(crate) async fn run_exec(
     // the client going away: a client that stops reading the output (so that writes below
     // wait) can still interrupt or kill the command.
     let (events_tx, mut events) = mpsc::channel(16);
+    // A client that keeps to the stdin window learns how much of its input left the queue.
+    let acks = exec.stdin_window.then(|| Arc::new(Acks::default()));
     let _pump = AbortOnDrop(tokio::spawn(pump_incoming(
         reader,
         stdin,
         events_tx,
         group.clone(),
+        acks.clone(),
     )));
     let mut events_open = true;
 
@@ -433,6 +437,17 @@ pub(crate) async fn run_exec(
                 }
             }, if !err_eof => {
                 err_eof = send_chunk(w, MessageType::Stderr, &mut err_buf, n).await?;
+            }
+            () = async {
+                match &acks {
+                    Some(a) => a.ready.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let bytes = acks.as_ref().map_or(0, |a| a.bytes.swap(0, Ordering::Relaxed));
+                if bytes > 0 {
+                    write_message(w, &Message::StdinAck(StdinAck { bytes })).await?;
+                }
             }
             st = child.wait(), if status.is_none() => {
                 // Once reaped, the group id may be reused: never signal it again.
@@ -527,13 +542,41 @@ async fn send_chunk(
 }
 
 /// How many bytes of `Stdin` frames wait for the command to read them before the agent stops
-/// reading the client's frames (1 MiB, one frame more at most): a signal or a disconnect behind
-/// more unread input than this waits until the command reads it (or exits, or writes output
-/// the client no longer takes).
-const STDIN_QUEUE: usize = 1 << 20;
+/// reading the client's frames (1 MiB, one frame more at most): the stdin window
+/// ([`STDIN_WINDOW`]). A client that keeps to the window never fills it, so the agent always
+/// reads its frames. With a client that does not (an older one, which sends no
+/// `stdin_window`), a signal or a disconnect behind more unread input than this waits until the
+/// command reads it (or exits, or writes output the client no longer takes).
+const STDIN_QUEUE: usize = STDIN_WINDOW as usize;
+
+/// Stdin bytes that left the queue and are not yet acknowledged to the client, and the wake-up
+/// of the exec loop that sends the `StdinAck`.
+#[derive(Default)]
+struct Acks {
+    bytes: AtomicU64,
+    ready: tokio::sync::Notify,
+}
+
+/// A piece of stdin's share of [`STDIN_QUEUE`]: given back, and acknowledged to a windowed
+/// client, when the piece leaves the queue, whichever way it leaves (written to the command,
+/// dropped after the command closed its stdin, or dropped with the exec).
+struct Queued {
+    _room: OwnedSemaphorePermit,
+    len: u64,
+    acks: Option<Arc<Acks>>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(a) = &self.acks {
+            a.bytes.fetch_add(self.len, Ordering::Relaxed);
+            a.ready.notify_one();
+        }
+    }
+}
 
 /// What the pump hands the stdin task: data with its share of [`STDIN_QUEUE`], or the EOF.
-type StdinItem = Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>;
+type StdinItem = Option<(Vec<u8>, Queued)>;
 
 /// Reads the client's frames for the whole exec: stdin goes to the command (through a queue, by
 /// a task of its own), signals and window sizes act at once, and a closed connection kills the
@@ -543,6 +586,7 @@ async fn pump_incoming(
     stdin: Option<StdinSink>,
     events: mpsc::Sender<Incoming>,
     group: Group,
+    acks: Option<Arc<Acks>>,
 ) {
     let pty = match &stdin {
         Some(StdinSink::Pty(t)) => Some(t.clone()),
@@ -559,6 +603,11 @@ async fn pump_incoming(
                 let want = u32::try_from(data.len().min(STDIN_QUEUE)).unwrap_or(u32::MAX);
                 let Ok(permit) = room.clone().acquire_many_owned(want).await else {
                     continue; // never closed
+                };
+                let permit = Queued {
+                    _room: permit,
+                    len: data.len() as u64,
+                    acks: acks.clone(),
                 };
                 // A closed queue: the command closed its stdin; drop the rest, as a pipe would.
                 if let Some(tx) = &input {

@@ -31,7 +31,7 @@ fn exec_runs_on_a_terminal_with_a_timeout_as_another_user_and_runs_scripts() {
 }
 
 #[test]
-fn a_stalled_output_neither_blocks_a_signal_nor_a_timeout() {
+fn stalled_output_or_unread_input_blocks_neither_a_signal_nor_a_timeout_nor_a_hang_up() {
     common::runtime().block_on(async {
         let agent = unix_agent("stalled", ExecPolicy::default());
         let client = Client::connect(&agent.addr).await.expect("connect");
@@ -39,6 +39,7 @@ fn a_stalled_output_neither_blocks_a_signal_nor_a_timeout() {
         std::fs::create_dir_all(&dir).expect("dir");
         features::stalled_output(&client, &dir).await;
         features::exit_while_stdin_flows(&client).await;
+        features::unread_input(&client).await;
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

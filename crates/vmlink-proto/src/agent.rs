@@ -121,6 +121,8 @@ pub enum MessageType {
     Run = 21,
     /// [`Message::Logs`].
     Logs = 22,
+    /// [`Message::StdinAck`].
+    StdinAck = 23,
 }
 
 impl MessageType {
@@ -150,6 +152,7 @@ impl MessageType {
             20 => Resize,
             21 => Run,
             22 => Logs,
+            23 => StdinAck,
             _ => return None,
         })
     }
@@ -160,7 +163,7 @@ impl MessageType {
             Ping | Pong | InfoRequest | StdinEof | Done => PayloadKind::Empty,
             Stdin | Stdout | Stderr | Data => PayloadKind::Bytes,
             Hello | Info | Exec | Exit | Signal | Error | Put | Get | Entry | FileEnd | Resize
-            | Run | Logs => PayloadKind::Json,
+            | Run | Logs | StdinAck => PayloadKind::Json,
         }
     }
 }
@@ -194,8 +197,15 @@ pub struct Hello {
 }
 
 /// Feature names an agent announces in its [`Hello`]: `Exec.tty` with `Resize`; `Exec.user`;
-/// the `Run` request; the `Logs` request; [`Checksum::Xxh64`] in copies.
-pub const FEATURES: [&str; 5] = ["tty", "user", "run", "logs", "xxh64"];
+/// the `Run` request; the `Logs` request; [`Checksum::Xxh64`] in copies; `Exec.stdin_window`
+/// with [`StdinAck`].
+pub const FEATURES: [&str; 6] = ["tty", "user", "run", "logs", "xxh64", "stdin_window"];
+
+/// The stdin window of an exec with `stdin_window` (1 MiB): a client keeps at most this many
+/// `Stdin` bytes sent and not yet acknowledged by a [`StdinAck`]. The agent's own queue holds as
+/// much, so it never has to stop reading the client's frames, and a `Signal` or a closed
+/// connection behind unread input acts at once.
+pub const STDIN_WINDOW: u64 = 1 << 20;
 /// The most feature names a `Hello` may carry.
 pub const MAX_FEATURES: usize = 64;
 
@@ -241,6 +251,19 @@ pub struct Exec {
     /// the agent must be root.
     #[serde(default)]
     pub user: Option<String>,
+    /// The client keeps to the stdin window ([`STDIN_WINDOW`]) and reads [`StdinAck`]s: only
+    /// to an agent that announces the feature `stdin_window` (an older agent ignores the field
+    /// and sends no acknowledgements).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_window: bool,
+}
+
+/// Agent, during an exec with `stdin_window`: `bytes` more of the client's `Stdin` left the
+/// agent's queue (written to the command, or dropped after it closed its stdin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StdinAck {
+    /// Bytes acknowledged by this message (not a running total).
+    pub bytes: u64,
 }
 
 /// A terminal's size in character cells.
@@ -621,6 +644,8 @@ pub enum Message {
     Run(Run),
     /// Client: tail a file (`Data` frames follow, then `Done` unless following).
     Logs(Logs),
+    /// Agent: stdin bytes the command took (the window opens again by that much).
+    StdinAck(StdinAck),
 }
 
 impl Message {
@@ -661,6 +686,7 @@ impl Message {
             Message::Resize(_) => MessageType::Resize,
             Message::Run(_) => MessageType::Run,
             Message::Logs(_) => MessageType::Logs,
+            Message::StdinAck(_) => MessageType::StdinAck,
         }
     }
 
@@ -734,6 +760,10 @@ impl Message {
                 &owned
             }
             Message::Logs(v) => {
+                owned = json(serde_json::to_vec(v))?;
+                &owned
+            }
+            Message::StdinAck(v) => {
                 owned = json(serde_json::to_vec(v))?;
                 &owned
             }
@@ -1006,6 +1036,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
             }
             Message::Logs(logs)
         }
+        MessageType::StdinAck => Message::StdinAck(json(ty, payload)?),
     };
     Ok(Some((message, total)))
 }
@@ -1396,6 +1427,34 @@ mod tests {
     use super::fuzzing::{check_agent_frames, check_round_trip};
     use super::*;
 
+    #[test]
+    fn stdin_window_is_sent_only_when_asked_for_and_defaults_to_off() {
+        let plain = Message::Exec(Exec {
+            argv: vec!["cat".into()],
+            stdin: true,
+            ..Exec::default()
+        });
+        let bytes = plain.encode().expect("encodes");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("stdin_window"),
+            "an Exec without the window looks as it did before the feature"
+        );
+        let windowed = Message::Exec(Exec {
+            argv: vec!["cat".into()],
+            stdin: true,
+            stdin_window: true,
+            ..Exec::default()
+        });
+        let bytes = windowed.encode().expect("encodes");
+        assert!(String::from_utf8_lossy(&bytes).contains("\"stdin_window\":true"));
+        assert_eq!(decode(&bytes), Ok(Some((windowed, bytes.len()))));
+        let ack = Message::StdinAck(StdinAck { bytes: 7 })
+            .encode()
+            .expect("encodes");
+        assert_eq!(ack[5], 23, "StdinAck is type 23");
+        assert!(matches!(decode(&ack[..HEADER_LEN]), Ok(None)));
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(Hello {
@@ -1427,10 +1486,12 @@ mod tests {
                 tty: false,
                 window: None,
                 user: None,
+                stdin_window: false,
             }),
             Message::Exec(Exec {
                 argv: vec!["sh".into()],
                 stdin: true,
+                stdin_window: true,
                 tty: true,
                 window: Some(WindowSize {
                     rows: 40,
@@ -1457,6 +1518,7 @@ mod tests {
             }),
             Message::Stdin(b"in\0put".to_vec()),
             Message::StdinEof,
+            Message::StdinAck(StdinAck { bytes: 65536 }),
             Message::Stdout(vec![0xff; 1000]),
             Message::Stderr(Vec::new()),
             Message::Exit(Exit {
@@ -1661,7 +1723,7 @@ mod tests {
         assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
         assert_eq!(with(4, 2), FrameError::BadVersion { version: 2 });
         assert_eq!(with(5, 0), FrameError::UnknownType { ty: 0 });
-        assert_eq!(with(5, 23), FrameError::UnknownType { ty: 23 });
+        assert_eq!(with(5, 24), FrameError::UnknownType { ty: 24 });
         assert!(matches!(
             with(7, 1),
             FrameError::BadFlags { flags: 0x100, .. }

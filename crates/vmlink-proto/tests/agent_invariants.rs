@@ -4,7 +4,7 @@
 use vmlink_proto::agent::fuzzing::check_agent_frames;
 use vmlink_proto::agent::{
     decode, encode_header, Exec, Exit, FrameError, Hello, Logs, Message, MessageType, Run, Signal,
-    WindowSize, HEADER_LEN,
+    StdinAck, WindowSize, HEADER_LEN,
 };
 
 use vmlink_proto::fuzzing::XorShift;
@@ -33,6 +33,7 @@ fn seeds() -> Vec<Vec<u8>> {
             signal: None,
         }),
         Message::Signal(Signal { signo: 9 }),
+        Message::StdinAck(StdinAck { bytes: 4096 }),
         Message::Exec(Exec {
             argv: vec!["sh".into()],
             tty: true,

@@ -611,3 +611,142 @@ pub async fn exit_while_stdin_flows(client: &Client) {
         assert_eq!(out, b"x");
     }
 }
+
+/// Endless stdin (`x`s) that counts what was read and says when `at` bytes have been.
+struct CountedInput {
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    at: u64,
+    reached: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl tokio::io::AsyncRead for CountedInput {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = buf.remaining();
+        buf.put_slice(&vec![b'x'; n]);
+        let before = self
+            .read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if before < self.at && before + n as u64 >= self.at {
+            self.reached.notify_one();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Input nobody reads does not hold up the rest: a command that never reads its stdin, fed
+/// without end, still gets a signal at once, and still dies at once with its connection (the
+/// stdin window: without it, the agent stops reading the connection once 1 MiB waits).
+pub async fn unread_input(client: &Client) {
+    const AT: u64 = 1 << 20;
+    let input = |read: &std::sync::Arc<std::sync::atomic::AtomicU64>| {
+        let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+        let input = CountedInput {
+            read: read.clone(),
+            at: AT,
+            reached: reached.clone(),
+        };
+        (input, reached)
+    };
+
+    // A signal behind 1 MiB of unread input.
+    let read = std::sync::Arc::default();
+    let (stdin, reached) = input(&read);
+    let (signals_tx, signals) = signal_channel();
+    let c = client.clone();
+    let exec = tokio::spawn(async move {
+        c.exec_full(
+            cmd(&["sleep", "1000"]),
+            None,
+            Some(stdin),
+            tokio::io::sink(),
+            tokio::io::sink(),
+            signals,
+            None,
+        )
+        .await
+    });
+    reached.notified().await;
+    let signalled = Instant::now();
+    assert!(signals_tx.send(libc::SIGTERM));
+    let finished = tokio::time::timeout(Duration::from_secs(20), exec)
+        .await
+        .expect("SIGTERM behind unread input never reached the command")
+        .expect("join")
+        .expect("exec");
+    assert_eq!(finished.exit.signal, Some(libc::SIGTERM), "{finished:?}");
+    println!(
+        "measured: SIGTERM behind unread stdin acted in {:?}",
+        signalled.elapsed()
+    );
+
+    // A hang-up behind unread input: the command dies with the connection.
+    let read = std::sync::Arc::default();
+    let (stdin, reached) = input(&read);
+    let (_keep, signals) = signal_channel();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let c = client.clone();
+    let exec = tokio::spawn(async move {
+        let mut out = PidLine(Some(pid_tx), Vec::new());
+        c.exec_full(
+            cmd(&["sh", "-c", "echo $$; exec sleep 1000"]),
+            None,
+            Some(stdin),
+            &mut out,
+            tokio::io::sink(),
+            signals,
+            None,
+        )
+        .await
+    });
+    let pid: u32 = tokio::time::timeout(Duration::from_secs(20), pid_rx)
+        .await
+        .expect("the command's pid within 20 s")
+        .expect("pid");
+    reached.notified().await;
+    exec.abort();
+    let _ = exec.await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the command outlived its connection behind unread input"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes the first line of stdout as a pid.
+struct PidLine(Option<tokio::sync::oneshot::Sender<u32>>, Vec<u8>);
+
+impl tokio::io::AsyncWrite for PidLine {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.1.extend_from_slice(buf);
+        if let Some(end) = self.1.iter().position(|&b| b == b'\n') {
+            let pid = String::from_utf8_lossy(&self.1[..end]).trim().parse();
+            if let (Some(tx), Ok(pid)) = (self.0.take(), pid) {
+                let _ = tx.send(pid);
+            }
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
