@@ -445,6 +445,7 @@ pub(crate) async fn run_exec(
                 }
             } => {
                 let bytes = acks.as_ref().map_or(0, |a| a.bytes.swap(0, Ordering::Relaxed));
+                // Woken at ACK_EVERY, so this is at least that much (or 0 for a stale wake-up).
                 if bytes > 0 {
                     write_message(w, &Message::StdinAck(StdinAck { bytes })).await?;
                 }
@@ -542,7 +543,7 @@ async fn send_chunk(
 }
 
 /// How many bytes of `Stdin` frames wait for the command to read them before the agent stops
-/// reading the client's frames (1 MiB, one frame more at most): the stdin window
+/// reading the client's frames (4 MiB, one frame more at most): the stdin window
 /// ([`STDIN_WINDOW`]). A client that keeps to the window never fills it, so the agent always
 /// reads its frames. With a client that does not (an older one, which sends no
 /// `stdin_window`), a signal or a disconnect behind more unread input than this waits until the
@@ -566,11 +567,19 @@ struct Queued {
     acks: Option<Arc<Acks>>,
 }
 
+/// Input acknowledged in one `StdinAck` at least (a quarter of the window): fewer frames and
+/// wake-ups than one per `Stdin` frame. It cannot stall a client: with the window full, either
+/// this much waits to be acknowledged, or more than the rest of the window waits in the queue
+/// for the command, and what the command reads next completes an ack.
+const ACK_EVERY: u64 = STDIN_WINDOW / 4;
+
 impl Drop for Queued {
     fn drop(&mut self) {
         if let Some(a) = &self.acks {
-            a.bytes.fetch_add(self.len, Ordering::Relaxed);
-            a.ready.notify_one();
+            let before = a.bytes.fetch_add(self.len, Ordering::Relaxed);
+            if before < ACK_EVERY && before + self.len >= ACK_EVERY {
+                a.ready.notify_one();
+            }
         }
     }
 }
@@ -599,7 +608,7 @@ async fn pump_incoming(
     loop {
         let event = match reader.next().await {
             Ok(Some(Message::Stdin(data))) => {
-                // Room for it in the queue (a frame is at most 1 MiB, the whole queue).
+                // Room for it in the queue (a frame is at most 1 MiB: it always fits).
                 let want = u32::try_from(data.len().min(STDIN_QUEUE)).unwrap_or(u32::MAX);
                 let Ok(permit) = room.clone().acquire_many_owned(want).await else {
                     continue; // never closed

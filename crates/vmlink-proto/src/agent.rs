@@ -201,13 +201,14 @@ pub struct Hello {
 /// with [`StdinAck`].
 pub const FEATURES: [&str; 6] = ["tty", "user", "run", "logs", "xxh64", "stdin_window"];
 
-/// The stdin window of an exec with `stdin_window` (1 MiB): a client keeps at most this many
+/// The most feature names a `Hello` may carry.
+pub const MAX_FEATURES: usize = 64;
+
+/// The stdin window of an exec with `stdin_window` (4 MiB): a client keeps at most this many
 /// `Stdin` bytes sent and not yet acknowledged by a [`StdinAck`]. The agent's own queue holds as
 /// much, so it never has to stop reading the client's frames, and a `Signal` or a closed
 /// connection behind unread input acts at once.
-pub const STDIN_WINDOW: u64 = 1 << 20;
-/// The most feature names a `Hello` may carry.
-pub const MAX_FEATURES: usize = 64;
+pub const STDIN_WINDOW: u64 = 4 << 20;
 
 /// What the agent knows about its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -639,7 +639,7 @@ impl tokio::io::AsyncRead for CountedInput {
 
 /// Input nobody reads does not hold up the rest: a command that never reads its stdin, fed
 /// without end, still gets a signal at once, and still dies at once with its connection (the
-/// stdin window: without it, the agent stops reading the connection once 1 MiB waits).
+/// stdin window: without it, the agent stops reading the connection once 4 MiB wait).
 pub async fn unread_input(client: &Client) {
     const AT: u64 = 1 << 20;
     let input = |read: &std::sync::Arc<std::sync::atomic::AtomicU64>| {
