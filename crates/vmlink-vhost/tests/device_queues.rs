@@ -17,7 +17,7 @@ use vmlink_vhost::backend::{drain_tx, fill_rx};
 use vmlink_vhost::capture::Capture;
 use vmlink_vhost::counters::{Counter, Counters};
 use vmlink_vhost::device::*;
-use vmlink_vhost::router::{Router, INBOX_MAX_PACKETS};
+use vmlink_vhost::router::{Router, INBOX_SENDER_MAX_PACKETS};
 
 const CID: u64 = 3;
 const HDR: u32 = 44;
@@ -1086,7 +1086,7 @@ fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
         dst_cid: 4,
         ..filler
     };
-    for _ in 0..INBOX_MAX_PACKETS - 1 {
+    for _ in 0..INBOX_SENDER_MAX_PACKETS - 1 {
         router.forward(&filler, b"f").expect("room");
     }
     // The last place is taken; the next packet is dropped, and its connection reset on both sides.
@@ -1120,7 +1120,7 @@ fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
             rest.push((h.op, h.src_cid, h.src_port, buf[..h.len as usize].to_vec()));
         }
     }
-    assert_eq!(fillers, INBOX_MAX_PACKETS - 1);
+    assert_eq!(fillers, INBOX_SENDER_MAX_PACKETS - 1);
     assert_eq!(
         rest,
         [
