@@ -33,6 +33,7 @@
 //! `n` × 8 MiB. Groups are also the isolation boundary: a VM that shares no group with a
 //! guest cannot be reached by it at all.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -64,16 +65,22 @@ pub struct Forwarded {
 #[derive(Debug, Default)]
 struct SenderQueue {
     packets: VecDeque<Forwarded>,
+    /// Payload bytes waiting (those of the front packet already taken not counted).
     bytes: usize,
+    /// Payload bytes of the front packet already taken in pieces: they stay in its buffer,
+    /// rather than moving the rest down at each piece, until the last piece goes.
+    taken: usize,
 }
 
 /// The packets waiting in an inbox.
 #[derive(Debug, Default)]
 struct Queues {
-    /// The senders that have packets waiting, by source CID. A sender's entry is removed with
-    /// its last packet, so none is empty.
+    /// The senders that have sent packets since the last [`Inbox::clear`], by source CID, at
+    /// most [`Inbox::max_senders`]. An emptied queue is kept, with its memory, for the sender's
+    /// next packets (freeing and growing it again at each burst costs more than the queue).
     senders: HashMap<u64, SenderQueue>,
-    /// The same senders, each once, in the order [`Inbox::pop`] serves them (the front next).
+    /// The senders that have packets waiting, each once, in the order [`Inbox::pop`] serves
+    /// them (the front next).
     turns: VecDeque<u64>,
 }
 
@@ -133,26 +140,28 @@ impl Inbox {
                 continue;
             };
             let Some(front) = s.packets.front_mut() else {
-                q.senders.remove(&cid);
                 continue;
             };
-            let p = if front.data.len() <= max {
-                let p = s.packets.pop_front()?;
+            let p = if front.data.len() - s.taken <= max {
+                let mut p = s.packets.pop_front()?;
+                if s.taken > 0 {
+                    p.data.drain(..s.taken);
+                    p.hdr.len = p.data.len() as u32;
+                    s.taken = 0;
+                }
                 s.bytes -= p.data.len();
                 p
             } else {
-                let head: Vec<u8> = front.data.drain(..max).collect();
+                let data = front.data[s.taken..s.taken + max].to_vec();
+                s.taken += max;
                 let mut hdr = front.hdr;
                 hdr.len = max as u32;
                 // Only the last piece of a seqpacket message carries its end-of-message flags.
                 hdr.flags &= !(crate::device::SEQ_EOM | crate::device::SEQ_EOR);
-                front.hdr.len = front.data.len() as u32;
                 s.bytes -= max;
-                Forwarded { hdr, data: head }
+                Forwarded { hdr, data }
             };
-            if s.packets.is_empty() {
-                q.senders.remove(&cid);
-            } else {
+            if !s.packets.is_empty() {
                 q.turns.push_back(cid);
             }
             return Some(p);
@@ -174,22 +183,20 @@ impl Inbox {
         {
             let mut guard = self.lock();
             let q = &mut *guard;
-            let (packets, bytes) = q
-                .senders
-                .get(&cid)
-                .map_or((0, 0), |s| (s.packets.len(), s.bytes));
-            if packets >= INBOX_SENDER_MAX_PACKETS + reserved
-                || bytes + p.data.len() > INBOX_SENDER_MAX_BYTES
+            let known = q.senders.len();
+            let s = match q.senders.entry(cid) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) if known < self.max_senders => e.insert(SenderQueue::default()),
+                Entry::Vacant(_) => return false,
+            };
+            if s.packets.len() >= INBOX_SENDER_MAX_PACKETS + reserved
+                || s.bytes + p.data.len() > INBOX_SENDER_MAX_BYTES
             {
                 return false;
             }
-            if packets == 0 {
-                if q.senders.len() >= self.max_senders {
-                    return false;
-                }
+            if s.packets.is_empty() {
                 q.turns.push_back(cid);
             }
-            let s = q.senders.entry(cid).or_default();
             s.bytes += p.data.len();
             s.packets.push_back(p);
         }
@@ -505,6 +512,7 @@ mod tests {
         r.forward(&msg(3, b"0123456789"), b"0123456789")
             .expect("room");
         r.forward(&msg(5, b"abcdef"), b"abcdef").expect("room");
+        r.forward(&msg(3, b"xy"), b"xy").expect("room");
         let pieces: Vec<_> = std::iter::from_fn(|| inbox.pop(4))
             .map(|p| (p.hdr.src_cid, p.hdr.len, p.hdr.flags, p.data))
             .collect();
@@ -516,9 +524,12 @@ mod tests {
                 (3, 4, 0, b"4567".to_vec()),
                 (5, 2, SEQ_EOM, b"ef".to_vec()),
                 (3, 2, SEQ_EOM, b"89".to_vec()),
+                (3, 2, SEQ_EOM, b"xy".to_vec()),
             ]
         );
-        assert!(inbox.is_empty() && inbox.lock().senders.is_empty());
+        assert!(inbox.is_empty());
+        let bytes: Vec<usize> = inbox.lock().senders.values().map(|s| s.bytes).collect();
+        assert_eq!(bytes, [0, 0], "every piece's bytes given back");
     }
 
     #[test]
@@ -558,6 +569,11 @@ mod tests {
         };
         assert!(!inbox.push(stranger.clone(), 0));
         assert!(!inbox.push(stranger.clone(), INBOX_RESERVED_RSTS));
+        drain(inbox, usize::MAX);
+        assert!(
+            !inbox.push(stranger.clone(), 0),
+            "nor when they have none waiting"
+        );
         assert!(r.inbox(3).expect("inbox").push(stranger, 0), "room for one");
     }
 
