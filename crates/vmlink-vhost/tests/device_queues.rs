@@ -17,7 +17,7 @@ use vmlink_vhost::backend::{drain_tx, fill_rx};
 use vmlink_vhost::capture::Capture;
 use vmlink_vhost::counters::{Counter, Counters};
 use vmlink_vhost::device::*;
-use vmlink_vhost::router::{Router, INBOX_MAX_PACKETS};
+use vmlink_vhost::router::{Router, INBOX_SENDER_MAX_PACKETS};
 
 const CID: u64 = 3;
 const HDR: u32 = 44;
@@ -1076,8 +1076,8 @@ fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
         (OP_RESPONSE, 4, 6000)
     );
 
-    // Another connection fills VM 4's inbox to one place short of its bound (through the router
-    // itself: the rig's rings hold 128 descriptors).
+    // Another connection of VM 3's fills VM 3's room in VM 4's inbox to one place short of its
+    // bound (through the router itself: the rig's rings hold 128 descriptors).
     let filler = Header {
         len: 1,
         ..pkt(OP_RW, 7000, 6001)
@@ -1086,7 +1086,7 @@ fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
         dst_cid: 4,
         ..filler
     };
-    for _ in 0..INBOX_MAX_PACKETS - 1 {
+    for _ in 0..INBOX_SENDER_MAX_PACKETS - 1 {
         router.forward(&filler, b"f").expect("room");
     }
     // The last place is taken; the next packet is dropped, and its connection reset on both sides.
@@ -1120,12 +1120,80 @@ fn vm_to_vm_packets_past_a_full_inbox_are_dropped_and_reset_both_sides() {
             rest.push((h.op, h.src_cid, h.src_port, buf[..h.len as usize].to_vec()));
         }
     }
-    assert_eq!(fillers, INBOX_MAX_PACKETS - 1);
+    assert_eq!(fillers, INBOX_SENDER_MAX_PACKETS - 1);
     assert_eq!(
         rest,
         [
             (OP_RW, CID, 5000, b"last".to_vec()),
             (OP_RST, CID, 5000, Vec::new())
         ]
+    );
+}
+
+#[test]
+fn a_vm_flooding_another_costs_a_third_none_of_its_packets_to_it() {
+    let mem = memory();
+    let g = ["g".to_string()];
+    let router = Arc::new(Router::new([(CID, &g[..]), (4, &g[..]), (5, &g[..])]).expect("router"));
+    let mut rig = Rig::with_router(&mem, "vm2vm-fair", router.clone());
+    // VM 4 receives (its guest takes nothing yet); VM 5 floods it. Both devices are driven by
+    // plain calls.
+    let device = |cid, name| {
+        let mut cfg = DeviceConfig::new(cid, rig._dir.0.join(name));
+        cfg.tick = Duration::from_secs(3600);
+        Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
+            .expect("device")
+    };
+    let mut b_dev = device(4, "b");
+    let mut flooder = device(5, "c");
+    let flood = Header {
+        src_cid: 5,
+        dst_cid: 4,
+        len: 1,
+        ..pkt(OP_RW, 7000, 6001)
+    };
+    for _ in 0..INBOX_SENDER_MAX_PACKETS + 10 {
+        flooder.on_guest_packet(&flood, b"f");
+    }
+    let flooded = |c| flooder.counters().get(c);
+    assert_eq!(
+        (
+            flooded(Counter::forwarded),
+            flooded(Counter::forward_dropped)
+        ),
+        (INBOX_SENDER_MAX_PACKETS as u64, 10),
+        "the flooder loses its own packets"
+    );
+    // VM 3's packets to VM 4 still go through, and are not behind the flood.
+    let mine = Header {
+        dst_cid: 4,
+        len: 4,
+        ..pkt(OP_RW, 5000, 6000)
+    };
+    rig.send(mine, b"mine");
+    rig.send(mine, b"more");
+    assert_eq!(
+        (
+            rig.count(Counter::forwarded),
+            rig.count(Counter::forward_dropped)
+        ),
+        (2, 0)
+    );
+    assert!(rig.recv(1).is_empty(), "no RST for VM 3");
+    let mut buf = vec![0u8; MAX_PKT_DATA];
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        let h = b_dev.next_rx(&mut buf).expect("a packet for VM 4");
+        first.push((h.src_cid, buf[..h.len as usize].to_vec()));
+    }
+    assert_eq!(
+        first,
+        [
+            (5, b"f".to_vec()),
+            (CID, b"mine".to_vec()),
+            (5, b"f".to_vec()),
+            (CID, b"more".to_vec())
+        ],
+        "VM 4's guest gets the senders' packets in turn"
     );
 }
