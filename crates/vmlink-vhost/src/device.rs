@@ -437,6 +437,10 @@ pub struct Device {
     closing: HashMap<ConnKey, (Instant, u16)>,
     counters: Arc<Counters>,
     router: Option<Arc<Router>>,
+    /// Whether the next RX buffer goes to the inbox (packets from other VMs) before the host
+    /// connections: the two take turns, so a VM that keeps sending to this one cannot hold up
+    /// its host traffic, nor the host the other VMs'.
+    inbox_first: bool,
 }
 
 /// Guest packets with less payload than this are gathered per connection during a TX pass and
@@ -546,6 +550,7 @@ impl Device {
             next_host_port: FIRST_HOST_PORT,
             ctrl: VecDeque::new(),
             data_ready: VecDeque::new(),
+            inbox_first: false,
             pending_flush: Vec::new(),
             closing: HashMap::new(),
             counters,
@@ -1149,11 +1154,12 @@ impl Device {
         if room == 0 {
             return None;
         }
-        if let Some(p) = self.inbox().and_then(|i| i.pop(room)) {
-            write(&p.data);
-            self.counters.inc(Counter::rx_packets);
-            self.counters.add(Counter::rx_bytes, p.data.len() as u64);
-            return Some(p.hdr);
+        let inbox_first = self.inbox_first;
+        self.inbox_first = !inbox_first;
+        if inbox_first {
+            if let Some(hdr) = self.next_from_inbox(room, write) {
+                return Some(hdr);
+            }
         }
         while let Some(key) = self.data_ready.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else {
@@ -1265,12 +1271,26 @@ impl Device {
             self.schedule(key);
             return Some(hdr);
         }
+        if !inbox_first {
+            if let Some(hdr) = self.next_from_inbox(room, write) {
+                return Some(hdr);
+            }
+        }
         if !self.ctrl.is_empty() {
             // A host socket failed above and its connection was reset: the RST goes now, not
             // at the next event (`fill_rx` stops at the first `None`).
             return self.next_rx_with(room, write);
         }
         None
+    }
+
+    /// The next packet from another VM (or its first `room` bytes), if one waits.
+    fn next_from_inbox(&mut self, room: usize, write: &mut dyn FnMut(&[u8])) -> Option<Header> {
+        let p = self.inbox()?.pop(room)?;
+        write(&p.data);
+        self.counters.inc(Counter::rx_packets);
+        self.counters.add(Counter::rx_bytes, p.data.len() as u64);
+        Some(p.hdr)
     }
 
     /// A header from the host side of `key` to the guest.
@@ -1977,6 +1997,50 @@ mod tests {
             "the receiver's RST, as from the sender"
         );
         drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn packets_from_another_vm_and_host_data_take_turns_at_rx_buffers() {
+        let g = ["g".to_string()];
+        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
+        let dir =
+            std::env::temp_dir().join(format!("vmlink-vhost-unit-turns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        let mut dev = Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
+            .expect("device");
+        // A host connection with data for the guest.
+        let l = UnixListener::bind(dir.join("v_1234")).expect("listen");
+        dev.on_guest_packet(&guest(OP_REQUEST, 5000, 1234), &[]);
+        let mut host = l.accept().expect("accept").0;
+        host.write_all(&[b'h'; 64 << 10]).expect("host data");
+        dev.handle_host_events();
+        // VM 4 keeps sending to this guest: its packets wait in the inbox.
+        let from_4 = Header {
+            src_cid: 4,
+            dst_cid: 3,
+            src_port: 7000,
+            dst_port: 7001,
+            len: 4096,
+            op: OP_RW,
+            ..guest(OP_RW, 0, 0)
+        };
+        while router.forward(&from_4, &[b'v'; 4096]).is_ok() {}
+        let mut b = vec![0u8; 4096];
+        let mut order = Vec::new();
+        while order.len() < 16 {
+            let h = dev.next_rx(&mut b).expect("a packet for the guest");
+            if h.op == OP_RW {
+                order.push(h.src_cid);
+            }
+        }
+        let host_turns = order.iter().filter(|&&c| c == HOST_CID).count();
+        assert_eq!(host_turns, 8, "host and VM 4 alternate: {order:?}");
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+        drop(dev);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
