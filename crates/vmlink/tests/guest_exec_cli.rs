@@ -142,6 +142,46 @@ guest_test! {
         assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
         assert_eq!(child.wait().expect("wait").code(), Some(130));
 
+        // Ctrl-C behind 4 MiB of stdin the command never reads (the stdin window keeps the
+        // agent reading the connection, so the signal is not stuck behind the input).
+        let mut child = common::vmlink()
+            .args(["exec", "-i", &t, "--", "sh", "-c", "echo ready; exec sleep 100"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run vmlink exec -i");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let (fed_tx, fed) = std::sync::mpsc::channel();
+        let feeder = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 << 10];
+            let mut total = 0usize;
+            while stdin.write_all(&chunk).is_ok() {
+                total += chunk.len();
+                if total == 4 << 20 {
+                    let _ = fed_tx.send(());
+                }
+            }
+        });
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut ready)
+            .expect("read ready");
+        assert_eq!(ready, "ready\n");
+        fed.recv_timeout(std::time::Duration::from_secs(120))
+            .expect("vmlink took 4 MiB of stdin (its window) for a command that reads none");
+        // SAFETY: kill(2) with a live child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            assert!(std::time::Instant::now() < deadline, "Ctrl-C behind unread stdin did nothing");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(130));
+        feeder.join().expect("feeder");
+
         // --timeout: the group is killed and the status is 124, like timeout(1).
         let start = std::time::Instant::now();
         let out = vmlink(&["exec", "--timeout", "1s", &t, "--", "sh", "-c", "echo started; sleep 100"], b"");
