@@ -66,7 +66,7 @@ guest_test! {
         common::runtime().block_on(async {
             let agent = common::start_agent("vsock-listen:any", common::loopback_policy());
             let client = Client::connect(&agent.addr).await.expect("connect");
-            scenarios::stdin_round_trip(&client, 1 << 20).await;
+            scenarios::stdin_round_trip(&client, 8 << 20).await;
             scenarios::large_stdout(&client, 64 << 20).await;
         });
     }

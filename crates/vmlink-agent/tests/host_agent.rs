@@ -32,7 +32,7 @@ fn agent_over_unix_forwards_stdin_and_carries_large_output() {
     common::runtime().block_on(async {
         let agent = unix_agent();
         let client = Client::connect(&agent.addr).await.expect("connect");
-        scenarios::stdin_round_trip(&client, 1 << 20).await;
+        scenarios::stdin_round_trip(&client, 16 << 20).await;
         // The figure: 1 GiB of output, every byte compared.
         scenarios::large_stdout(&client, 1 << 30).await;
     });

@@ -67,14 +67,18 @@ fn cp_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-/// Writes `len` bytes (a multiple of 1 MiB) to `p`: one pseudo-random MiB, each copy stamped with
-/// its index, so that a block delivered twice, lost or out of order shows. Generating every byte
-/// afresh would take this debug test binary most of a minute under TCG.
+/// Writes `len` bytes (a multiple of 1 MiB) to `p`: one pseudo-random MiB, each copy with every
+/// 4 KiB page stamped with its offset, so that any piece delivered twice, lost or out of order
+/// shows. Generating every byte afresh would take this debug test binary most of a minute under
+/// TCG.
 fn write_big(p: &Path, seed: u64, len: usize) {
     let mut block = common::payload(seed, 1 << 20);
     let mut f = fs::File::create(p).expect("create");
     for i in 0..len >> 20 {
-        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        for (page, at) in (0..block.len()).step_by(4096).enumerate() {
+            let offset = ((i << 20) + page * 4096) as u64;
+            block[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+        }
         f.write_all(&block).expect("write");
     }
     f.sync_all().expect("fsync");
