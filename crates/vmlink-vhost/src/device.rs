@@ -1826,6 +1826,21 @@ mod tests {
     }
 
     fn test_device(name: &str, tweak: impl FnOnce(&mut DeviceConfig)) -> TestDevice {
+        device_in_dir(name, tweak, None)
+    }
+
+    /// VM 3's device, with VM 4 in the same group through a [`Router`].
+    fn routed_device(name: &str) -> (TestDevice, Arc<Router>) {
+        let g = ["g".to_string()];
+        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
+        (device_in_dir(name, |_| {}, Some(router.clone())), router)
+    }
+
+    fn device_in_dir(
+        name: &str,
+        tweak: impl FnOnce(&mut DeviceConfig),
+        router: Option<Arc<Router>>,
+    ) -> TestDevice {
         let dir =
             std::env::temp_dir().join(format!("vmlink-vhost-unit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -1833,7 +1848,7 @@ mod tests {
         let mut cfg = DeviceConfig::new(3, dir.join("v"));
         cfg.tick = Duration::from_secs(3600);
         tweak(&mut cfg);
-        let dev = Device::new(cfg, Arc::new(Counters::default())).expect("device");
+        let dev = Device::with_router(cfg, Arc::new(Counters::default()), router).expect("device");
         TestDevice { dev, dir }
     }
 
@@ -1951,16 +1966,8 @@ mod tests {
 
     #[test]
     fn a_packet_dropped_for_a_full_inbox_resets_both_halves() {
-        let g = ["g".to_string()];
-        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
-        let dir =
-            std::env::temp_dir().join(format!("vmlink-vhost-unit-vm2vm-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut cfg = DeviceConfig::new(3, dir.join("v"));
-        cfg.tick = Duration::from_secs(3600);
-        let mut a = Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
-            .expect("device");
+        let (mut t, router) = routed_device("vm2vm");
+        let a = &mut t.dev;
         let to_b = |op| Header {
             dst_cid: 4,
             ..guest(op, 5000, 6000)
@@ -1996,24 +2003,14 @@ mod tests {
             (OP_RST, 3, 4, 5000, 6000),
             "the receiver's RST, as from the sender"
         );
-        drop(a);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn packets_from_another_vm_and_host_data_take_turns_at_rx_buffers() {
-        let g = ["g".to_string()];
-        let router = Arc::new(Router::new([(3, &g[..]), (4, &g[..])]).expect("router"));
-        let dir =
-            std::env::temp_dir().join(format!("vmlink-vhost-unit-turns-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut cfg = DeviceConfig::new(3, dir.join("v"));
-        cfg.tick = Duration::from_secs(3600);
-        let mut dev = Device::with_router(cfg, Arc::new(Counters::default()), Some(router.clone()))
-            .expect("device");
+        let (mut t, router) = routed_device("turns");
+        let dev = &mut t.dev;
         // A host connection with data for the guest.
-        let l = UnixListener::bind(dir.join("v_1234")).expect("listen");
+        let l = UnixListener::bind(t.dir.join("v_1234")).expect("listen");
         dev.on_guest_packet(&guest(OP_REQUEST, 5000, 1234), &[]);
         let mut host = l.accept().expect("accept").0;
         host.write_all(&[b'h'; 64 << 10]).expect("host data");
@@ -2040,8 +2037,6 @@ mod tests {
         let host_turns = order.iter().filter(|&&c| c == HOST_CID).count();
         assert_eq!(host_turns, 8, "host and VM 4 alternate: {order:?}");
         assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
-        drop(dev);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
