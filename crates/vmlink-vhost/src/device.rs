@@ -1249,6 +1249,8 @@ impl Device {
                     self.close(key, Why::Done, false);
                     if self.closing.len() >= self.cfg.max_connections {
                         self.rst_closed(key, type_);
+                        // The same turn again: this call has sent nothing yet.
+                        self.inbox_first = inbox_first;
                         return self.next_rx_with(room, write);
                     }
                     self.closing.insert(key, (Instant::now(), type_));
