@@ -106,6 +106,38 @@ pub async fn tty(client: &Client) {
         "{:?}",
         String::from_utf8_lossy(&out)
     );
+
+    // 8 MiB through a raw terminal, twice the stdin window: the terminal takes 4 KiB at a
+    // time, so the window is opened again and again by the agent's acknowledgements. Input
+    // starts only once the terminal is raw (bytes before that would be edited as lines).
+    const LEN: usize = 8 << 20;
+    let script = format!("stty raw -echo; echo ready; head -c {LEN} | sha256sum");
+    let mut req = cmd(&["sh", "-c", &script]);
+    req.tty = true;
+    let (mut in_w, in_r) = tokio::io::duplex(64 * 1024);
+    let (out_w, mut out_r) = tokio::io::duplex(64 * 1024);
+    let (_keep, signals) = signal_channel();
+    let c = client.clone();
+    let exec = tokio::spawn(async move {
+        c.exec_with_signals(req, Some(in_r), out_w, tokio::io::sink(), signals)
+            .await
+    });
+    let mut seen = Vec::new();
+    read_until(&mut out_r, &mut seen, "ready\n").await;
+    let data = super::payload(9, LEN);
+    let want = format!("{}  -", hex(&super::sha(&data)));
+    let feed = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        in_w.write_all(&data).await.expect("feed the terminal");
+    });
+    read_until(&mut out_r, &mut seen, &want).await;
+    feed.await.expect("fed");
+    let status = exec.await.expect("join").expect("raw tty exec");
+    assert!(status.success(), "{status}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A timeout kills the whole process group and says so; a command that ends in time is not
