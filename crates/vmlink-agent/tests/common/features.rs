@@ -8,7 +8,7 @@ use tokio::io::AsyncReadExt;
 use vmlink_agent::client::{signal_channel, Client, ClientError};
 use vmlink_proto::agent::{ErrorKind, Logs, WindowSize};
 
-use super::{cmd, process_gone, NO_STDIN};
+use super::{cmd, NO_STDIN};
 
 /// Reads `r` until what was read contains `want`, within 20 s; returns everything read.
 pub async fn read_until<R: tokio::io::AsyncRead + Unpin>(
@@ -166,14 +166,12 @@ pub async fn timeout(client: &Client) {
         "{took:?}"
     );
     let bg: u32 = String::from_utf8_lossy(&out).trim().parse().expect("a pid");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_gone(bg) {
-        assert!(
-            Instant::now() < deadline,
-            "background sleep {bg} survived the timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::await_gone(
+        &[bg],
+        Duration::from_secs(10),
+        &format!("background sleep {bg} survived the timeout"),
+    )
+    .await;
     let (_keep, signals) = signal_channel();
     let finished = client
         .exec_full(
@@ -741,14 +739,12 @@ pub async fn unread_input(client: &Client) {
     reached.notified().await;
     exec.abort();
     let _ = exec.await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the command outlived its connection behind unread input"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::await_gone(
+        &[pid],
+        Duration::from_secs(10),
+        "the command outlived its connection behind unread input",
+    )
+    .await;
 }
 
 /// Takes the first line of stdout as a pid.

@@ -256,3 +256,14 @@ pub fn process_gone(pid: u32) -> bool {
             .unwrap_or(false),
     }
 }
+
+/// Waits until every process of `pids` is gone, for at most `within`; panics with `what`
+/// otherwise. (Polling /proc: there is no event for another process's death that works for
+/// non-children across all kernels here.)
+pub async fn await_gone(pids: &[u32], within: std::time::Duration, what: &str) {
+    let deadline = std::time::Instant::now() + within;
+    while !pids.iter().all(|&p| process_gone(p)) {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -374,14 +374,10 @@ pub async fn ping_during_flood_and_disconnect_kills(client: &Client, bound: Dura
     // The client goes away mid-exec.
     exec.abort();
     let _ = exec.await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pids.iter().all(|&p| process_gone(p)) {
-        assert!(
-            Instant::now() < deadline,
-            "{pids:?} still alive 20 s after the client left"
-        );
-        // Polling /proc: there is no event for another process's death that works for
-        // non-children across all kernels here.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::await_gone(
+        &pids,
+        Duration::from_secs(20),
+        &format!("{pids:?} still alive 20 s after the client left"),
+    )
+    .await;
 }
