@@ -44,14 +44,14 @@ fn guest_send(c: &mut Stream, seed: u64) {
     );
 }
 
-/// Host to guest: `LEN` bytes of `seed`, checked, then their digest back. The connection stays
-/// open.
-fn guest_receive(s: &mut Stream, seed: u64) {
+/// The receiving side of either direction: `LEN` bytes of `seed`, checked, then their digest
+/// back (`way` names the direction in a failure). The connection stays open.
+fn receive_and_answer(s: &mut (impl Read + Write), seed: u64, way: &str) {
     let mut all = vec![0u8; LEN];
-    s.read_exact(&mut all).expect("read the host's payload");
+    s.read_exact(&mut all).expect("read the payload");
     assert!(
         all == common::payload(seed, LEN),
-        "host->guest bytes, seed {seed}"
+        "{way} bytes, seed {seed}"
     );
     s.write_all(&common::sha(&all))
         .expect("answer with the digest");
@@ -107,7 +107,7 @@ fn guest_side() {
     let mut c = Stream::connect(&addr("vsock:2:1000")).expect("connect to host port 1000");
     guest_send(&mut c, 1);
     let mut s = l.accept().expect("accept the host's connection");
-    guest_receive(&mut s, 2);
+    receive_and_answer(&mut s, 2, "host->guest");
 
     let device = vsock_device();
     driver_ctl("unbind", &device);
@@ -135,7 +135,7 @@ fn guest_side() {
     let mut c = Stream::connect(&addr("vsock:2:1000")).expect("connect to host port 1000 again");
     guest_send(&mut c, 3);
     let mut s = l.accept().expect("accept the host's second connection");
-    guest_receive(&mut s, 4);
+    receive_and_answer(&mut s, 4, "host->guest");
     // Both new connections stay open until the host has read the counters.
     let mut word = String::new();
     lines
@@ -144,19 +144,7 @@ fn guest_side() {
     assert_eq!(word, "done\n");
 }
 
-/// Host side of [`guest_send`].
-fn host_receive(s: &mut UnixStream, seed: u64) {
-    let mut all = vec![0u8; LEN];
-    s.read_exact(&mut all).expect("read the guest's payload");
-    assert!(
-        all == common::payload(seed, LEN),
-        "guest->host bytes, seed {seed}"
-    );
-    s.write_all(&common::sha(&all))
-        .expect("answer with the digest");
-}
-
-/// Host side of [`guest_receive`], on a connection to guest port `port`.
+/// Host side of what the guest receives ([`receive_and_answer`]), on a connection to guest port `port`.
 fn host_send(uds: &Path, port: u32, seed: u64) -> UnixStream {
     let mut c = UnixStream::connect(uds).expect("connect to uds-path");
     c.write_all(format!("CONNECT {port}\n").as_bytes())
@@ -266,7 +254,7 @@ fn driver_unbind_and_bind_frees_the_old_connections() {
 
     // The old driver's connections, one each way, open.
     let (mut old_g2h, _) = l1000.accept().expect("guest connects to host port 1000");
-    host_receive(&mut old_g2h, 1);
+    receive_and_answer(&mut old_g2h, 1, "guest->host");
     let old_h2g = host_send(&uds, 2000, 2);
     let (open, _) = stats(&stats_path);
     assert_eq!(open, 2, "both connections open");
@@ -308,7 +296,7 @@ fn driver_unbind_and_bind_frees_the_old_connections() {
     let (mut new_g2h, _) = l1000
         .accept()
         .expect("guest connects to host port 1000 again");
-    host_receive(&mut new_g2h, 3);
+    receive_and_answer(&mut new_g2h, 3, "guest->host");
     let new_h2g = host_send(&uds, 2001, 4);
     let (open, counters) = stats(&stats_path);
     println!("measured: after the rebind: open_connections={open} counters={counters}");
