@@ -365,7 +365,7 @@ impl Client {
         // this connection, and a signal or a hang-up behind unread input acts at once.
         let windowed = req.stdin && hello.features.iter().any(|f| f == "stdin_window");
         req.stdin_window = windowed;
-        let acked = std::sync::atomic::AtomicU64::new(0);
+        let acked = AtomicU64::new(0);
         let ack_ready = tokio::sync::Notify::new();
         let Conn { mut reader, mut w } = conn;
         let sent = match script {
