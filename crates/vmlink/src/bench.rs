@@ -48,6 +48,12 @@ pub struct RunArgs {
     /// Round trips for the latency test.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     pub round_trips: u64,
+    /// Measure throughput over N connections at once, each moving --bytes each way; upload
+    /// and download are then the aggregate MiB/s (all connections' bytes over the time from
+    /// the first start to the last finish). The round trips still use one connection. Not
+    /// for virtio-serial ports or stdio, which carry a single stream. At most 1024.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_CONNS as i64))]
+    pub conns: u16,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -158,13 +164,19 @@ async fn send_bytes(s: &mut AsyncStream, n: u64, buf: &[u8]) -> anyhow::Result<(
     Ok(())
 }
 
+/// The most connections `bench run --conns` opens.
+pub const MAX_CONNS: u16 = 1024;
+
 /// The result of one `bench run`, as printed with `--json`.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Report {
     /// The address measured.
     pub addr: String,
-    /// Bytes moved each way.
+    /// Bytes moved each way (per connection, with `conns`).
     pub bytes: u64,
+    /// Connections that moved the throughput bytes at once, when more than one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub conns: Option<u16>,
     /// Client to server.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub upload_mib_s: Option<f64>,
@@ -205,6 +217,77 @@ async fn client(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Connects to a `bench serve` peer and makes one round trip before any clock starts: the
+/// peer is serving now (a virtio-serial port's guest end may not have been opened yet).
+async fn connect_ready(addr: &Addr) -> anyhow::Result<AsyncStream> {
+    let mut s = AsyncStream::connect(addr).await?;
+    s.write_all(&Request::Latency(1).encode()).await?;
+    s.write_all(&[0xa5]).await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .await
+        .context("waiting for the peer's first echo")?;
+    Ok(s)
+}
+
+/// Sends `n` bytes; returns once the server confirms it has every one.
+async fn upload(s: &mut AsyncStream, n: u64, buf: &[u8]) -> anyhow::Result<()> {
+    s.write_all(&Request::Upload(n).encode()).await?;
+    send_bytes(s, n, buf).await.context("uploading")?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack)
+        .await
+        .context("waiting for the upload count")?;
+    let got = u64::from_le_bytes(ack);
+    if got != n {
+        bail!("the server counted {got} upload bytes, {n} were sent");
+    }
+    Ok(())
+}
+
+/// Asks for `n` bytes and reads them.
+async fn download(s: &mut AsyncStream, n: u64, rbuf: &mut [u8]) -> anyhow::Result<()> {
+    s.write_all(&Request::Download(n).encode()).await?;
+    let mut got = 0u64;
+    while got < n {
+        let k = s.read(rbuf).await.context("downloading")?;
+        if k == 0 {
+            bail!("server closed after {got} of {n} download bytes");
+        }
+        got += k as u64;
+    }
+    Ok(())
+}
+
+/// Runs `phase` on every stream at once; returns the streams (in order) and the time from
+/// the start to the last one's end. The first error ends the measurement.
+async fn all_at_once<F, Fut>(
+    streams: Vec<AsyncStream>,
+    phase: F,
+) -> anyhow::Result<(Vec<AsyncStream>, Duration)>
+where
+    F: Fn(AsyncStream) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<AsyncStream>> + Send + 'static,
+{
+    let t = Instant::now();
+    let n = streams.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, s) in streams.into_iter().enumerate() {
+        let f = phase(s);
+        tasks.spawn(async move { f.await.map(|s| (i, s)) });
+    }
+    let mut done = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        let (i, s) = r
+            .context("a connection's task failed")?
+            .with_context(|| format!("one of {n} connections"))?;
+        done.push((i, s));
+    }
+    let d = t.elapsed();
+    done.sort_by_key(|(i, _)| *i);
+    Ok((done.into_iter().map(|(_, s)| s).collect(), d))
+}
+
 /// Runs the tests `a` asks for against a `bench serve` peer.
 pub async fn measure(a: &RunArgs) -> anyhow::Result<Report> {
     if a.addr.is_listen() {
@@ -213,58 +296,59 @@ pub async fn measure(a: &RunArgs) -> anyhow::Result<Report> {
             a.addr
         );
     }
-    let mut s = AsyncStream::connect(&a.addr).await?;
+    let conns = usize::from(a.conns.max(1));
+    if conns > 1
+        && (matches!(
+            a.addr.endpoint,
+            vmlink_transport::Endpoint::Vport(_) | vmlink_transport::Endpoint::Stdio
+        ) || a.addr.is_message_oriented())
+    {
+        bail!(
+            "--conns {conns}: {} carries one stream; use a socket address (vsock, hvsock, unix, tcp)",
+            a.addr
+        );
+    }
     let mut rep = Report {
         addr: a.addr.to_string(),
         bytes: a.bytes,
+        conns: (conns > 1).then_some(a.conns),
         upload_mib_s: None,
         download_mib_s: None,
         latency_us: None,
     };
-    let buf = vec![0x5au8; MAX_RECORD];
-    let mut rbuf = vec![0u8; 256 * 1024];
-    // One round trip before any clock starts: the peer is serving now (a
-    // virtio-serial port's guest end may not have been opened yet).
-    s.write_all(&Request::Latency(1).encode()).await?;
-    s.write_all(&[0xa5]).await?;
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b)
-        .await
-        .context("waiting for the peer's first echo")?;
+    let mut streams = Vec::with_capacity(conns);
+    if conns == 1 || a.latency {
+        streams.push(connect_ready(&a.addr).await?);
+    } else {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let addr = a.addr.clone();
+            tasks.spawn(async move { connect_ready(&addr).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            streams.push(r.context("a connecting task failed")??);
+        }
+    }
+    let buf = std::sync::Arc::new(vec![0x5au8; MAX_RECORD]);
     if !a.latency {
-        // Upload: the clock stops when the server confirms it has every byte.
-        let t = Instant::now();
-        s.write_all(&Request::Upload(a.bytes).encode()).await?;
-        send_bytes(&mut s, a.bytes, &buf)
-            .await
-            .context("uploading")?;
-        let mut ack = [0u8; 8];
-        s.read_exact(&mut ack)
-            .await
-            .context("waiting for the upload count")?;
-        let d = t.elapsed();
-        let got = u64::from_le_bytes(ack);
-        if got != a.bytes {
-            bail!(
-                "the server counted {got} upload bytes, {} were sent",
-                a.bytes
-            );
-        }
-        rep.upload_mib_s = Some(mib_s(a.bytes, d));
-
-        let t = Instant::now();
-        s.write_all(&Request::Download(a.bytes).encode()).await?;
-        let mut got = 0u64;
-        while got < a.bytes {
-            let k = s.read(&mut rbuf).await.context("downloading")?;
-            if k == 0 {
-                bail!("server closed after {got} of {} download bytes", a.bytes);
-            }
-            got += k as u64;
-        }
-        rep.download_mib_s = Some(mib_s(a.bytes, t.elapsed()));
+        let n = a.bytes;
+        let total = n * conns as u64;
+        let (s, d) = all_at_once(streams, |mut s| {
+            let buf = buf.clone();
+            async move { upload(&mut s, n, &buf).await.map(|()| s) }
+        })
+        .await?;
+        rep.upload_mib_s = Some(mib_s(total, d));
+        let (s, d) = all_at_once(s, |mut s| async move {
+            let mut rbuf = vec![0u8; 256 * 1024];
+            download(&mut s, n, &mut rbuf).await.map(|()| s)
+        })
+        .await?;
+        rep.download_mib_s = Some(mib_s(total, d));
+        streams = s;
     }
     if !a.throughput && a.round_trips > 0 {
+        let s = &mut streams[0];
         s.write_all(&Request::Latency(a.round_trips).encode())
             .await?;
         let mut samples = Vec::with_capacity(a.round_trips as usize);
@@ -288,17 +372,26 @@ pub async fn measure(a: &RunArgs) -> anyhow::Result<Report> {
             max: samples[samples.len() - 1],
         });
     }
-    s.write_all(&Request::Quit.encode()).await?;
-    let _ = s.shutdown_write();
+    for s in &mut streams {
+        s.write_all(&Request::Quit.encode()).await?;
+        let _ = s.shutdown_write();
+    }
     Ok(rep)
 }
 
 fn print_table(r: &Report) {
-    println!(
-        "bench {}  ({} each way)",
-        r.addr,
-        vmlink_transport::addr::format_size(r.bytes)
-    );
+    match r.conns {
+        Some(n) => println!(
+            "bench {}  ({} each way on each of {n} connections; MiB/s all together)",
+            r.addr,
+            vmlink_transport::addr::format_size(r.bytes)
+        ),
+        None => println!(
+            "bench {}  ({} each way)",
+            r.addr,
+            vmlink_transport::addr::format_size(r.bytes)
+        ),
+    }
     println!("  {:<22} {:>12}", "test", "result");
     if let Some(v) = r.upload_mib_s {
         println!("  {:<22} {:>8.1} MiB/s", "upload (to server)", v);

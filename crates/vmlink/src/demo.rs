@@ -245,6 +245,7 @@ async fn agent_demo(
         report: Report {
             addr: addr.to_string(),
             bytes: a.bytes,
+            conns: None,
             upload_mib_s: Some(up),
             download_mib_s: Some(down),
             latency_us: Some(latency(pings)),
@@ -446,6 +447,7 @@ fn run_args(addr: Addr, a: &Args) -> RunArgs {
         latency: false,
         throughput: false,
         round_trips: a.round_trips,
+        conns: 1,
         json: false,
     }
 }

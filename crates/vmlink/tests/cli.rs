@@ -123,6 +123,87 @@ fn bench_over_unix_reports_both_directions_and_latency_as_json() {
         .success());
 }
 
+/// `bench run --conns N` moves every connection's bytes at once. The fake server here takes
+/// each phase's requests on all connections before it answers any: a client that moved one
+/// connection after another would never send the second request, and the server's read
+/// time-out would end the test.
+#[test]
+fn bench_conns_moves_every_connection_at_once_and_reports_the_aggregate() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vmlink_proto::bench::{Request, REQUEST_LEN};
+    const N: usize = 4;
+    const BYTES: u64 = 1 << 20;
+    let d = tmp("conns");
+    let sock = d.join("b.sock");
+    let l = UnixListener::bind(&sock).expect("bind");
+    let server = std::thread::spawn(move || {
+        let request = |s: &mut UnixStream| {
+            let mut b = [0u8; REQUEST_LEN];
+            s.read_exact(&mut b).expect("a request, in time");
+            Request::parse(&b).expect("valid").expect("whole")
+        };
+        let mut conns: Vec<UnixStream> = (0..N)
+            .map(|_| {
+                let (s, _) = l.accept().expect("accept");
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .expect("timeout");
+                s
+            })
+            .collect();
+        for s in &mut conns {
+            assert_eq!(request(s), Request::Latency(1));
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).expect("first echo");
+            s.write_all(&b).expect("echo");
+        }
+        for s in &mut conns {
+            assert_eq!(request(s), Request::Upload(BYTES));
+            let mut data = vec![0u8; BYTES as usize];
+            s.read_exact(&mut data).expect("upload bytes");
+        }
+        for s in &mut conns {
+            s.write_all(&BYTES.to_le_bytes()).expect("upload count");
+        }
+        for s in &mut conns {
+            assert_eq!(request(s), Request::Download(BYTES));
+        }
+        for s in &mut conns {
+            s.write_all(&vec![7u8; BYTES as usize])
+                .expect("download bytes");
+        }
+        for s in &mut conns {
+            assert_eq!(request(s), Request::Quit);
+        }
+    });
+    let (code, out, err) = run(&[
+        "bench",
+        "run",
+        &format!("unix:{}", sock.display()),
+        "--conns",
+        &N.to_string(),
+        "--bytes",
+        "1M",
+        "--throughput",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    server
+        .join()
+        .expect("the server saw every phase on every connection at once");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["conns"], N);
+    assert_eq!(v["bytes"], BYTES);
+    assert!(v["upload_mib_s"].as_f64().expect("upload") > 0.0);
+    assert!(v["download_mib_s"].as_f64().expect("download") > 0.0);
+    assert!(v.get("latency_us").is_none(), "--throughput: {v}");
+
+    // One stream only: refused before anything is opened.
+    let (code, _, err) = run(&["bench", "run", "vport:org.example.nothing", "--conns", "2"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("carries one stream"), "{err}");
+}
+
 #[test]
 fn relay_shuts_down_cleanly_on_sigterm_and_removes_its_socket() {
     let d = tmp("term");
