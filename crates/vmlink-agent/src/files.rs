@@ -11,14 +11,17 @@
 //!
 //! # Receiving: atomic, checksummed, confined
 //!
-//! - Every file is written to a temporary file `.NAME.vmlink-PID-N.tmp` created (`O_EXCL`,
-//!   mode 0600) in the directory it is going to, then checked (size, checksum), given its mode and
-//!   mtime, `fsync`ed and renamed over its name. A temporary file is removed when anything fails
-//!   and when the stream ends early ([`TempFile`] removes it on drop), so no partial file is ever
-//!   visible under a real name.
+//! - Every file is written to a temporary file `.NAME.vmlink-PID-N.tmp` (`NAME` cut to 100
+//!   bytes) created (`O_EXCL`, mode 0600) in the directory it is going to, then checked (size,
+//!   checksum), given its mode and mtime, `fsync`ed and renamed over its name. A temporary file
+//!   is removed when anything fails and when the stream ends early ([`TempFile`] removes it on
+//!   drop), so no partial file is ever visible under a real name.
 //! - Symlinks are created under a temporary name and renamed likewise; they are never followed.
 //! - Directory modes and mtimes are applied after their contents, deepest first (a read-only
-//!   directory can still be filled).
+//!   directory can still be filled), and only to directories the copy created: an existing
+//!   directory it enters keeps its own.
+//! - Setuid and setgid bits are dropped unless [`Receiver::keep_setid`] (the agent's `Put`:
+//!   the host is trusted there; the host receiving a `Get` from a guest is not).
 //! - Entry paths were checked by the decoder (no `..`, `.`, empty component or leading `/`).
 //!   Before each entry is created, every directory between the destination and the entry is
 //!   checked with `lstat`: it must be a real directory, not a symlink, so neither a symlink sent
@@ -266,11 +269,20 @@ impl Drop for TempFile {
     }
 }
 
+/// The longest file name (`NAME_MAX` on Linux), in bytes.
+const NAME_MAX: usize = 255;
+
+/// `.NAME.vmlink-PID-N.tmp` in `dir`, with `NAME` cut (at a character boundary) to at most 100
+/// bytes, so that the whole name fits in [`NAME_MAX`] bytes whatever `name` is.
 fn temp_name(dir: &Path, name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let short: String = name.chars().take(100).collect();
-    dir.join(format!(".{short}.vmlink-{}-{n}.tmp", std::process::id()))
+    let suffix = format!(".vmlink-{}-{n}.tmp", std::process::id());
+    let mut end = name.len().min(100).min(NAME_MAX - 1 - suffix.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    dir.join(format!(".{}{suffix}", &name[..end]))
 }
 
 /// The running checksum of one file's data.
@@ -344,7 +356,8 @@ pub struct Receiver {
     /// The root name the sender must use (see [`Receiver::expect_root`]).
     expect_root: Option<String>,
     current: Option<Current>,
-    /// Directories to finish (mode, mtime), in creation order.
+    /// Directories this copy created, to finish (mode, mtime), in creation order. Directories
+    /// that already existed are left as they are.
     dirs: Vec<(PathBuf, u32, i64, u32)>,
     /// The bytes of their paths, at most [`MAX_DIR_BYTES`].
     dir_bytes: usize,
@@ -353,6 +366,8 @@ pub struct Receiver {
     progress: Arc<AtomicU64>,
     /// The checksum the sender's `FileEnd`s must carry.
     checksum: Checksum,
+    /// Keep setuid/setgid bits (see [`Receiver::keep_setid`]).
+    keep_setid: bool,
 }
 
 /// A `Write` that can sit in a `Debug` struct.
@@ -424,7 +439,17 @@ impl Receiver {
             summary: CopySummary::default(),
             progress,
             checksum: Checksum::Sha256,
+            keep_setid: false,
         }
+    }
+
+    /// Keeps the setuid and setgid bits of the modes the sender sends (the agent receiving a
+    /// `Put` from the host, which administers the guest). By default they are dropped, as `cp`
+    /// does without `-p`: the host receiving from a guest (which may be compromised) must not
+    /// get a setuid binary planted by `sudo vmlink cp GUEST:/x /usr/local/bin/`.
+    pub fn keep_setid(mut self, keep: bool) -> Receiver {
+        self.keep_setid = keep;
+        self
     }
 
     /// Expects the sender's `FileEnd`s to carry `checksum` (what the `Put` or `Get` named; the
@@ -440,6 +465,18 @@ impl Receiver {
     pub fn expect_root(mut self, name: &str) -> Receiver {
         self.expect_root = Some(name.to_string());
         self
+    }
+
+    /// The mode to give an entry the sender sent with `mode`: its permission and sticky bits,
+    /// and setuid/setgid only with [`Receiver::keep_setid`].
+    fn mode(&self, mode: u32) -> u32 {
+        // S_ISUID | S_ISGID.
+        const SETID: u32 = 0o6000;
+        if self.keep_setid {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !SETID
+        }
     }
 
     /// Handles one message of the copy.
@@ -565,7 +602,9 @@ impl Receiver {
         match e.kind {
             EntryKind::Dir => {
                 match fs::symlink_metadata(&target) {
-                    Ok(m) if m.is_dir() => {}
+                    // An existing directory keeps its mode and mtime (as with cp and scp
+                    // without -p): the copy only enters it.
+                    Ok(m) if m.is_dir() => return Ok(()),
                     Ok(_) => {
                         return Err(FilesError::UnsafePath {
                             entry: e.path,
@@ -586,14 +625,16 @@ impl Receiver {
                         })
                     }
                 }
-                // Writable for us until the end, when its own mode is applied.
-                fs::set_permissions(&target, fs::Permissions::from_mode(e.mode | 0o700))
+                // Created by this copy: writable for us until the end, when its own mode is
+                // applied.
+                let mode = self.mode(e.mode);
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))
                     .map_err(FilesError::io("set the mode of", &target))?;
                 self.dir_bytes += target.as_os_str().len();
                 if self.dir_bytes > MAX_DIR_BYTES {
                     return Err(FilesError::TooManyDirs);
                 }
-                self.dirs.push((target, e.mode, e.mtime, e.mtime_nsec));
+                self.dirs.push((target, mode, e.mtime, e.mtime_nsec));
             }
             EntryKind::Symlink => {
                 let link = e.link_target.clone().unwrap_or_default();
@@ -691,8 +732,9 @@ impl Receiver {
                 .map_err(FilesError::io("flush", Path::new("stdout")));
         }
         let path = cur.temp.path.clone();
+        let mode = self.mode(cur.entry.mode);
         if let Some(f) = &cur.temp.file {
-            f.set_permissions(fs::Permissions::from_mode(cur.entry.mode))
+            f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(FilesError::io("set the mode of", &path))?;
             f.set_times(
                 fs::FileTimes::new()
@@ -961,7 +1003,11 @@ pub(crate) async fn serve_put(
     w: &mut WriteHalf,
 ) -> Result<(), SessionError> {
     let result = match Receiver::new(Path::new(&put.path), put.exact, Arc::default()) {
-        Ok(receiver) => receive_frames(&mut reader, receiver.checksum(put.checksum)).await,
+        // The host administers the guest: the modes it sends are kept, setuid and setgid too.
+        Ok(receiver) => {
+            let receiver = receiver.checksum(put.checksum).keep_setid(true);
+            receive_frames(&mut reader, receiver).await
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -1019,4 +1065,173 @@ async fn fail(
     let drain = async { while let Ok(Some(_)) = reader.next().await {} };
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     Err(SessionError::Refused(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A fresh empty directory under the temp directory.
+    fn fresh_dir(tag: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("vmlink-files-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("create a test directory");
+        d
+    }
+
+    fn entry(kind: EntryKind, path: &str, mode: u32, mtime: i64) -> Entry {
+        Entry {
+            kind,
+            path: path.into(),
+            mode,
+            mtime,
+            mtime_nsec: 0,
+            size: None,
+            link_target: None,
+        }
+    }
+
+    /// Feeds a file entry, its data and its `FileEnd` to `r`.
+    fn send_file(r: &mut Receiver, path: &str, mode: u32, data: &[u8]) {
+        let e = Entry {
+            size: Some(data.len() as u64),
+            ..entry(EntryKind::File, path, mode, 1_000_000_000)
+        };
+        assert_eq!(r.handle(Message::Entry(e)).expect("file entry"), Flow::More);
+        r.handle(Message::Data(data.to_vec())).expect("data");
+        let end = FileEnd::new(Checksum::Sha256, hex(&Sha256::digest(data)));
+        r.handle(Message::FileEnd(end)).expect("file end");
+    }
+
+    fn done(r: &mut Receiver) {
+        assert!(matches!(r.handle(Message::Done), Ok(Flow::Done(_))));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).expect("lstat").mode() & 0o7777
+    }
+
+    fn mtime(p: &Path) -> i64 {
+        fs::symlink_metadata(p).expect("lstat").mtime()
+    }
+
+    fn temp_files(d: &Path) -> Vec<PathBuf> {
+        fs::read_dir(d)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect()
+    }
+
+    /// A tree `root/` (mode 0o2775) holding `root/f` (mode 0o4777) and `root/g` (0o2755).
+    fn receive_setid_tree(keep: bool) -> PathBuf {
+        let dest = fresh_dir("setid");
+        let mut r = Receiver::new(&dest, false, Arc::default())
+            .expect("receiver")
+            .keep_setid(keep);
+        r.handle(Message::Entry(entry(
+            EntryKind::Dir,
+            "root",
+            0o2775,
+            1_000_000_000,
+        )))
+        .expect("dir entry");
+        send_file(&mut r, "root/f", 0o4777, b"#!/bin/sh\n");
+        send_file(&mut r, "root/g", 0o2755, b"g");
+        done(&mut r);
+        dest.join("root")
+    }
+
+    #[test]
+    fn setuid_and_setgid_are_dropped_by_default() {
+        let root = receive_setid_tree(false);
+        assert_eq!(mode(&root.join("f")), 0o777);
+        assert_eq!(mode(&root.join("g")), 0o755);
+        assert_eq!(mode(&root), 0o775);
+        fs::remove_dir_all(root.parent().expect("parent")).expect("clean up");
+    }
+
+    #[test]
+    fn setuid_and_setgid_are_kept_when_asked() {
+        // (As root, or the owner of the files: the tests run as either.)
+        let root = receive_setid_tree(true);
+        assert_eq!(mode(&root.join("f")), 0o4777);
+        assert_eq!(mode(&root), 0o2775);
+        if nix::unistd::geteuid().is_root() {
+            // An unprivileged owner outside the group may not keep setgid on a file.
+            assert_eq!(mode(&root.join("g")), 0o2755);
+        }
+        fs::remove_dir_all(root.parent().expect("parent")).expect("clean up");
+    }
+
+    #[test]
+    fn existing_directories_keep_their_mode_and_mtime_and_created_ones_get_the_sent_ones() {
+        let dest = fresh_dir("existing");
+        let root = dest.join("root");
+        fs::create_dir_all(root.join("old")).expect("dirs");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o750)).expect("mode");
+        fs::set_permissions(root.join("old"), fs::Permissions::from_mode(0o751)).expect("mode");
+        set_mtime_nofollow(&root.join("old"), 1_111_111_111, 0).expect("mtime");
+        let sent = 1_500_000_000;
+        let mut r = Receiver::new(&dest, false, Arc::default()).expect("receiver");
+        r.handle(Message::Entry(entry(EntryKind::Dir, "root", 0o777, sent)))
+            .expect("root");
+        r.handle(Message::Entry(entry(
+            EntryKind::Dir,
+            "root/old",
+            0o777,
+            sent,
+        )))
+        .expect("old");
+        r.handle(Message::Entry(entry(
+            EntryKind::Dir,
+            "root/new",
+            0o705,
+            sent,
+        )))
+        .expect("new");
+        send_file(&mut r, "root/new/f", 0o640, b"data");
+        done(&mut r);
+        assert_eq!(mode(&root), 0o750);
+        // Its mtime is now (`new` was created in it), not the sent one.
+        assert_ne!(mtime(&root), sent);
+        assert_eq!(mode(&root.join("old")), 0o751);
+        assert_eq!(mtime(&root.join("old")), 1_111_111_111);
+        assert_eq!(mode(&root.join("new")), 0o705);
+        assert_eq!(mtime(&root.join("new")), sent);
+        assert_eq!(mode(&root.join("new/f")), 0o640);
+        assert_eq!(fs::read(root.join("new/f")).expect("read"), b"data");
+        fs::remove_dir_all(&dest).expect("clean up");
+    }
+
+    #[test]
+    fn a_name_of_255_bytes_of_utf8_is_received_under_its_full_name() {
+        let dest = fresh_dir("long-name");
+        let name = "語".repeat(85);
+        assert_eq!(name.len(), 255);
+        let mut r = Receiver::new(&dest, false, Arc::default()).expect("receiver");
+        send_file(&mut r, &name, 0o644, b"long");
+        done(&mut r);
+        assert_eq!(fs::read(dest.join(&name)).expect("read"), b"long");
+        assert!(temp_files(&dest).is_empty());
+        fs::remove_dir_all(&dest).expect("clean up");
+    }
+
+    #[test]
+    fn temp_names_fit_in_name_max_and_cut_at_a_char_boundary() {
+        for name in [
+            "語".repeat(85),
+            "a".repeat(255),
+            "aé".repeat(85),
+            "x".into(),
+        ] {
+            let t = temp_name(Path::new("/d"), &name);
+            let t = t.file_name().and_then(|n| n.to_str()).expect("UTF-8");
+            assert!(t.len() <= 255, "{} bytes: {t}", t.len());
+            assert!(t.starts_with('.') && t.ends_with(".tmp"), "{t}");
+        }
+    }
 }

@@ -173,6 +173,38 @@ fn a_tree_copies_both_ways_with_modes_mtimes_symlinks_and_empty_dirs() {
 }
 
 #[test]
+fn a_put_keeps_setuid_and_a_get_drops_it() {
+    // The agent trusts the host that pushes into the guest; the host does not trust the guest
+    // (`sudo vmlink cp GUEST:/x /usr/local/bin/` must not plant a setuid binary).
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let src = fresh_dir("setid-src");
+        let tool = src.join("tool");
+        fs::write(&tool, b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(&tool, fs::Permissions::from_mode(0o4755)).expect("chmod");
+        let up = fresh_dir("setid-up");
+        client
+            .put(PutSource::Path(tool), &s(&up), Arc::default())
+            .await
+            .expect("put");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").mode() & 0o7777;
+        assert_eq!(mode(&up.join("tool")), 0o4755);
+        let down = fresh_dir("setid-down");
+        client
+            .get(
+                &s(&up.join("tool")),
+                GetDest::Path(down.clone()),
+                Arc::default(),
+            )
+            .await
+            .expect("get");
+        assert_eq!(mode(&down.join("tool")), 0o755);
+    });
+}
+
+#[test]
 fn a_get_into_a_directory_refuses_a_root_the_agent_renamed() {
     // A hostile agent asked for /srv/report.txt answers with `.bashrc`: written into an existing
     // directory, the name would be the guest's choice (scp's CVE-2019-6111).

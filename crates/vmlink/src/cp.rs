@@ -34,7 +34,9 @@ use vmlink_agent::files::CopySummary;
 /// One side is TARGET:PATH (PATH absolute; TARGET is the shortest prefix
 /// before a ":/" that is a connecting address), the other a local path or
 /// "-" (stdin as SRC: one file written as exactly PATH; stdout as DST: one
-/// regular file). Directories copy recursively; modes and mtimes are kept;
+/// regular file). Directories copy recursively; modes and mtimes are kept,
+/// except that a copy from the guest drops setuid and setgid bits and an
+/// existing directory the copy enters keeps its own mode and mtime;
 /// symlinks are copied as symlinks, never followed. Every file is written to
 /// a temporary file beside its destination, checked against a checksum sent
 /// with the data (XXH64, or SHA-256 with an older agent), fsynced and renamed
