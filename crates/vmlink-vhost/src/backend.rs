@@ -6,7 +6,7 @@
 //! [`Queue`], so that tests drive them through `virtio-queue`'s `MockSplitQueue`.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::capture::Capture;
-use crate::counters::{Counter, Counters};
+use crate::counters::{should_log, Counter, Counters};
 use crate::device::{Device, Header, MAX_PKT_DATA};
 
 /// The RX queue's index.
@@ -57,6 +57,15 @@ pub fn drain_tx<M: GuestMemory>(
     let mut used = 0;
     while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
+        if head >= queue.size() {
+            // No descriptor has that index: nothing to parse, and nothing that can go back to the
+            // guest (the used ring takes only valid heads; virtio-queue would log an error).
+            device.count_malformed(&format_args!(
+                "head index {head} is out of range (queue size {})",
+                queue.size()
+            ));
+            continue;
+        }
         // The chain's length in descriptors (the iterator stops after the queue size, so a
         // looping chain cannot make this spin): what the guest gets back below.
         used += chain.clone().count().max(1);
@@ -85,9 +94,7 @@ pub fn drain_tx<M: GuestMemory>(
             }
             Err(e) => device.count_malformed(&e),
         }
-        if let Err(e) = queue.add_used(mem, head, 0) {
-            warn!("cannot return a TX descriptor to the guest: {e}");
-        }
+        put_used(queue, mem, head, 0, "TX");
     }
     // Small packets of this pass, gathered per connection, go to the host now.
     device.flush_pending();
@@ -103,7 +110,28 @@ pub fn fill_rx<M: GuestMemory>(
     buf: &mut Vec<u8>,
     capture: Option<&Capture>,
 ) -> bool {
-    let mut used = false;
+    fill_rx_pass(device, queue, mem, buf, capture).used
+}
+
+/// What one [`fill_rx`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RxPass {
+    /// A chain went to the used ring.
+    used: bool,
+    /// A chain was taken and put back: the device had nothing to put in it now. Looking at the
+    /// ring again at once would find the same chain.
+    put_back: bool,
+}
+
+/// [`fill_rx`], telling also whether it stopped at a chain it put back.
+fn fill_rx_pass<M: GuestMemory>(
+    device: &mut Device,
+    queue: &mut Queue,
+    mem: &M,
+    buf: &mut Vec<u8>,
+    capture: Option<&Capture>,
+) -> RxPass {
+    let mut pass = RxPass::default();
     if buf.len() < MAX_PKT_DATA {
         buf.resize(MAX_PKT_DATA, 0);
     }
@@ -112,14 +140,20 @@ pub fn fill_rx<M: GuestMemory>(
             break;
         };
         let head = chain.head_index();
+        if head >= queue.size() {
+            // No descriptor has that index: nothing can be written, nor given back.
+            device.count_malformed_rx(&format_args!(
+                "head index {head} is out of range (queue size {})",
+                queue.size()
+            ));
+            continue;
+        }
         let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA as u32) {
             Ok(p) => p,
             Err(e) => {
                 device.count_malformed_rx(&e);
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    warn!("cannot return an RX descriptor to the guest: {e}");
-                }
-                used = true;
+                put_used(queue, mem, head, 0, "RX");
+                pass.used = true;
                 continue;
             }
         };
@@ -135,7 +169,17 @@ pub fn fill_rx<M: GuestMemory>(
                 buf[..data.len()].copy_from_slice(data);
             }
         }) else {
+            if room == 0 {
+                // Control packets fit in a header-only buffer and come first: only payload
+                // waits, and this chain can never hold any. Put back, it would be taken again
+                // at once, forever; it goes back to the guest unused instead.
+                device.count_malformed_rx(&"no room for data after the header");
+                put_used(queue, mem, head, 0, "RX");
+                pass.used = true;
+                continue;
+            }
             queue.go_to_previous_position();
+            pass.put_back = true;
             break;
         };
         set_header(&mut pkt, &hdr);
@@ -143,12 +187,24 @@ pub fn fill_rx<M: GuestMemory>(
         if let Some(c) = capture {
             c.packet(&hdr, &buf[..len]);
         }
-        if let Err(e) = queue.add_used(mem, head, (PKT_HEADER_SIZE + len) as u32) {
-            warn!("cannot return an RX descriptor to the guest: {e}");
-        }
-        used = true;
+        put_used(queue, mem, head, (PKT_HEADER_SIZE + len) as u32, "RX");
+        pass.used = true;
     }
-    used
+    pass
+}
+
+/// `add_used` failures of every VM of this process, for rate-limiting their log lines.
+static USED_RING_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Returns the chain at `head` to the guest with `len` bytes written. A failure (the guest's
+/// used ring is not in its memory) is logged at a rate a guest cannot flood.
+fn put_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32, ring: &str) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        let n = USED_RING_ERRORS.fetch_add(1, Ordering::Relaxed) + 1;
+        if should_log(n) {
+            warn!("cannot return a {ring} descriptor to the guest ({n} failures so far): {e}");
+        }
+    }
 }
 
 fn header_of<B: vm_memory::bitmap::BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Header {
@@ -315,17 +371,21 @@ impl VsockBackend {
             if self.event_idx {
                 let _ = rx.disable_notification();
             }
-            rx_used |= fill_rx(
+            let pass = fill_rx_pass(
                 &mut self.device,
                 rx.get_mut().get_queue_mut(),
                 &*mem,
                 &mut self.rx_buf,
                 self.capture.as_deref(),
             );
+            rx_used |= pass.used;
             // More buffers may have come while notifications were off: look again, but only
-            // when there is something to put in them.
+            // when there is something to put in them, and not when a chain was put back (the
+            // ring always looks non-empty then: the device has nothing to send now, and the
+            // next host event brings it).
             if !self.event_idx
                 || !rx.enable_notification().unwrap_or(false)
+                || pass.put_back
                 || !self.device.has_rx()
             {
                 break;
@@ -564,5 +624,312 @@ mod tests {
             "a pause: the rings go on where they were"
         );
         assert_eq!(restarted("running", 0, false), 1, "no restart");
+    }
+
+    /// Descriptor flags.
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    /// Guest addresses of the RX ring (queue size 256) and of its buffers.
+    const RX_DESC: u64 = 0;
+    const RX_AVAIL: u64 = 0x1000;
+    const RX_USED: u64 = 0x2000;
+    const RX_BUFS: u64 = 0x8_0000;
+
+    /// Makes `chain` (address, length, flags) available on the RX ring, its descriptors from
+    /// `first` on, and returns its head.
+    fn offer_rx(mem: &GuestMemoryMmap, first: u16, chain: &[(u64, u32, u16)]) -> u16 {
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let at = RX_DESC + 16 * u64::from(first + i as u16);
+            let next = first + i as u16 + 1;
+            let flags = if i + 1 < chain.len() {
+                flags | F_NEXT
+            } else {
+                flags
+            };
+            mem.write_obj(addr, GuestAddress(at)).expect("desc addr");
+            mem.write_obj(len, GuestAddress(at + 8)).expect("desc len");
+            mem.write_obj(flags, GuestAddress(at + 12))
+                .expect("desc flags");
+            mem.write_obj(next, GuestAddress(at + 14))
+                .expect("desc next");
+        }
+        offer_head(mem, first);
+        first
+    }
+
+    /// Puts `head` on the RX avail ring (whatever it is) and publishes it.
+    fn offer_head(mem: &GuestMemoryMmap, head: u16) {
+        let idx: u16 = mem.read_obj(GuestAddress(RX_AVAIL + 2)).expect("avail idx");
+        mem.write_obj(head, GuestAddress(RX_AVAIL + 4 + 2 * u64::from(idx % 256)))
+            .expect("avail entry");
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(RX_AVAIL + 2))
+            .expect("avail idx");
+    }
+
+    /// The RX used ring: (head, length) of every entry.
+    fn rx_used(mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(RX_USED + 2)).expect("used idx");
+        (0..idx)
+            .map(|i| {
+                let e = RX_USED + 4 + 8 * u64::from(i);
+                let id: u32 = mem.read_obj(GuestAddress(e)).expect("used id");
+                let len: u32 = mem.read_obj(GuestAddress(e + 4)).expect("used len");
+                (id, len)
+            })
+            .collect()
+    }
+
+    /// Runs `handle_event(event)` on a thread; fails the test unless it returns within 5 s (a
+    /// thread that spins is left behind: the test process ends with the test run).
+    fn handle_within_5s(
+        backend: VsockBackend,
+        vrings: Vec<VringRwLock>,
+        event: u16,
+    ) -> (VsockBackend, Vec<VringRwLock>) {
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut backend = backend;
+            backend
+                .handle_event(event, EventSet::IN, &vrings, 0)
+                .expect("handled");
+            let _ = done.send((backend, vrings));
+        });
+        wait.recv_timeout(Duration::from_secs(5))
+            .expect("handle_event did not return within 5 s: the VM's thread spins")
+    }
+
+    #[test]
+    fn an_rx_chain_with_no_room_for_data_is_returned_not_retried_forever() {
+        let dir = std::env::temp_dir().join(format!(
+            "vmlink-vhost-backend-zero-room-{}",
+            std::process::id()
+        ));
+        let (device, counters, l) = device_with_a_connection(&dir);
+        let (mut host, _) = l.accept().expect("accept");
+
+        let mut backend = VsockBackend::new(device).expect("backend");
+        let atomic = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory"),
+        );
+        backend.update_memory(atomic.clone()).expect("memory");
+        backend.set_event_idx(true);
+        let vrings: Vec<VringRwLock> = (0..NUM_QUEUES as u64)
+            .map(|i| {
+                let v = VringRwLock::new(atomic.clone(), 256).expect("vring");
+                let base = i * 0x1_0000;
+                v.set_queue_info(base, base + 0x1000, base + 0x2000)
+                    .expect("queue addresses");
+                v.set_queue_event_idx(true);
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        let mem = atomic.memory();
+
+        // The host sends: the connection has data for the guest (has_rx stays true).
+        std::io::Write::write_all(&mut host, b"hello").expect("host write");
+        backend.device.handle_host_events();
+        assert!(backend.device().has_rx());
+
+        // Two chains whose data part is 0 bytes: the RESPONSE (header only) fits in the first;
+        // the second can hold no byte of "hello".
+        let a = offer_rx(
+            &mem,
+            0,
+            &[(RX_BUFS, 44, F_WRITE), (RX_BUFS + 64, 0, F_WRITE)],
+        );
+        let b = offer_rx(
+            &mem,
+            2,
+            &[
+                (RX_BUFS + 0x1000, 44, F_WRITE),
+                (RX_BUFS + 0x1040, 0, F_WRITE),
+            ],
+        );
+        let (backend, vrings) = handle_within_5s(backend, vrings, RX_QUEUE);
+        let used = rx_used(&mem);
+        assert_eq!(
+            used,
+            vec![(u32::from(a), 44), (u32::from(b), 0)],
+            "the RESPONSE in the first chain, the second returned unused"
+        );
+        let op: u16 = mem.read_obj(GuestAddress(RX_BUFS + 30)).expect("op");
+        assert_eq!(op, crate::device::OP_RESPONSE);
+        assert_eq!(counters.get(Counter::malformed_rx_descriptors), 1);
+        assert!(backend.device().has_rx(), "the data still waits");
+
+        // The guest has no buffer left: it is asked to kick for the next one (avail_event is
+        // where it will write next).
+        let avail_event: u16 = mem
+            .read_obj(GuestAddress(RX_USED + 4 + 8 * 256))
+            .expect("avail_event");
+        assert_eq!(avail_event, 2);
+
+        // A well-formed 4 KiB buffer after the bad one gets the data.
+        let c = offer_rx(
+            &mem,
+            4,
+            &[
+                (RX_BUFS + 0x2000, 44, F_WRITE),
+                (RX_BUFS + 0x2040, 4096, F_WRITE),
+            ],
+        );
+        let (backend, _vrings) = handle_within_5s(backend, vrings, RX_QUEUE);
+        assert_eq!(rx_used(&mem)[2], (u32::from(c), 44 + 5));
+        let mut data = [0u8; 5];
+        mem.read_slice(&mut data, GuestAddress(RX_BUFS + 0x2040))
+            .expect("data");
+        assert_eq!(&data, b"hello");
+        assert_eq!(counters.get(Counter::malformed_rx_descriptors), 1);
+        assert!(!backend.device().has_rx());
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A log sink for [`logged`].
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `f` and returns what this thread logged meanwhile (tracing, info and above), one
+    /// string a line.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    /// A queue of 256 entries with its rings at `RX_DESC`, `RX_AVAIL` and `used`, ready.
+    fn bare_queue(used: u64) -> Queue {
+        let mut queue = Queue::new(256).expect("queue");
+        queue.set_desc_table_address(Some(RX_DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(RX_AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(used as u32), Some(0));
+        queue.set_ready(true);
+        queue
+    }
+
+    /// A device (guest CID 3, in `dir`) with one guest connection: a RESPONSE waits for RX.
+    fn device_with_a_connection(dir: &std::path::Path) -> (Device, Arc<Counters>, UnixListener) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("dir");
+        let mut cfg = DeviceConfig::new(3, dir.join("v"));
+        cfg.tick = Duration::from_secs(3600);
+        let counters = Arc::new(Counters::default());
+        let mut device = Device::new(cfg, counters.clone()).expect("device");
+        let l = UnixListener::bind(dir.join("v_1234")).expect("bind");
+        device.on_guest_packet(&guest_request(), &[]);
+        (device, counters, l)
+    }
+
+    fn guest_request() -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: 1234,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 1 << 18,
+            ..Header::default()
+        }
+    }
+
+    #[test]
+    fn avail_entries_with_a_head_out_of_range_are_counted_and_not_returned_nor_logged_each() {
+        let dir = std::env::temp_dir().join(format!(
+            "vmlink-vhost-backend-bad-head-{}",
+            std::process::id()
+        ));
+        let (mut device, counters, _l) = device_with_a_connection(&dir);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
+        let mut buf = Vec::new();
+
+        // RX: 16 bogus heads, then a valid chain, which gets the RESPONSE.
+        let mut rx = bare_queue(RX_USED);
+        for _ in 0..16 {
+            offer_head(&mem, 0xFFFF);
+        }
+        let good = offer_rx(
+            &mem,
+            0,
+            &[(RX_BUFS, 44, F_WRITE), (RX_BUFS + 64, 4096, F_WRITE)],
+        );
+        let lines = logged(|| assert!(fill_rx(&mut device, &mut rx, &mem, &mut buf, None)));
+        assert_eq!(counters.get(Counter::malformed_rx_descriptors), 16);
+        assert_eq!(
+            rx_used(&mem),
+            vec![(u32::from(good), 44)],
+            "only the valid chain is returned: the RESPONSE in it"
+        );
+        // 1st, 2nd, 4th, 8th, 16th: rate-limited, and no add_used failure for any of them.
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(
+            lines.iter().all(|l| !l.contains("descriptor to the guest")),
+            "{lines:#?}"
+        );
+
+        // TX (the same ring addresses, afresh): 16 bogus heads, then an RST from the guest.
+        for a in [RX_AVAIL, RX_USED] {
+            mem.write_obj(0u16, GuestAddress(a + 2)).expect("idx");
+        }
+        let mut tx = bare_queue(RX_USED);
+        for _ in 0..16 {
+            offer_head(&mem, 0xFFFF);
+        }
+        let rst = Header {
+            op: crate::device::OP_RST,
+            buf_alloc: 0,
+            ..guest_request()
+        };
+        mem.write_slice(&rst.to_bytes(), GuestAddress(RX_BUFS))
+            .expect("rst");
+        let good = offer_rx(&mem, 0, &[(RX_BUFS, 44, 0)]);
+        assert_eq!(device.connection_count(), 1);
+        let lines = logged(|| {
+            assert_eq!(drain_tx(&mut device, &mut tx, &mem, &mut buf, None), 1);
+        });
+        assert_eq!(counters.get(Counter::malformed_descriptors), 16);
+        assert_eq!(rx_used(&mem), vec![(u32::from(good), 0)]);
+        assert_eq!(device.connection_count(), 0, "the RST was handled");
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(
+            lines.iter().all(|l| !l.contains("descriptor to the guest")),
+            "{lines:#?}"
+        );
+
+        // A used ring outside guest memory: every add_used fails, the warnings are rate-limited.
+        let mut tx = bare_queue(0x20_0000);
+        for a in [RX_AVAIL, RX_USED] {
+            mem.write_obj(0u16, GuestAddress(a + 2)).expect("idx");
+        }
+        for i in 0..16 {
+            offer_rx(&mem, i, &[(RX_BUFS, 44, 0)]);
+        }
+        let lines = logged(|| {
+            assert_eq!(drain_tx(&mut device, &mut tx, &mem, &mut buf, None), 16);
+        });
+        let failures = lines
+            .iter()
+            .filter(|l| l.contains("cannot return a TX descriptor"))
+            .count();
+        assert!((1..=5).contains(&failures), "{lines:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

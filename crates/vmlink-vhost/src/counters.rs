@@ -38,7 +38,8 @@ counters! {
     /// TX descriptor chains that virtio-vsock could not parse (bad descriptors, lengths).
     malformed_descriptors,
     /// RX descriptor chains (buffers the guest gave for packets to it) that virtio-vsock could
-    /// not parse: returned unused, the packet waits for the next one.
+    /// not parse, or with no room for the payload that waits: returned unused, the packet waits
+    /// for the next one.
     malformed_rx_descriptors,
     /// Packets with an unknown type or operation, or an operation not valid in the
     /// connection's state.

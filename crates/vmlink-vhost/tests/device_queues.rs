@@ -838,6 +838,59 @@ fn a_malformed_rx_chain_is_counted_as_such_not_as_a_guest_packet() {
     assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
 }
 
+#[test]
+fn bogus_rx_chains_are_returned_or_skipped_and_the_next_good_one_is_used() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, "no-room-rx", |_| {});
+    let l = rig.listen(1234);
+    rig.send(pkt(OP_REQUEST, 5000, 1234), &[]);
+    assert_eq!(rig.recv(1)[0].0.op, OP_RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    host.write_all(b"hello").expect("host write");
+    rig.device.handle_host_events();
+    assert!(rig.device.has_rx());
+    // An avail entry whose head is no descriptor, then a chain whose data part is 0 bytes.
+    let avail = rig.rx_mock.avail_addr();
+    let idx: u16 = mem.read_obj(avail.unchecked_add(2)).expect("avail idx");
+    mem.write_obj(0xFFFFu16, avail.unchecked_add(4 + 2 * u64::from(idx % 256)))
+        .expect("avail entry");
+    mem.write_obj(idx + 1, avail.unchecked_add(2))
+        .expect("avail idx");
+    let at = RX_BUFS + u64::from(rig.rx_slot) * SLOT;
+    let head = rig.rx_slot;
+    rig.rx_mock
+        .add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(at, HDR, F_WRITE | F_NEXT, head + 1)),
+                RawDescriptor::from(SplitDescriptor::new(at + 64, 0, F_WRITE, 0)),
+            ],
+            head,
+        )
+        .expect("add rx chain");
+    rig.rx_slot += 2;
+    assert!(fill_rx(
+        &mut rig.device,
+        &mut rig.rx,
+        rig.mem,
+        &mut rig.buf,
+        None
+    ));
+    assert_eq!(rig.count(Counter::malformed_rx_descriptors), 2);
+    // Only the zero-room chain went back, unused: nothing for the out-of-range head.
+    let used = rig.rx_mock.used_addr();
+    let used_idx: u16 = mem.read_obj(used.unchecked_add(2)).expect("used idx");
+    assert_eq!(used_idx, rig.rx_seen + 1);
+    let e = used.unchecked_add(4 + 8 * u64::from(rig.rx_seen % 256));
+    let id: u32 = mem.read_obj(e).expect("id");
+    let len: u32 = mem.read_obj(e.unchecked_add(4)).expect("len");
+    assert_eq!((id, len), (u32::from(head), 0));
+    rig.rx_seen += 1;
+    // The data waits for the next good buffer.
+    let got = rig.recv(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.op, got[0].1.as_slice()), (OP_RW, &b"hello"[..]));
+}
+
 /// Waits (at most 5 s) for `s` to be closed by the device: end-of-file, or a reset where the
 /// device left bytes unread. Returns what was left to read.
 fn closed_by_the_device(s: &mut UnixStream) -> Vec<u8> {
