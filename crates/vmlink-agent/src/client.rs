@@ -31,6 +31,7 @@ use vmlink_proto::agent::{
     Checksum, ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run,
     Signal, WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION, STDIN_WINDOW,
 };
+use vmlink_proto::text::printable;
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
 use crate::files::{self, CopySummary, FilesError, Receiver, WriteDebug};
@@ -74,6 +75,9 @@ pub const COPY_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request to the agent failed.
+///
+/// The agent's text (its messages, its software's name) is shown with its control characters
+/// escaped ([`printable`]): a compromised guest cannot send escape sequences to the terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The channel could not be opened.
@@ -86,7 +90,7 @@ pub enum ClientError {
         source: vmlink_transport::Error,
     },
     /// The agent does not accept this peer (e.g. its vsock CID is not allowed).
-    #[error("the agent at {addr} refused: {message}")]
+    #[error("the agent at {addr} refused: {}", printable(.message))]
     Refused {
         /// The agent's address.
         addr: String,
@@ -94,7 +98,7 @@ pub enum ClientError {
         message: String,
     },
     /// The agent could not do what was asked.
-    #[error("the agent at {addr} reported {kind}: {message}")]
+    #[error("the agent at {addr} reported {kind}: {}", printable(.message))]
     Agent {
         /// The agent's address.
         addr: String,
@@ -122,7 +126,7 @@ pub enum ClientError {
         version: u32,
     },
     /// The agent is too old for what was asked.
-    #[error("the agent at {addr} ({software}) does not support {what}; update vmlink-agent in the guest")]
+    #[error("the agent at {addr} ({}) does not support {what}; update vmlink-agent in the guest", printable(.software))]
     Unsupported {
         /// The agent's address.
         addr: String,
@@ -897,6 +901,40 @@ mod tests {
         let listener = AsyncListener::bind(&listen).expect("bind");
         let addr = crate::connect_addr_for(listener.local_addr()).expect("connect address");
         (listener, addr)
+    }
+
+    #[test]
+    fn the_agents_text_reaches_the_terminal_without_control_characters() {
+        let hostile = "\u{1b}]0;pwned\u{7}\u{1b}[2J";
+        let addr = "unix:/run/agent.sock".to_string();
+        let errors = [
+            ClientError::Agent {
+                addr: addr.clone(),
+                kind: ErrorKind::Io,
+                message: format!("no such file{hostile}"),
+            },
+            ClientError::Refused {
+                addr: addr.clone(),
+                message: hostile.to_string(),
+            },
+            ClientError::Unsupported {
+                addr: addr.clone(),
+                what: "tailing files (vmlink logs)",
+                software: format!("vmlink-agent/9{hostile}"),
+            },
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(shown.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2J"), "{shown}");
+        }
+        // Ordinary text, non-ASCII included, is shown as sent.
+        let e = ClientError::Agent {
+            addr,
+            kind: ErrorKind::Io,
+            message: "Datei „grüße.txt“ fehlt".into(),
+        };
+        assert!(e.to_string().ends_with(": Datei „grüße.txt“ fehlt"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

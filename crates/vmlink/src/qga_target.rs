@@ -37,6 +37,7 @@ use vmlink_proto::qga::{
     base64_decode, base64_encode, encode_request, parse_response, Response, COMMAND_NOT_FOUND,
     SENTINEL,
 };
+use vmlink_proto::text::printable;
 use vmlink_transport::{Addr, AsyncStream};
 
 /// Bytes per guest-file-read/-write call (qemu-ga allows up to 48 MiB per read).
@@ -52,7 +53,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// qemu-ga answered a command with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("{command}: {class}: {desc}")]
+#[error("{command}: {}: {}", printable(.class), printable(.desc))]
 pub struct CommandError {
     /// The command.
     pub command: String,
@@ -219,7 +220,7 @@ impl Session {
             anyhow!(
                 "{}: not a qemu-ga answer: {}",
                 self.target,
-                String::from_utf8_lossy(&line[..line.len().min(200)])
+                printable(&String::from_utf8_lossy(&line[..line.len().min(200)]))
             )
         })
     }
@@ -301,14 +302,15 @@ pub async fn info(addr: &Addr, as_json: bool) -> anyhow::Result<ExitCode> {
         });
         println!("{v}");
     } else {
-        println!("hostname  {hostname}");
-        println!("os        {os_name}");
-        println!("kernel    {kernel}");
+        // The guest chose these strings: no escape sequences reach the terminal.
+        println!("hostname  {}", printable(&hostname));
+        println!("os        {}", printable(&os_name));
+        println!("kernel    {}", printable(&kernel));
         match uptime {
             Some(u) => println!("uptime    {u} s"),
             None => println!("uptime    unknown"),
         }
-        println!("agent     qemu-guest-agent {version}");
+        println!("agent     qemu-guest-agent {}", printable(&version));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -629,7 +631,7 @@ pub async fn put(
                 "{}:{dest}: finishing the copy failed ({}): {}",
                 s.target(),
                 done.status,
-                String::from_utf8_lossy(&done.err).trim()
+                printable(String::from_utf8_lossy(&done.err).trim())
             );
         }
     }
@@ -716,7 +718,8 @@ pub async fn get(
             let theirs = theirs.split_whitespace().next().unwrap_or("");
             if theirs != sha {
                 bail!(
-                    "{target}:{src}: SHA-256 mismatch: the guest has {theirs}, {sha} arrived (was the file changing?)"
+                    "{target}:{src}: SHA-256 mismatch: the guest has {}, {sha} arrived (was the file changing?)",
+                    printable(theirs)
                 );
             }
         }
@@ -846,6 +849,21 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qemu_ga_error_is_shown_without_control_characters() {
+        let e = CommandError {
+            command: "guest-info".into(),
+            class: "GenericError\u{1b}[2J".into(),
+            desc: "\u{1b}]0;pwned\u{7}\u{1b}[2J".into(),
+        };
+        let shown = e.to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            r"guest-info: GenericError\u{1b}[2J: \u{1b}]0;pwned\u{7}\u{1b}[2J"
+        );
+    }
 
     #[test]
     fn exec_wraps_env_and_cwd_in_commands_every_guest_has() {
