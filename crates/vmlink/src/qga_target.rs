@@ -33,6 +33,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmlink_proto::agent::Exit;
 use vmlink_proto::qga::{
     base64_decode, base64_encode, encode_request, parse_response, Response, COMMAND_NOT_FOUND,
     SENTINEL,
@@ -406,10 +407,16 @@ async fn wait(s: &mut Session, pid: i64) -> anyhow::Result<Finished> {
 }
 
 fn finished(st: &Value) -> anyhow::Result<Finished> {
-    let status = match (st["exitcode"].as_i64(), st["signal"].as_i64()) {
-        (Some(code), _) => code as i32,
-        (None, Some(sig)) => 128 + sig as i32,
+    // qemu-ga's numbers are the guest's word: anything but a real wait status (a code in
+    // 0..=255 or a signal in 1..=64, not both) is a failure, never an overflow or a 0.
+    let number = |field: &str| {
+        st[field]
+            .as_i64()
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+    };
+    let status = match (number("exitcode"), number("signal")) {
         (None, None) => 1,
+        (code, signal) => Exit { code, signal }.shell_status(),
     };
     let data = |field: &str| -> anyhow::Result<Vec<u8>> {
         match st[field].as_str() {
@@ -895,6 +902,18 @@ mod tests {
         assert_eq!(f.status, 137);
         assert_eq!(f.out, b"hi");
         assert_eq!(f.truncated, ["stdout"]);
+        // A hostile guest's numbers: no overflow, no success.
+        for st in [
+            json!({"exited": true, "signal": 2147483647}),
+            json!({"exited": true, "signal": -128}),
+            json!({"exited": true, "signal": 9_223_372_036_854_775_807_i64}),
+            json!({"exited": true, "exitcode": 4_294_967_296_i64}),
+            json!({"exited": true, "exitcode": 256}),
+            json!({"exited": true, "exitcode": -1}),
+            json!({"exited": true, "exitcode": 0, "signal": 9}),
+        ] {
+            assert_eq!(finished(&st).expect("parses").status, 255, "{st}");
+        }
     }
 
     #[test]
