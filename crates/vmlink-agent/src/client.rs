@@ -31,6 +31,7 @@ use vmlink_proto::agent::{
     Checksum, ErrorKind, Exec, Exit, Get, Hello, Info, Logs, Message, MessageType, Put, Run,
     Signal, WindowSize, MAX_DATA_CHUNK, PROTOCOL_VERSION, STDIN_WINDOW,
 };
+use vmlink_proto::text::printable;
 use vmlink_transport::{Addr, AsyncStream, ReadHalf, WriteHalf};
 
 use crate::files::{self, CopySummary, FilesError, Receiver, WriteDebug};
@@ -74,6 +75,9 @@ pub const COPY_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request to the agent failed.
+///
+/// The agent's text (its messages, its software's name) is shown with its control characters
+/// escaped ([`printable`]): a compromised guest cannot send escape sequences to the terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The channel could not be opened.
@@ -86,7 +90,7 @@ pub enum ClientError {
         source: vmlink_transport::Error,
     },
     /// The agent does not accept this peer (e.g. its vsock CID is not allowed).
-    #[error("the agent at {addr} refused: {message}")]
+    #[error("the agent at {addr} refused: {}", printable(.message))]
     Refused {
         /// The agent's address.
         addr: String,
@@ -94,7 +98,7 @@ pub enum ClientError {
         message: String,
     },
     /// The agent could not do what was asked.
-    #[error("the agent at {addr} reported {kind}: {message}")]
+    #[error("the agent at {addr} reported {kind}: {}", printable(.message))]
     Agent {
         /// The agent's address.
         addr: String,
@@ -122,7 +126,7 @@ pub enum ClientError {
         version: u32,
     },
     /// The agent is too old for what was asked.
-    #[error("the agent at {addr} ({software}) does not support {what}; update vmlink-agent in the guest")]
+    #[error("the agent at {addr} ({}) does not support {what}; update vmlink-agent in the guest", printable(.software))]
     Unsupported {
         /// The agent's address.
         addr: String,
@@ -140,12 +144,14 @@ pub enum ClientError {
         waiting_for: &'static str,
     },
     /// The agent did not answer in time.
-    #[error("the agent at {addr} sent no {waiting_for} within {REPLY_TIMEOUT:?}")]
+    #[error("the agent at {addr} sent no {waiting_for} within {within:?}")]
     Timeout {
         /// The agent's address.
         addr: String,
         /// What was expected.
         waiting_for: &'static str,
+        /// How long the client waited ([`REPLY_TIMEOUT`] or [`COPY_REPLY_TIMEOUT`]).
+        within: Duration,
     },
     /// The connection failed.
     #[error("the connection to the agent at {addr} failed")]
@@ -618,10 +624,19 @@ impl Client {
         let sending = files::send_frames(&mut w, progress, checksum, produce);
         tokio::pin!(sending);
         let mut sent: Option<CopySummary> = None;
+        // Armed once the last frame is written: an agent that takes the whole copy and never
+        // answers must not hold the client for ever.
+        let answer_by = tokio::time::sleep(COPY_REPLY_TIMEOUT);
+        tokio::pin!(answer_by);
         loop {
             tokio::select! {
                 r = &mut sending, if sent.is_none() => match r {
-                    Ok(summary) => sent = Some(summary),
+                    Ok(summary) => {
+                        sent = Some(summary);
+                        answer_by
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + COPY_REPLY_TIMEOUT);
+                    }
                     Err(FilesError::Wire(e)) => {
                         // The agent may have failed and closed: its Error says why.
                         return match tokio::time::timeout(COPY_REPLY_TIMEOUT, reader.next()).await {
@@ -631,6 +646,13 @@ impl Client {
                     }
                     Err(e) => return Err(copy_err(e)),
                 },
+                () = &mut answer_by, if sent.is_some() => {
+                    return Err(ClientError::Timeout {
+                        addr: self.addr.to_string(),
+                        waiting_for: "final Done (the whole copy was sent; its commit is unconfirmed)",
+                        within: COPY_REPLY_TIMEOUT,
+                    });
+                }
                 m = reader.next() => return match m {
                     Ok(Some(Message::Done)) => match sent {
                         Some(s) => Ok(s),
@@ -791,6 +813,7 @@ impl Client {
             Err(_) => Err(ClientError::Timeout {
                 addr: addr(),
                 waiting_for,
+                within: REPLY_TIMEOUT,
             }),
             Ok(Ok(Some(Message::Error(e)))) if e.kind == ErrorKind::Refused => {
                 Err(ClientError::Refused {
@@ -860,4 +883,120 @@ async fn local_write<W: AsyncWrite + Unpin>(
     };
     r.await
         .map_err(|source| ClientError::Local { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlink_transport::AsyncListener;
+
+    /// A Unix socket for a fake agent, with the address a client connects to.
+    fn fake_agent_socket(tag: &str) -> (AsyncListener, Addr) {
+        let path =
+            std::env::temp_dir().join(format!("vmlink-client-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listen: Addr = format!("unix-listen:{}", path.display())
+            .parse()
+            .expect("address");
+        let listener = AsyncListener::bind(&listen).expect("bind");
+        let addr = crate::connect_addr_for(listener.local_addr()).expect("connect address");
+        (listener, addr)
+    }
+
+    #[test]
+    fn the_agents_text_reaches_the_terminal_without_control_characters() {
+        let hostile = "\u{1b}]0;pwned\u{7}\u{1b}[2J";
+        let addr = "unix:/run/agent.sock".to_string();
+        let errors = [
+            ClientError::Agent {
+                addr: addr.clone(),
+                kind: ErrorKind::Io,
+                message: format!("no such file{hostile}"),
+            },
+            ClientError::Refused {
+                addr: addr.clone(),
+                message: hostile.to_string(),
+            },
+            ClientError::Unsupported {
+                addr: addr.clone(),
+                what: "tailing files (vmlink logs)",
+                software: format!("vmlink-agent/9{hostile}"),
+            },
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(shown.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2J"), "{shown}");
+        }
+        // Ordinary text, non-ASCII included, is shown as sent.
+        let e = ClientError::Agent {
+            addr,
+            kind: ErrorKind::Io,
+            message: "Datei „grüße.txt“ fehlt".into(),
+        };
+        assert!(e.to_string().ends_with(": Datei „grüße.txt“ fehlt"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_put_the_agent_takes_whole_but_never_confirms_fails_after_copy_reply_timeout() {
+        let (listener, addr) = fake_agent_socket("silent-put");
+        // Answers the Hellos, then reads the whole Put and never says another word.
+        let agent = tokio::spawn(async move {
+            loop {
+                let stream = listener.accept().await.expect("accept");
+                let (r, mut w) = stream.into_split();
+                let mut reader = FrameReader::new(r);
+                match reader.next().await {
+                    Ok(Some(Message::Hello(_))) => {}
+                    other => panic!("expected Hello, got {other:?}"),
+                }
+                let hello = Message::Hello(Hello {
+                    version: PROTOCOL_VERSION,
+                    software: "silent-agent".into(),
+                    features: Vec::new(),
+                });
+                write_message(&mut w, &hello).await.expect("hello");
+                match reader.next().await {
+                    // `Client::connect`'s connection: only the Hello.
+                    Ok(None) => continue,
+                    Ok(Some(Message::Put(_))) => {}
+                    other => panic!("expected Put, got {other:?}"),
+                }
+                let mut saw_done = false;
+                while let Ok(Some(m)) = reader.next().await {
+                    saw_done |= matches!(m, Message::Done);
+                }
+                return saw_done;
+            }
+        });
+        let client = Client::connect(&addr).await.expect("connect");
+        let start = tokio::time::Instant::now();
+        let data = std::io::Cursor::new(vec![7u8; 300_000]);
+        let put = client.put(
+            PutSource::Reader(Box::new(data)),
+            "/tmp/never-confirmed",
+            Arc::default(),
+        );
+        let got = tokio::time::timeout(COPY_REPLY_TIMEOUT * 3, put)
+            .await
+            .expect("the put gave up on the silent agent (it hung)");
+        match got {
+            Err(e @ ClientError::Timeout { within, .. }) => {
+                assert_eq!(within, COPY_REPLY_TIMEOUT);
+                let text = e.to_string();
+                assert!(text.contains("final Done"), "{text}");
+            }
+            other => panic!("a silent agent gave {other:?}"),
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited >= COPY_REPLY_TIMEOUT && waited < COPY_REPLY_TIMEOUT * 2,
+            "gave up after {waited:?}"
+        );
+        drop(client);
+        assert!(
+            agent.await.expect("the fake agent"),
+            "the agent read the whole copy (its Done) before the client gave up"
+        );
+    }
 }

@@ -303,6 +303,10 @@ pub struct Logs {
 }
 
 /// How a process ended: exactly one of the two fields is set.
+///
+/// The decoder accepts any pair (an `Exit` is the agent's word, and an agent can claim any code
+/// anyway); one that is not a real wait status (both or neither set, a code outside 0..=255, a
+/// signal outside 1..=[`MAX_SIGNAL`]) is a failure, [`Exit::MALFORMED_STATUS`], never a success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Exit {
     /// The exit code, when the process exited.
@@ -311,27 +315,37 @@ pub struct Exit {
     pub signal: Option<i32>,
 }
 
+/// The highest signal number (Linux's `SIGRTMAX`).
+pub const MAX_SIGNAL: i32 = 64;
+
 impl Exit {
-    /// The status a shell would report: the code, or 128 + the signal number.
+    /// What [`Exit::shell_status`] gives for an `Exit` that is not a real wait status.
+    pub const MALFORMED_STATUS: i32 = 255;
+
+    /// The status a shell would report, always in 0..=255: the code, or 128 + the signal
+    /// number; [`Exit::MALFORMED_STATUS`] when the `Exit` is not a real wait status.
     pub fn shell_status(&self) -> i32 {
         match (self.code, self.signal) {
-            (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
-            (None, None) => 255,
+            (Some(code @ 0..=255), None) => code,
+            (None, Some(signal @ 1..=MAX_SIGNAL)) => 128 + signal,
+            _ => Self::MALFORMED_STATUS,
         }
     }
 
-    /// Whether the process exited with code 0.
+    /// Whether the process exited with code 0 (and nothing else is claimed).
     pub fn success(&self) -> bool {
-        self.code == Some(0)
+        self.code == Some(0) && self.signal.is_none()
     }
 }
 
 impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "exit status {code}"),
+            (Some(code), None) => write!(f, "exit status {code}"),
             (None, Some(signal)) => write!(f, "killed by signal {signal}"),
+            (Some(code), Some(signal)) => {
+                write!(f, "malformed exit status (code {code} and signal {signal})")
+            }
             (None, None) => f.write_str("unknown exit status"),
         }
     }
@@ -1978,5 +1992,47 @@ mod tests {
         };
         assert_eq!(e.shell_status(), 143);
         assert_eq!(e.to_string(), "killed by signal 15");
+    }
+
+    #[test]
+    fn exit_statuses_a_hostile_agent_makes_up_are_failures_without_overflow() {
+        let status = |code, signal| Exit { code, signal }.shell_status();
+        // Real wait statuses.
+        assert_eq!(status(Some(0), None), 0);
+        assert_eq!(status(Some(255), None), 255);
+        assert_eq!(status(None, Some(1)), 129);
+        assert_eq!(status(None, Some(MAX_SIGNAL)), 128 + MAX_SIGNAL);
+        // Signals no kernel has: 128 + 2147483647 overflowed (a panic in debug builds; in
+        // release it wrapped, and -128 wraps to 0, success).
+        for signal in [i32::MAX, i32::MIN, -128, -1, 0, MAX_SIGNAL + 1, 127, 128] {
+            assert_eq!(status(None, Some(signal)), 255, "signal {signal}");
+        }
+        // Codes no process can exit with (std::process::exit(256) exits 0).
+        for code in [256, 512, -1, -256, i32::MAX, i32::MIN] {
+            assert_eq!(status(Some(code), None), 255, "code {code}");
+        }
+        // Both or neither: not a wait status.
+        assert_eq!(status(Some(0), Some(9)), 255);
+        assert_eq!(status(None, None), 255);
+        let both = Exit {
+            code: Some(0),
+            signal: Some(9),
+        };
+        assert!(!both.success());
+        assert_eq!(
+            both.to_string(),
+            "malformed exit status (code 0 and signal 9)"
+        );
+        assert!(Exit {
+            code: Some(0),
+            signal: None
+        }
+        .success());
+        for code in [Some(0), Some(1), None] {
+            for signal in [None, Some(-1), Some(9), Some(i32::MAX)] {
+                let s = status(code, signal);
+                assert!((0..=255).contains(&s), "{code:?} {signal:?} gave {s}");
+            }
+        }
     }
 }

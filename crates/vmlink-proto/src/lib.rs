@@ -15,6 +15,7 @@
 //! - [`agent`]: the guest agent's length-framed control protocol (`docs/agent-protocol.md`).
 //! - [`qga`]: qemu-guest-agent's QMP-style JSON stream: framing, the 0xFF resync, request
 //!   checks and answers (`docs/qga-compat.md`).
+//! - [`text`]: escaping a peer's text before it is shown on a terminal.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod hybrid;
 pub mod mux;
 pub mod qga;
+pub mod text;
 
 #[doc(hidden)]
 pub mod fuzzing;

@@ -8,6 +8,7 @@ use crate::target::{Resolved, Target};
 use anyhow::bail;
 use vmlink_agent::client::Client;
 use vmlink_agent::ExecRequest;
+use vmlink_proto::text::printable;
 
 #[derive(clap::Args, Debug)]
 pub struct PingArgs {
@@ -119,15 +120,24 @@ pub fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         if a.json {
             println!("{}", serde_json::to_string(&i)?);
         } else {
-            println!("hostname  {}", i.hostname);
-            println!("os        {}", i.os);
-            println!("kernel    {}", i.kernel);
-            println!("uptime    {} s", i.uptime_secs);
-            println!("agent     vmlink-agent {}", i.agent_version);
-            println!("channels  {}", i.channels.join(", "));
+            print!("{}", info_text(&i));
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `vmlink info`'s human-readable lines. The guest chose these strings: their control
+/// characters are escaped, so no escape sequence reaches the terminal.
+fn info_text(i: &vmlink_proto::agent::Info) -> String {
+    format!(
+        "hostname  {}\nos        {}\nkernel    {}\nuptime    {} s\nagent     vmlink-agent {}\nchannels  {}\n",
+        printable(&i.hostname),
+        printable(&i.os),
+        printable(&i.kernel),
+        i.uptime_secs,
+        printable(&i.agent_version),
+        printable(&i.channels.join(", ")),
+    )
 }
 
 pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -177,4 +187,30 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     // for a key press that would end it.
     rt.shutdown_background();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlink_proto::agent::Info;
+
+    #[test]
+    fn info_escapes_what_the_guest_chose() {
+        let hostile = "\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2J";
+        let i = Info {
+            hostname: format!("web-1{hostile}"),
+            os: format!("Débian{hostile}"),
+            kernel: hostile.into(),
+            uptime_secs: 5,
+            agent_version: hostile.into(),
+            channels: vec![hostile.into(), "vsock-listen:-1:7878".into()],
+        };
+        let text = info_text(&i);
+        assert_eq!(text.lines().count(), 6, "{text}");
+        for line in text.lines() {
+            assert!(!line.chars().any(char::is_control), "{line:?}");
+        }
+        assert!(text.starts_with("hostname  web-1\\u{1b}]52;"), "{text}");
+        assert!(text.contains("os        Débian\\u{1b}"), "{text}");
+    }
 }

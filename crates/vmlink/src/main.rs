@@ -152,7 +152,14 @@ fn chain(e: &anyhow::Error) -> String {
             parts.push(s);
         }
     }
-    parts.join(": ")
+    // A guest's text can reach an error by a path that does not escape it (a context, a
+    // library's message): no control character but the newline reaches the terminal.
+    parts
+        .join(": ")
+        .split('\n')
+        .map(vmlink_proto::text::printable)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Parses an address for clap, so a bad one is a usage error (exit 2) that
@@ -176,4 +183,21 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_keeps_newlines_and_escapes_other_controls() {
+        let e = anyhow::anyhow!("guest said \u{1b}]0;pwned\u{7}\u{9b}2J\ttab")
+            .context("line one\nline two");
+        let shown = chain(&e);
+        assert_eq!(
+            shown,
+            r"line one
+line two: guest said \u{1b}]0;pwned\u{7}\u{9b}2J\ttab"
+        );
+    }
 }

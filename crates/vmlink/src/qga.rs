@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args as ClapArgs;
 use serde_json::Value;
 use vmlink_proto::qga::Response;
+use vmlink_proto::text::printable;
 use vmlink_transport::Addr;
 
 /// Send one raw command to a qemu-guest-agent (stock qemu-ga or vmlink-agent --qga) and print
@@ -62,7 +63,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Some(Response::Error(e)) => {
-                eprintln!("vmlink: {}: {}: {}", args.target, e.class, e.desc);
+                eprintln!(
+                    "vmlink: {}: {}: {}",
+                    args.target,
+                    printable(&e.class),
+                    printable(&e.desc)
+                );
                 Ok(ExitCode::from(1))
             }
         }

@@ -33,10 +33,12 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmlink_proto::agent::Exit;
 use vmlink_proto::qga::{
     base64_decode, base64_encode, encode_request, parse_response, Response, COMMAND_NOT_FOUND,
     SENTINEL,
 };
+use vmlink_proto::text::printable;
 use vmlink_transport::{Addr, AsyncStream};
 
 /// Bytes per guest-file-read/-write call (qemu-ga allows up to 48 MiB per read).
@@ -52,7 +54,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// qemu-ga answered a command with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("{command}: {class}: {desc}")]
+#[error("{command}: {}: {}", printable(.class), printable(.desc))]
 pub struct CommandError {
     /// The command.
     pub command: String,
@@ -219,7 +221,7 @@ impl Session {
             anyhow!(
                 "{}: not a qemu-ga answer: {}",
                 self.target,
-                String::from_utf8_lossy(&line[..line.len().min(200)])
+                printable(&String::from_utf8_lossy(&line[..line.len().min(200)]))
             )
         })
     }
@@ -301,14 +303,15 @@ pub async fn info(addr: &Addr, as_json: bool) -> anyhow::Result<ExitCode> {
         });
         println!("{v}");
     } else {
-        println!("hostname  {hostname}");
-        println!("os        {os_name}");
-        println!("kernel    {kernel}");
+        // The guest chose these strings: no escape sequences reach the terminal.
+        println!("hostname  {}", printable(&hostname));
+        println!("os        {}", printable(&os_name));
+        println!("kernel    {}", printable(&kernel));
         match uptime {
             Some(u) => println!("uptime    {u} s"),
             None => println!("uptime    unknown"),
         }
-        println!("agent     qemu-guest-agent {version}");
+        println!("agent     qemu-guest-agent {}", printable(&version));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -404,10 +407,16 @@ async fn wait(s: &mut Session, pid: i64) -> anyhow::Result<Finished> {
 }
 
 fn finished(st: &Value) -> anyhow::Result<Finished> {
-    let status = match (st["exitcode"].as_i64(), st["signal"].as_i64()) {
-        (Some(code), _) => code as i32,
-        (None, Some(sig)) => 128 + sig as i32,
+    // qemu-ga's numbers are the guest's word: anything but a real wait status (a code in
+    // 0..=255 or a signal in 1..=64, not both) is a failure, never an overflow or a 0.
+    let number = |field: &str| {
+        st[field]
+            .as_i64()
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+    };
+    let status = match (number("exitcode"), number("signal")) {
         (None, None) => 1,
+        (code, signal) => Exit { code, signal }.shell_status(),
     };
     let data = |field: &str| -> anyhow::Result<Vec<u8>> {
         match st[field].as_str() {
@@ -629,7 +638,7 @@ pub async fn put(
                 "{}:{dest}: finishing the copy failed ({}): {}",
                 s.target(),
                 done.status,
-                String::from_utf8_lossy(&done.err).trim()
+                printable(String::from_utf8_lossy(&done.err).trim())
             );
         }
     }
@@ -716,7 +725,8 @@ pub async fn get(
             let theirs = theirs.split_whitespace().next().unwrap_or("");
             if theirs != sha {
                 bail!(
-                    "{target}:{src}: SHA-256 mismatch: the guest has {theirs}, {sha} arrived (was the file changing?)"
+                    "{target}:{src}: SHA-256 mismatch: the guest has {}, {sha} arrived (was the file changing?)",
+                    printable(theirs)
                 );
             }
         }
@@ -848,6 +858,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_qemu_ga_error_is_shown_without_control_characters() {
+        let e = CommandError {
+            command: "guest-info".into(),
+            class: "GenericError\u{1b}[2J".into(),
+            desc: "\u{1b}]0;pwned\u{7}\u{1b}[2J".into(),
+        };
+        let shown = e.to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            r"guest-info: GenericError\u{1b}[2J: \u{1b}]0;pwned\u{7}\u{1b}[2J"
+        );
+    }
+
+    #[test]
     fn exec_wraps_env_and_cwd_in_commands_every_guest_has() {
         let spec = ExecSpec {
             argv: vec!["ls".into(), "-l".into()],
@@ -877,6 +902,18 @@ mod tests {
         assert_eq!(f.status, 137);
         assert_eq!(f.out, b"hi");
         assert_eq!(f.truncated, ["stdout"]);
+        // A hostile guest's numbers: no overflow, no success.
+        for st in [
+            json!({"exited": true, "signal": 2147483647}),
+            json!({"exited": true, "signal": -128}),
+            json!({"exited": true, "signal": 9_223_372_036_854_775_807_i64}),
+            json!({"exited": true, "exitcode": 4_294_967_296_i64}),
+            json!({"exited": true, "exitcode": 256}),
+            json!({"exited": true, "exitcode": -1}),
+            json!({"exited": true, "exitcode": 0, "signal": 9}),
+        ] {
+            assert_eq!(finished(&st).expect("parses").status, 255, "{st}");
+        }
     }
 
     #[test]
