@@ -66,6 +66,9 @@ counters! {
     handshake_errors,
     /// Host clients dropped because too many were still in their handshake.
     handshake_limit,
+    /// Failed `accept`s of host clients (the process out of file descriptors, most often): the
+    /// listener is not watched until the next tick or a closed connection.
+    accept_errors,
     /// Host-initiated connections that the guest did not answer in time.
     connect_timeouts,
     /// Connections opened (both directions).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 use vmlink_vhost::capture::Capture;
 use vmlink_vhost::config::{self, VmConfig};
 use vmlink_vhost::counters::Counters;
@@ -114,6 +114,7 @@ fn main() -> ExitCode {
         eprintln!("vmlink-vhost: cannot block SIGUSR1, SIGUSR2, SIGTERM and SIGINT: {e}");
         return ExitCode::from(1);
     }
+    check_open_file_limit(&vms);
     // Bind every VM's uds-path first, so that a bad path fails the start, not a thread.
     // A socket file someone still listens on belongs to a running process (another backend, or
     // this one started twice): refuse rather than take it over. Stale files are replaced.
@@ -312,6 +313,69 @@ fn print_stats(path: &Path) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// File descriptors a VM holds besides its connections and host clients (epoll, timer,
+/// listeners, vhost-user socket, queue eventfds, guest memory), with room to spare.
+const FDS_PER_VM: u64 = 32;
+/// File descriptors of the process besides its VMs (stdio, stats socket, capture file...).
+const FDS_PER_PROCESS: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit: every connection and every host
+/// client in its `CONNECT` handshake holds one, and the soft limit is often 1024, what one VM's
+/// default `max-connections` alone may need. Warns once if the VMs' bounds may need more than
+/// the limit: a host listener then stops accepting until a descriptor is free.
+fn check_open_file_limit(vms: &[VmConfig]) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        debug!(
+            "cannot read the open file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit; a soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            debug!(
+                "open file limit raised from {} to the hard limit {}",
+                lim.rlim_cur, lim.rlim_max
+            );
+            lim = raised;
+        } else {
+            debug!(
+                "cannot raise the open file limit from {} to {}: {}",
+                lim.rlim_cur,
+                lim.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    } else {
+        debug!("open file limit: {}", lim.rlim_cur);
+    }
+    let need = vms
+        .iter()
+        .map(|vm| {
+            let cfg = device_config(vm);
+            (cfg.max_connections + cfg.max_handshakes) as u64 + FDS_PER_VM
+        })
+        .sum::<u64>()
+        + FDS_PER_PROCESS;
+    if need > lim.rlim_cur {
+        warn!(
+            "the open file limit ({}) is below what the VMs' bounds may take ({need}: max-connections + host clients in their handshake + {FDS_PER_VM} per VM, + {FDS_PER_PROCESS}): \
+             when it runs out, host clients wait and guest connections get RST until a descriptor is free (raise it: ulimit -n, or LimitNOFILE= in a systemd unit)",
+            lim.rlim_cur
+        );
+    }
 }
 
 /// The socket files a VM's device makes: its vhost-user socket, `uds-path` and the seqpacket
