@@ -18,7 +18,8 @@
 //! (local socket -> frames, frames -> local socket).
 //!
 //! Trust: the peer is bounded, never trusted. A frame that breaks the format resets every
-//! stream and resynchronises the lane (HELLO); a DATA frame beyond the window resets its
+//! stream and resynchronises the lane (HELLO); a DATA frame beyond the window, more than
+//! [`MAX_STASHED`] buffers waiting, a CREDIT for bytes never sent or a second FIN resets its
 //! stream; frames for unknown streams are dropped and counted; at most [`MAX_STREAMS`]
 //! streams are open per session.
 
@@ -47,6 +48,12 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// A receiver returns credit every time it has consumed this much more.
 const CREDIT_STEP: u64 = WINDOW / 4;
+/// Per stream and direction, at most this many received buffers wait to be delivered: small
+/// DATA frames that continue a waiting buffer are appended to it, so a sender that keeps to
+/// its window needs at most about `2 * WINDOW / SMALL_DATA` (every gap between waiting
+/// buffers is a DATA frame of more than [`SMALL_DATA`] bytes still on the data lane). More
+/// is a credit violation: without it a window of 1-byte frames would cost ~100 bytes each.
+pub const MAX_STASHED: usize = 4 * (WINDOW as usize / SMALL_DATA);
 /// How much a lane reader buffers.
 const READ_BUF: usize = 256 * 1024;
 /// Per stream and direction on the guest, at most this much waits in the in-process channel
@@ -55,7 +62,8 @@ const READ_BUF: usize = 256 * 1024;
 const PIPE_BUF: usize = 256 * 1024;
 
 /// A stream the host opened, as the guest's mux hands it to the agent: inbound bytes arrive
-/// as the DATA payloads themselves, in order, and the session's replies go out as buffers that
+/// as the DATA payloads themselves (small ones that continue a waiting payload appended to
+/// it), in order, and the session's replies go out as buffers that
 /// become DATA frames as they are. [`Accepted::into_stream`] makes it an
 /// [`vmlink_transport::AsyncStream`].
 #[derive(Debug)]
@@ -170,16 +178,116 @@ pub enum MuxError {
     Closed,
 }
 
-/// What the peer sent for one stream, in arrival order.
-enum Inbound {
-    Data(u64, Vec<u8>),
-    Fin(u64),
+/// Why a stream's inbound frames were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Violation {
+    /// DATA overlapping delivered or waiting bytes.
+    Overlap,
+    /// DATA past the stream's length, or a FIN shorter than the bytes already received.
+    BeyondFin,
+    /// A second FIN.
+    SecondFin,
+    /// More than [`MAX_STASHED`] buffers waiting.
+    TooManyFrames,
+}
+
+impl Violation {
+    fn reason(self) -> &'static str {
+        match self {
+            Violation::Overlap => "overlapping DATA",
+            Violation::BeyondFin => "DATA beyond FIN",
+            Violation::SecondFin => "a second FIN",
+            Violation::TooManyFrames => "too many DATA frames waiting",
+        }
+    }
+}
+
+/// What the peer sent for one stream and the inbound pump has not taken yet: filled by the
+/// lane readers, emptied in offset order by the pump.
+#[derive(Debug, Default)]
+struct Reorder {
+    /// Received bytes by offset, not overlapping; small frames that continue a buffer are
+    /// appended to it (at most [`MAX_STASHED`] buffers).
+    stash: BTreeMap<u64, Vec<u8>>,
+    /// The pump has taken every byte before this offset.
+    taken: u64,
+    /// The stream's length, once its FIN arrived.
+    fin: Option<u64>,
+}
+
+impl Reorder {
+    /// Takes DATA at `off`.
+    fn data(&mut self, off: u64, bytes: Vec<u8>) -> Result<(), Violation> {
+        let end = off.saturating_add(bytes.len() as u64);
+        if self.fin.is_some_and(|total| end > total) {
+            return Err(Violation::BeyondFin);
+        }
+        let after = self.stash.range(off..).next();
+        if off < self.taken || after.is_some_and(|(&o, _)| o < end) {
+            return Err(Violation::Overlap);
+        }
+        if let Some((&o, before)) = self.stash.range_mut(..off).next_back() {
+            let before_end = o + before.len() as u64;
+            if before_end > off {
+                return Err(Violation::Overlap);
+            }
+            if before_end == off
+                && bytes.len() <= SMALL_DATA
+                && before.len() + bytes.len() <= MAX_DATA
+            {
+                before.extend_from_slice(&bytes);
+                return Ok(());
+            }
+        }
+        if self.stash.len() >= MAX_STASHED {
+            return Err(Violation::TooManyFrames);
+        }
+        self.stash.insert(off, bytes);
+        Ok(())
+    }
+
+    /// Takes FIN: the stream is `total` bytes long.
+    fn fin(&mut self, total: u64) -> Result<(), Violation> {
+        if self.fin.is_some() {
+            return Err(Violation::SecondFin);
+        }
+        // The stash does not overlap, so its last buffer ends last.
+        let last_end = self
+            .stash
+            .last_key_value()
+            .map(|(&o, b)| o + b.len() as u64);
+        if total < self.taken || last_end.is_some_and(|e| e > total) {
+            return Err(Violation::BeyondFin);
+        }
+        self.fin = Some(total);
+        Ok(())
+    }
+
+    /// The next bytes in order, if they have arrived; `Err(())` once every byte up to the FIN
+    /// has been taken.
+    fn take(&mut self) -> Result<Option<Vec<u8>>, ()> {
+        match self.stash.first_entry() {
+            Some(e) if *e.key() == self.taken => {
+                let bytes = e.remove();
+                self.taken += bytes.len() as u64;
+                Ok(Some(bytes))
+            }
+            _ if self.fin == Some(self.taken) => Err(()),
+            _ => Ok(None),
+        }
+    }
 }
 
 struct Entry {
-    inbound: mpsc::UnboundedSender<Inbound>,
+    /// Inbound frames waiting for the pump.
+    inbound: Arc<Mutex<Reorder>>,
+    /// Wakes the inbound pump; dropped (so the pump stops) when the stream is removed.
+    wake: mpsc::Sender<()>,
     /// The peer's total consumed count (our send credit).
     credit: watch::Sender<u64>,
+    /// Bytes this side has queued for the peer (DATA offsets below it): a CREDIT beyond it
+    /// is a credit violation.
+    sent: Arc<AtomicU64>,
     /// The highest stream offset (exclusive) the peer may send: our consumed + WINDOW.
     limit: Arc<AtomicU64>,
     /// Payload bytes accepted from the peer and not yet written out: at most WINDOW for a
@@ -192,9 +300,11 @@ struct Entry {
 pub struct Counters {
     /// Frames for streams that do not exist (late, or made up).
     pub unknown_stream: AtomicU64,
-    /// Frames that broke the format (each resynchronised its lane).
+    /// Frames that broke the format (each resynchronised its lane), or the protocol of one
+    /// stream (OPEN or ACCEPT the wrong way, a second FIN; that stream was reset).
     pub malformed: AtomicU64,
-    /// Streams reset for credit violations.
+    /// Streams reset for credit violations: DATA beyond the window, more than a window (or
+    /// [`MAX_STASHED`] buffers) waiting, CREDIT for bytes never sent.
     pub credit_violations: AtomicU64,
     /// Streams opened.
     pub opened: AtomicU64,
@@ -355,8 +465,10 @@ impl Mux {
 
 /// The receiving ends a stream's pumps need.
 struct Parts {
-    inbound: mpsc::UnboundedReceiver<Inbound>,
+    inbound: Arc<Mutex<Reorder>>,
+    wake: mpsc::Receiver<()>,
     credit: watch::Receiver<u64>,
+    sent: Arc<AtomicU64>,
     limit: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
@@ -404,23 +516,29 @@ impl Session {
     }
 
     fn register(&self, id: u32) -> Parts {
-        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let reorder = Arc::new(Mutex::new(Reorder::default()));
+        let (wake_tx, wake_rx) = mpsc::channel(1);
         let (credit_tx, credit_rx) = watch::channel(0u64);
+        let sent = Arc::new(AtomicU64::new(0));
         let limit = Arc::new(AtomicU64::new(WINDOW));
         let queued = Arc::new(AtomicU64::new(0));
         let halves = Arc::new(AtomicU32::new(2));
         lock(&self.streams).insert(
             id,
             Entry {
-                inbound: in_tx,
+                inbound: reorder.clone(),
+                wake: wake_tx,
                 credit: credit_tx,
+                sent: sent.clone(),
                 limit: limit.clone(),
                 queued: queued.clone(),
             },
         );
         Parts {
-            inbound: in_rx,
+            inbound: reorder,
+            wake: wake_rx,
             credit: credit_rx,
+            sent,
             limit,
             queued,
             halves,
@@ -484,6 +602,7 @@ impl Session {
             id,
             source,
             parts.credit,
+            parts.sent,
             parts.halves.clone(),
             parts.accepted,
         ));
@@ -492,6 +611,7 @@ impl Session {
             id,
             sink,
             parts.inbound,
+            parts.wake,
             parts.limit,
             parts.queued,
             parts.halves,
@@ -584,24 +704,60 @@ impl Session {
                         .fetch_add(1, Ordering::Relaxed);
                     return self.reset(h.stream, "DATA beyond the credit window");
                 }
-                let _ = e.inbound.send(Inbound::Data(h.arg, payload));
+                let taken = lock(&e.inbound).data(h.arg, payload);
+                match taken {
+                    Ok(()) => {
+                        let _ = e.wake.try_send(());
+                    }
+                    Err(v) => {
+                        drop(streams);
+                        if v == Violation::TooManyFrames {
+                            self.counters
+                                .credit_violations
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.reset(h.stream, v.reason());
+                    }
+                }
             }
-            Kind::Credit => match lock(&self.streams).get(&h.stream) {
-                Some(e) => {
-                    e.credit.send_if_modified(|c| {
-                        let more = h.arg > *c;
-                        *c = (*c).max(h.arg);
-                        more
-                    });
+            Kind::Credit => {
+                let streams = lock(&self.streams);
+                let Some(e) = streams.get(&h.stream) else {
+                    return unknown();
+                };
+                // Credit for bytes never sent would let this side queue without bound.
+                if h.arg > e.sent.load(Ordering::Acquire) {
+                    drop(streams);
+                    self.counters
+                        .credit_violations
+                        .fetch_add(1, Ordering::Relaxed);
+                    return self.reset(h.stream, "CREDIT for bytes never sent");
                 }
-                None => unknown(),
-            },
-            Kind::Fin => match lock(&self.streams).get(&h.stream) {
-                Some(e) => {
-                    let _ = e.inbound.send(Inbound::Fin(h.arg));
+                e.credit.send_if_modified(|c| {
+                    let more = h.arg > *c;
+                    *c = (*c).max(h.arg);
+                    more
+                });
+            }
+            Kind::Fin => {
+                let streams = lock(&self.streams);
+                let Some(e) = streams.get(&h.stream) else {
+                    return unknown();
+                };
+                let taken = lock(&e.inbound).fin(h.arg);
+                match taken {
+                    Ok(()) => {
+                        let _ = e.wake.try_send(());
+                    }
+                    Err(v) => {
+                        drop(streams);
+                        if v == Violation::SecondFin {
+                            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.reset(h.stream, v.reason());
+                    }
                 }
-                None => unknown(),
-            },
+            }
             Kind::Rst => {
                 let reason = String::from_utf8_lossy(&payload).into_owned();
                 if let Some(tx) = lock(&self.pending).remove(&h.stream) {
@@ -725,6 +881,7 @@ async fn outbound<R: AsyncRead + Unpin>(
     id: u32,
     source: Source<R>,
     mut credit: watch::Receiver<u64>,
+    total: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
 ) {
@@ -732,11 +889,11 @@ async fn outbound<R: AsyncRead + Unpin>(
     let mut rd = match source {
         Source::Io(rd) => rd,
         Source::Chunks(rx) => {
-            return outbound_chunks(s, id, rx, credit, halves, accepted).await;
+            return outbound_chunks(s, id, rx, credit, total, halves, accepted).await;
         }
     };
     loop {
-        let window = (*credit.borrow_and_update() + WINDOW).saturating_sub(sent);
+        let window = window(&mut credit, sent);
         if window == 0 {
             if credit.changed().await.is_err() {
                 return; // reset
@@ -765,7 +922,7 @@ async fn outbound<R: AsyncRead + Unpin>(
                 return;
             }
             Ok(n) => {
-                send_data(&s, id, f, sent, &accepted);
+                send_data(&s, id, f, sent, &total, &accepted);
                 sent += n as u64;
             }
             Err(e) => {
@@ -783,6 +940,7 @@ async fn outbound_chunks(
     id: u32,
     mut rx: mpsc::Receiver<Vec<u8>>,
     mut credit: watch::Receiver<u64>,
+    total: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
 ) {
@@ -806,79 +964,85 @@ async fn outbound_chunks(
             return;
         }
         // A buffer is at most MAX_DATA, far less than the window: wait until it fits whole.
-        while (*credit.borrow_and_update() + WINDOW).saturating_sub(sent) < n as u64 {
+        while window(&mut credit, sent) < n as u64 {
             if credit.changed().await.is_err() {
                 return; // reset
             }
         }
-        send_data(&s, id, f, sent, &accepted);
+        send_data(&s, id, f, sent, &total, &accepted);
         sent += n as u64;
     }
 }
 
+/// How many bytes past `sent` the peer's credit allows. The peer's CREDIT never exceeds what
+/// was sent (a larger one resets the stream), so this is at most [`WINDOW`].
+fn window(credit: &mut watch::Receiver<u64>, sent: u64) -> u64 {
+    credit
+        .borrow_and_update()
+        .saturating_add(WINDOW)
+        .saturating_sub(sent)
+}
+
 /// Fills in the header of DATA frame `f` (header room, then the payload) at offset `sent` and
-/// queues it: on the data lane when it is big and the peer can take it there.
-fn send_data(s: &Session, id: u32, mut f: Vec<u8>, sent: u64, accepted: &AtomicBool) {
+/// queues it: on the data lane when it is big and the peer can take it there. `total` learns
+/// the stream's new length first, so no CREDIT for these bytes can arrive before it.
+fn send_data(
+    s: &Session,
+    id: u32,
+    mut f: Vec<u8>,
+    sent: u64,
+    total: &AtomicU64,
+    accepted: &AtomicBool,
+) {
     let n = f.len() - HEADER_LEN;
+    total.store(sent + n as u64, Ordering::Release);
     let big =
         n > SMALL_DATA && s.data_ok.load(Ordering::Acquire) && accepted.load(Ordering::Acquire);
     f[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
     s.send_frame(big, f);
 }
 
-/// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN.
+/// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN. The
+/// lane readers check and order the frames ([`Reorder`]); this only delivers them.
+#[allow(clippy::too_many_arguments)]
 async fn inbound<W: AsyncWrite + Unpin>(
     s: Arc<Session>,
     id: u32,
     mut sink: Sink<W>,
-    mut rx: mpsc::UnboundedReceiver<Inbound>,
+    reorder: Arc<Mutex<Reorder>>,
+    mut wake: mpsc::Receiver<()>,
     limit: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
 ) {
     let mut expected = 0u64;
     let mut credited = 0u64;
-    let mut fin: Option<u64> = None;
-    let mut stash: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    while let Some(m) = rx.recv().await {
-        match m {
-            Inbound::Data(off, bytes) => {
-                let end = off.saturating_add(bytes.len() as u64);
-                let before = stash.range(..off).next_back();
-                let after = stash.range(off..).next();
-                if off < expected
-                    || before.is_some_and(|(o, b)| o + b.len() as u64 > off)
-                    || after.is_some_and(|(&o, _)| o == off || o < end)
-                {
-                    return s.reset(id, "overlapping DATA");
+    loop {
+        let next = lock(&reorder).take();
+        match next {
+            Ok(Some(bytes)) => {
+                let n = bytes.len() as u64;
+                if let Err(e) = sink.put(bytes).await {
+                    return s.reset(id, &format!("local write: {e}"));
                 }
-                stash.insert(off, bytes);
+                expected += n;
+                queued.fetch_sub(n, Ordering::AcqRel);
+                limit.store(expected + WINDOW, Ordering::Release);
+                if expected - credited >= CREDIT_STEP {
+                    s.send(false, Header::new(Kind::Credit, id, 0, expected), &[]);
+                    credited = expected;
+                }
             }
-            Inbound::Fin(total) => fin = Some(total),
-        }
-        while let Some(bytes) = stash.remove(&expected) {
-            let n = bytes.len() as u64;
-            if let Err(e) = sink.put(bytes).await {
-                return s.reset(id, &format!("local write: {e}"));
+            Ok(None) => {
+                if wake.recv().await.is_none() {
+                    return; // reset
+                }
             }
-            expected += n;
-            queued.fetch_sub(n, Ordering::AcqRel);
-            limit.store(expected + WINDOW, Ordering::Release);
-        }
-        if expected - credited >= CREDIT_STEP {
-            s.send(false, Header::new(Kind::Credit, id, 0, expected), &[]);
-            credited = expected;
-        }
-        match fin {
-            Some(total) if total == expected && stash.is_empty() => {
+            Err(()) => {
                 sink.finish().await;
                 s.half_done(id, &halves);
                 return;
             }
-            Some(total) if total < expected || stash.keys().any(|&o| o >= total) => {
-                return s.reset(id, "DATA beyond FIN");
-            }
-            _ => {}
         }
     }
 }
@@ -1043,7 +1207,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn data_repeated_at_one_offset_is_a_credit_violation_not_a_growing_queue() {
+    async fn data_repeated_at_one_offset_resets_the_stream_not_a_growing_queue() {
         let (hc, raw) = UnixStream::pair().expect("socketpair");
         let (host, _) = Mux::start(Role::Host, Lane::unix(hc), None);
         let (mut r, mut w) = raw.into_split();
@@ -1092,11 +1256,11 @@ mod tests {
         for _ in 0..64 {
             w.write_all(&data).await.expect("data");
         }
-        until("the stream reset for a credit violation", || {
-            host.counters().credit_violations.load(Ordering::Relaxed) == 1
+        // The second copy overlaps the first, which waits for the local client: reset then.
+        until("the stream reset", || {
+            !lock(&host.0.streams).contains_key(&id)
         })
         .await;
-        assert!(!lock(&host.0.streams).contains_key(&id));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1215,5 +1379,235 @@ mod tests {
             .expect("the stream was reset once pings went unanswered")
             .expect("read");
         assert_eq!(n, 0, "the client sees its connection end");
+    }
+
+    /// A host session whose guest is the test itself: the host's HELLO is waiting on `r`, the
+    /// guest's has been sent on `w`.
+    async fn host_with_raw_guest() -> (
+        Mux,
+        tokio::net::unix::OwnedReadHalf,
+        tokio::net::unix::OwnedWriteHalf,
+    ) {
+        let (hc, raw) = UnixStream::pair().expect("socketpair");
+        let (host, _) = Mux::start(Role::Host, Lane::unix(hc), None);
+        let (r, mut w) = raw.into_split();
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        (host, r, w)
+    }
+
+    /// The next frame the host sent, or None at EOF.
+    async fn next_frame(
+        dec: &mut LaneDecoder,
+        r: &mut tokio::net::unix::OwnedReadHalf,
+    ) -> Option<(Header, Vec<u8>)> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match dec.next_event() {
+                Some(Event::Frame(h, p)) => return Some((h, p)),
+                Some(_) => continue,
+                None => {
+                    let n = r.read(&mut buf).await.expect("read");
+                    if n == 0 {
+                        return None;
+                    }
+                    dec.push(&buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Opens a stream from `host` for `local`, ACCEPTs it as the guest and returns its id.
+    async fn accepted_stream(
+        host: &Mux,
+        dec: &mut LaneDecoder,
+        r: &mut tokio::net::unix::OwnedReadHalf,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        local: UnixStream,
+    ) -> u32 {
+        let h = host.clone();
+        tokio::spawn(async move { h.open(local).await });
+        let id = loop {
+            let (h, _) = next_frame(dec, r).await.expect("no OPEN");
+            if h.kind == Kind::Open {
+                break h.stream;
+            }
+        };
+        w.write_all(&frame(Header::new(Kind::Accept, id, 0, 0), &[]))
+            .await
+            .expect("accept");
+        id
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credit_for_bytes_never_sent_resets_the_stream_and_sends_no_more_than_a_window() {
+        for bogus in [1u64 << 62, u64::MAX] {
+            let (host, mut r, mut w) = host_with_raw_guest().await;
+            let mut dec = LaneDecoder::new();
+            let (client, local) = UnixStream::pair().expect("socketpair");
+            // The local client uploads 4 MiB (and never reads).
+            let (_client_r, mut client_w) = client.into_split();
+            let upload = tokio::spawn(async move {
+                let chunk = vec![9u8; 64 * 1024];
+                for _ in 0..64 {
+                    if client_w.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+            w.write_all(&frame(Header::new(Kind::Credit, id, 0, bogus), &[]))
+                .await
+                .expect("credit");
+            // The guest reads everything the host sends until the RST: never more than the
+            // window of DATA.
+            let mut data = 0u64;
+            let rst = tokio::time::timeout(Duration::from_secs(20), async {
+                while let Some((h, p)) = next_frame(&mut dec, &mut r).await {
+                    match h.kind {
+                        Kind::Data if h.stream == id => {
+                            data += p.len() as u64;
+                            if data > WINDOW {
+                                return false;
+                            }
+                        }
+                        Kind::Rst if h.stream == id => return true,
+                        _ => {}
+                    }
+                }
+                false
+            })
+            .await;
+            assert_eq!(
+                rst,
+                Ok(true),
+                "CREDIT {bogus:#x}: no RST ({data} bytes of DATA)"
+            );
+            assert!(
+                data <= WINDOW,
+                "{data} bytes sent against a {WINDOW}-byte window"
+            );
+            assert_eq!(host.counters().credit_violations.load(Ordering::Relaxed), 1);
+            assert!(!lock(&host.0.streams).contains_key(&id));
+            upload.abort();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_of_one_byte_frames_after_fin_costs_neither_time_nor_buffers() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let (mut client, local) = UnixStream::pair().expect("socketpair");
+        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        // FIN first, then a whole window of 1-byte DATA frames, all but offset 0.
+        let started = std::time::Instant::now();
+        let mut wire = frame(Header::new(Kind::Fin, id, 0, WINDOW), &[]);
+        for off in 1..WINDOW {
+            wire.extend(frame(Header::new(Kind::Data, id, 1, off), &[off as u8]));
+        }
+        let sender = tokio::spawn(async move {
+            w.write_all(&wire).await.expect("frames");
+            w
+        });
+        let mut w = tokio::time::timeout(Duration::from_secs(60), sender)
+            .await
+            .expect("a window of 1-byte frames after FIN took more than a minute")
+            .expect("sender");
+        // The frames arrived in order after the gap: they wait as a few buffers, not 1M.
+        until("every frame taken", || {
+            lock(&host.0.streams)
+                .get(&id)
+                .is_some_and(|e| e.queued.load(Ordering::Acquire) == WINDOW - 1)
+        })
+        .await;
+        let buffers = lock(&lock(&host.0.streams)[&id].inbound).stash.len();
+        assert!(
+            buffers <= 2 * (WINDOW as usize / MAX_DATA),
+            "{buffers} buffers"
+        );
+        w.write_all(&frame(Header::new(Kind::Data, id, 1, 0), &[0]))
+            .await
+            .expect("offset 0");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut got))
+            .await
+            .expect("the stream ended")
+            .expect("read");
+        assert_eq!(got.len() as u64, WINDOW);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == i as u8));
+        assert!(started.elapsed() < Duration::from_secs(60));
+        assert_eq!(host.counters().credit_violations.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_frames_with_gaps_reset_the_stream_at_the_frame_bound() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        // 1-byte frames at 1, 3, 5...: each waits on its own, so the count is what bounds them.
+        let mut wire = Vec::new();
+        for i in 0..=MAX_STASHED as u64 {
+            wire.extend(frame(Header::new(Kind::Data, id, 1, 2 * i + 1), &[1]));
+        }
+        w.write_all(&wire).await.expect("frames");
+        until("the stream reset at the frame bound", || {
+            host.counters().credit_violations.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert!(!lock(&host.0.streams).contains_key(&id));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_fin_resets_the_stream() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        // FIN(10) before any DATA: the stream waits for its 10 bytes, so the second FIN
+        // finds it open.
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let mut wire = frame(Header::new(Kind::Fin, id, 0, 10), &[]);
+        wire.extend(frame(Header::new(Kind::Fin, id, 0, 10), &[]));
+        w.write_all(&wire).await.expect("fins");
+        until("the stream reset at the second FIN", || {
+            host.counters().malformed.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert!(!lock(&host.0.streams).contains_key(&id));
+    }
+
+    #[test]
+    fn reorder_puts_frames_from_two_lanes_back_in_order_and_merges_small_ones() {
+        let mut q = Reorder::default();
+        // A big frame at 0 still on the data lane; small ones after it on the control lane.
+        for off in 5000..5100u64 {
+            q.data(off, vec![off as u8]).expect("small");
+        }
+        assert_eq!(q.stash.len(), 1, "contiguous small frames share a buffer");
+        assert_eq!(q.take(), Ok(None), "offset 0 has not arrived");
+        q.data(0, vec![7; 5000]).expect("big");
+        q.fin(5100).expect("fin");
+        let mut got = Vec::new();
+        while let Ok(Some(b)) = q.take() {
+            got.extend(b);
+        }
+        assert_eq!(got.len(), 5100);
+        assert!(got[..5000].iter().all(|&b| b == 7));
+        assert!(got[5000..]
+            .iter()
+            .zip(5000u64..)
+            .all(|(&b, o)| b == o as u8));
+        assert_eq!(q.take(), Err(()), "FIN reached");
+        assert_eq!(q.fin(5100), Err(Violation::SecondFin));
+        assert_eq!(q.data(5100, vec![1]), Err(Violation::BeyondFin));
+        let mut q = Reorder::default();
+        q.data(10, vec![1; 10]).expect("data");
+        assert_eq!(q.data(15, vec![1]), Err(Violation::Overlap));
+        assert_eq!(q.data(5, vec![1; 6]), Err(Violation::Overlap));
+        assert_eq!(q.fin(15), Err(Violation::BeyondFin));
     }
 }
