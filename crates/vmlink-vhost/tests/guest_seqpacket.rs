@@ -9,7 +9,16 @@ use std::io::{Read, Write};
 use vmlink_transport::{Addr, Listener, Stream};
 
 const CID: u64 = 9;
-const SIZES: [usize; 6] = [1, 10, 1000, 65536, 3, 200_000];
+// 250 000: over the 212 960 bytes that a default AF_UNIX send buffer takes in one message, within
+// the default 256 KiB credit (the host socket's send buffer is raised to fit).
+const SIZES: [usize; 7] = [1, 10, 1000, 65536, 3, 200_000, 250_000];
+
+/// This test's own host sockets send the largest record back in one message: their send buffer
+/// must hold it (a default AF_UNIX one takes 212 960 bytes).
+fn big_messages(s: &impl std::os::fd::AsFd) {
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &(1 << 20))
+        .expect("SO_SNDBUF");
+}
 
 fn addr(s: &str) -> Addr {
     s.parse().expect("test address parses")
@@ -65,6 +74,7 @@ fn seqpacket_both_ways_keeps_message_boundaries() {
     });
 
     let (mut s, _) = l1100.accept().expect("guest connects to host port 1100");
+    big_messages(&s);
     let mut buf = vec![0u8; 1 << 20];
     let mut got = Vec::new();
     loop {
@@ -79,6 +89,7 @@ fn seqpacket_both_ways_keeps_message_boundaries() {
     drop(s);
 
     let mut c = common::connect_seqpacket(&dir.join(format!("vsock-{CID}_seqpacket")));
+    big_messages(&c);
     c.write_all(b"CONNECT 2100\n").expect("CONNECT message");
     let n = c.read(&mut buf).expect("OK message");
     let line = String::from_utf8_lossy(&buf[..n]).to_string();
