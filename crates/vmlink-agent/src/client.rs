@@ -67,9 +67,20 @@ impl std::fmt::Debug for dyn ReadDebug {
 /// What produces a `Put`'s frames, on a blocking thread.
 type Producer = Box<dyn FnOnce(&files::FrameSink) -> Result<CopySummary, FilesError> + Send>;
 
-/// How long the client waits for the agent's `Error` after a failed write, and for the agent's
-/// final `Done` after the last frame of a `Put` (the agent may still be writing what is queued).
+/// How long the client waits for the agent's `Error` after a failed write, and (with
+/// [`commit_timeout`]) for the agent's final `Done` after the last frame of a `Put`.
 pub const COPY_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The slowest disk a `Put`'s commit is allowed for: see [`commit_timeout`].
+pub const COMMIT_BYTES_PER_SEC: u64 = 10 << 20;
+
+/// How long the client waits for the agent's final `Done` once it has sent a `Put` of `bytes`:
+/// [`COPY_REPLY_TIMEOUT`] plus one second per [`COMMIT_BYTES_PER_SEC`] bytes. The agent may
+/// still be writing what is queued and then `fsync`s the last file, whose dirty pages can be a
+/// large part of it on a slow (or emulated) disk; a silent agent is still given up on.
+pub fn commit_timeout(bytes: u64) -> Duration {
+    COPY_REPLY_TIMEOUT + Duration::from_secs(bytes / COMMIT_BYTES_PER_SEC)
+}
 
 /// How long the client waits for the agent's `Hello`, and for the answer to a ping or info.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -627,15 +638,15 @@ impl Client {
         // Armed once the last frame is written: an agent that takes the whole copy and never
         // answers must not hold the client for ever.
         let answer_by = tokio::time::sleep(COPY_REPLY_TIMEOUT);
+        let mut within = COPY_REPLY_TIMEOUT;
         tokio::pin!(answer_by);
         loop {
             tokio::select! {
                 r = &mut sending, if sent.is_none() => match r {
                     Ok(summary) => {
                         sent = Some(summary);
-                        answer_by
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + COPY_REPLY_TIMEOUT);
+                        within = commit_timeout(summary.bytes);
+                        answer_by.as_mut().reset(tokio::time::Instant::now() + within);
                     }
                     Err(FilesError::Wire(e)) => {
                         // The agent may have failed and closed: its Error says why.
@@ -650,7 +661,7 @@ impl Client {
                     return Err(ClientError::Timeout {
                         addr: self.addr.to_string(),
                         waiting_for: "final Done (the whole copy was sent; its commit is unconfirmed)",
-                        within: COPY_REPLY_TIMEOUT,
+                        within,
                     });
                 }
                 m = reader.next() => return match m {
@@ -992,6 +1003,12 @@ mod tests {
         assert!(
             waited >= COPY_REPLY_TIMEOUT && waited < COPY_REPLY_TIMEOUT * 2,
             "gave up after {waited:?}"
+        );
+        // A big copy's commit may take longer: one second more per 10 MiB.
+        assert_eq!(commit_timeout(300_000), COPY_REPLY_TIMEOUT);
+        assert_eq!(
+            commit_timeout(1 << 30),
+            COPY_REPLY_TIMEOUT + Duration::from_secs(102)
         );
         drop(client);
         assert!(

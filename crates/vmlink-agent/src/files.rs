@@ -756,12 +756,24 @@ impl Receiver {
                 state: "before any entry",
             });
         }
-        for (dir, mode, secs, nsec) in self.dirs.iter().rev() {
+        for (dir, mode, secs, nsec) in std::mem::take(&mut self.dirs).iter().rev() {
             fs::set_permissions(dir, fs::Permissions::from_mode(*mode))
                 .map_err(FilesError::io("set the mode of", dir))?;
             set_mtime_nofollow(dir, *secs, *nsec)?;
         }
         Ok(self.summary)
+    }
+}
+
+impl Drop for Receiver {
+    /// A copy that ends before `Done` (an error, an interrupt) still gives the directories it
+    /// created their own mode and mtime, best effort, deepest first: they exist now, so a
+    /// retry would leave them as they are (with the owner's `rwx` added while filling them).
+    fn drop(&mut self) {
+        for (dir, mode, secs, nsec) in self.dirs.iter().rev() {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(*mode));
+            let _ = set_mtime_nofollow(dir, *secs, *nsec);
+        }
     }
 }
 
@@ -1204,6 +1216,32 @@ mod tests {
         assert_eq!(mtime(&root.join("new")), sent);
         assert_eq!(mode(&root.join("new/f")), 0o640);
         assert_eq!(fs::read(root.join("new/f")).expect("read"), b"data");
+        fs::remove_dir_all(&dest).expect("clean up");
+    }
+
+    #[test]
+    fn a_copy_cut_short_still_gives_the_directories_it_created_their_mode_and_mtime() {
+        let dest = fresh_dir("cut-short");
+        let sent = 1_500_000_000;
+        let mut r = Receiver::new(&dest, false, Arc::default()).expect("receiver");
+        r.handle(Message::Entry(entry(EntryKind::Dir, "root", 0o750, sent)))
+            .expect("root");
+        r.handle(Message::Entry(entry(
+            EntryKind::Dir,
+            "root/ro",
+            0o555,
+            sent,
+        )))
+        .expect("ro");
+        send_file(&mut r, "root/ro/f", 0o640, b"data");
+        // No Done: the copy failed or was interrupted here.
+        drop(r);
+        assert_eq!(mode(&dest.join("root")), 0o750);
+        assert_eq!(mode(&dest.join("root/ro")), 0o555);
+        assert_eq!(mtime(&dest.join("root/ro")), sent);
+        assert_eq!(mtime(&dest.join("root")), sent);
+        fs::set_permissions(dest.join("root/ro"), fs::Permissions::from_mode(0o755))
+            .expect("writable again");
         fs::remove_dir_all(&dest).expect("clean up");
     }
 

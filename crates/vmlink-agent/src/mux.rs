@@ -218,6 +218,10 @@ struct Reorder {
 impl Reorder {
     /// Takes DATA at `off`.
     fn data(&mut self, off: u64, bytes: Vec<u8>) -> Result<(), Violation> {
+        // The codec refuses empty DATA; an empty buffer here would replace a waiting one.
+        if bytes.is_empty() {
+            return Err(Violation::Overlap);
+        }
         let end = off.saturating_add(bytes.len() as u64);
         if self.fin.is_some_and(|total| end > total) {
             return Err(Violation::BeyondFin);

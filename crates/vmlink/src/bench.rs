@@ -311,7 +311,8 @@ pub async fn measure(a: &RunArgs) -> anyhow::Result<Report> {
     let mut rep = Report {
         addr: a.addr.to_string(),
         bytes: a.bytes,
-        conns: (conns > 1).then_some(a.conns),
+        // `--latency` uses one connection whatever `--conns` says.
+        conns: (conns > 1 && !a.latency).then_some(a.conns),
         upload_mib_s: None,
         download_mib_s: None,
         latency_us: None,

@@ -414,10 +414,11 @@ fn finished(st: &Value) -> anyhow::Result<Finished> {
             .as_i64()
             .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
     };
-    let status = match (number("exitcode"), number("signal")) {
-        (None, None) => 1,
-        (code, signal) => Exit { code, signal }.shell_status(),
-    };
+    let status = Exit {
+        code: number("exitcode"),
+        signal: number("signal"),
+    }
+    .shell_status();
     let data = |field: &str| -> anyhow::Result<Vec<u8>> {
         match st[field].as_str() {
             Some(b) => Ok(base64_decode(b)?),
