@@ -182,6 +182,17 @@ impl Raw {
         self.stream.write_all(b).await.expect("write");
     }
 
+    /// Waits until the client has closed the connection: end of file, or a reset (a client
+    /// that closes with our frames unread resets the connection).
+    pub async fn until_closed(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = self.stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
     /// The next message, `None` at EOF.
     pub async fn recv(&mut self) -> Option<Message> {
         let mut buf = vec![0u8; 65536];
