@@ -29,6 +29,9 @@ use crate::addr::Addr;
 use crate::async_io::{AsyncListener, AsyncStream, ReadHalf, WriteHalf};
 use crate::sys;
 
+/// How long the relay waits after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How a relay moves bytes.
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
@@ -174,9 +177,15 @@ pub async fn serve(
         let a = match conn {
             Ok(a) => a,
             Err(e) => {
-                // EMFILE and friends: say so and keep serving.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: say so and keep serving, after a moment: the listener
+                // stays readable, and trying again at once would spin (and log) until a
+                // descriptor is free.
+                tracing::warn!(error = %e, "accept failed; trying again in 100 ms");
                 drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    _ = &mut shutdown => break,
+                }
                 continue;
             }
         };

@@ -118,7 +118,11 @@ impl Stream {
                 Ok(Stream::new(fd, StreamKind::Datagram, label))
             }
             Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path).map_err(|e| connect_error(&label, e))?;
+                let s = match addr.options.connect_timeout {
+                    Some(t) => unix_connect_by(path, Instant::now() + t),
+                    None => UnixStream::connect(path),
+                }
+                .map_err(|e| connect_error(&label, e))?;
                 finish_socket(addr, s.into())
             }
             Endpoint::UnixAbstract(name) => {
@@ -468,6 +472,44 @@ impl Drop for Listener {
 
 // ---------------------------------------------------------------- helpers
 
+/// Connects to the Unix socket at `path`, giving up at `deadline`. A listener whose queue is
+/// full makes a blocking `connect(2)` wait until it accepts, with no time limit; a non-blocking
+/// one says `EAGAIN` instead, and there is no event for room in another socket's queue, so it
+/// is tried again every 10 ms until the deadline.
+fn unix_connect_by(path: &Path, deadline: Instant) -> io::Result<UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let sa = UnixAddr::new(path).map_err(io::Error::from)?;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        match connect(fd.as_raw_fd(), &sa) {
+            Ok(()) => {
+                let s = UnixStream::from(fd);
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Errno::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "its listen queue stayed full until the connect timeout",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn connect_error(label: &str, e: io::Error) -> Error {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Error::Refused {
@@ -625,8 +667,10 @@ fn hvsock_connect(addr: &Addr, uds: &Path, port: u32) -> Result<Stream> {
         .options
         .connect_timeout
         .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
-    let mut hs: Handshake<hybrid::ConnectReply> = Handshake::new(Instant::now(), timeout);
-    let mut s = UnixStream::connect(uds).map_err(|e| connect_error(&label, e))?;
+    let start = Instant::now();
+    let mut hs: Handshake<hybrid::ConnectReply> = Handshake::new(start, timeout);
+    // The deadline covers connecting too: a VMM whose listen queue is full never accepts.
+    let mut s = unix_connect_by(uds, start + timeout).map_err(|e| connect_error(&label, e))?;
     let hs_err = |source| Error::Handshake {
         addr: label.clone(),
         source,

@@ -82,7 +82,13 @@ pub async fn serve(addr: Addr, once: bool) -> anyhow::Result<ExitCode> {
             let s = match s {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %vmlink_transport::error_chain(&e), "accept failed");
+                    // EMFILE and friends: the listener stays readable, so wait a moment
+                    // rather than spin (and log) until a descriptor is free.
+                    tracing::warn!(error = %vmlink_transport::error_chain(&e), "accept failed; trying again in 100 ms");
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        _ = &mut stop => return Ok(ExitCode::SUCCESS),
+                    }
                     continue;
                 }
             };
@@ -133,7 +139,9 @@ pub async fn session(mut s: AsyncStream) -> anyhow::Result<()> {
             Request::Upload(n) => {
                 let mut got = 0u64;
                 while got < n {
-                    let k = s.read(&mut buf).await?;
+                    // Never past the upload: the client's next request may follow at once.
+                    let want = (n - got).min(buf.len() as u64) as usize;
+                    let k = s.read(&mut buf[..want]).await?;
                     if k == 0 {
                         bail!("peer closed after {got} of {n} upload bytes");
                     }
@@ -163,6 +171,9 @@ async fn send_bytes(s: &mut AsyncStream, n: u64, buf: &[u8]) -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// How long `bench serve` waits after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The most connections `bench run --conns` opens.
 pub const MAX_CONNS: u16 = 1024;

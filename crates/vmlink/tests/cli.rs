@@ -204,6 +204,116 @@ fn bench_conns_moves_every_connection_at_once_and_reports_the_aggregate() {
     assert!(err.contains("carries one stream"), "{err}");
 }
 
+/// A VMM whose listen queue is full never accepts: `connect-timeout` bounds the connect too,
+/// not only the handshake after it.
+#[test]
+fn hvsock_connect_timeout_covers_a_vmm_whose_listen_queue_is_full() {
+    use std::os::fd::AsRawFd;
+    let d = tmp("hvfull");
+    let uds = d.join("vmm.sock");
+    let l = UnixListener::bind(&uds).expect("a VMM that never accepts");
+    // SAFETY: a valid listening socket; a backlog of 0 leaves room for one pending connect.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let mut queued = Vec::new();
+    // Fill the queue: a non-blocking connect says EAGAIN once it is full.
+    loop {
+        let s = std::os::unix::net::UnixStream::connect(&uds);
+        match s {
+            Ok(s) if queued.len() < 8 => {
+                s.set_nonblocking(true).expect("nonblocking");
+                queued.push(s);
+                let probe = probe_full(&uds);
+                if probe {
+                    break;
+                }
+            }
+            other => panic!("could not fill the listen queue: {other:?}"),
+        }
+    }
+    let t = Instant::now();
+    let (code, _, err) = run(&[
+        "bench",
+        "run",
+        &format!("hvsock:{}:52,connect-timeout=500ms", uds.display()),
+    ]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("listen queue stayed full"), "{err}");
+    drop(l);
+}
+
+/// Whether a non-blocking connect to `path` finds the listen queue full (EAGAIN).
+fn probe_full(path: &std::path::Path) -> bool {
+    // SAFETY: plain socket calls on a fresh descriptor that is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0);
+        let mut sa: libc::sockaddr_un = std::mem::zeroed();
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, b) in sa
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *b as libc::c_char;
+        }
+        let r = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        );
+        let full = r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
+        libc::close(fd);
+        full
+    }
+}
+
+/// `bench serve` reads no further than an upload's length: the client's next request may
+/// come in the same write.
+#[test]
+fn bench_serve_stops_reading_an_upload_at_its_length() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vmlink_proto::bench::Request;
+    let d = tmp("upload-len");
+    let sock = d.join("b.sock");
+    let mut server = common::vmlink()
+        .args([
+            "bench",
+            "serve",
+            &format!("unix-listen:{}", sock.display()),
+            "--once",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench serve");
+    let mut line = [0u8; 1];
+    let mut stderr = server.stderr.take().expect("stderr");
+    stderr.read_exact(&mut line).expect("server is listening");
+    let mut c = UnixStream::connect(&sock).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut one = Vec::new();
+    one.extend_from_slice(&Request::Upload(10).encode());
+    one.extend_from_slice(&[1u8; 10]);
+    one.extend_from_slice(&Request::Latency(1).encode());
+    one.push(7);
+    c.write_all(&one).expect("one write");
+    let mut ack = [0u8; 8];
+    c.read_exact(&mut ack).expect("upload count");
+    assert_eq!(u64::from_le_bytes(ack), 10);
+    let mut echo = [0u8; 1];
+    c.read_exact(&mut echo)
+        .expect("the latency request was not swallowed");
+    assert_eq!(echo, [7]);
+    c.write_all(&Request::Quit.encode()).expect("quit");
+    assert!(server.wait().expect("server exits").success());
+}
+
 #[test]
 fn relay_shuts_down_cleanly_on_sigterm_and_removes_its_socket() {
     let d = tmp("term");
