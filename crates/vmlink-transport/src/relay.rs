@@ -106,10 +106,21 @@ pub async fn copy_one_way(
 async fn splice_loop(r: &ReadHalf, w: &WriteHalf, size: usize, total: &mut u64) -> io::Result<()> {
     let (pr, pw) = sys::pipe()?;
     let cap = sys::set_pipe_size(pw.as_fd_ref(), size).unwrap_or(64 * 1024);
+    let mut past_mark = Vec::new();
     loop {
-        // The pipe is empty here, so EAGAIN can only mean "no data yet".
+        // The pipe is empty here, so EAGAIN can only mean "no data yet" (or the urgent mark).
         let n = r
-            .read_with(|fd| sys::splice(fd, pw.as_fd_ref(), cap))
+            .read_with(|fd| match sys::splice(fd, pw.as_fd_ref(), cap) {
+                // Splicing out of TCP stops at a peer's urgent byte (`MSG_OOB`): it reads
+                // nothing more, and after a FIN it says end of file with data still queued.
+                // A plain read steps over the urgent byte, as the buffered path does: read
+                // what follows it into the (empty) pipe, then splice on.
+                Ok(0) if sys::at_urgent_mark(fd) => past_urgent_byte(fd, &pw, cap, &mut past_mark),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && sys::at_urgent_mark(fd) => {
+                    past_urgent_byte(fd, &pw, cap, &mut past_mark)
+                }
+                other => other,
+            })
             .await?;
         if n == 0 {
             return Ok(());
@@ -123,6 +134,26 @@ async fn splice_loop(r: &ReadHalf, w: &WriteHalf, size: usize, total: &mut u64) 
             *total += m as u64;
         }
     }
+}
+
+/// Reads past a TCP urgent byte into the empty pipe `pw` (at most `cap` bytes, which it
+/// takes whole). `Ok(0)` at end of file; `WouldBlock` when nothing follows the byte yet.
+fn past_urgent_byte(
+    fd: std::os::fd::BorrowedFd<'_>,
+    pw: &std::os::fd::OwnedFd,
+    cap: usize,
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
+    buf.resize(cap.min(64 * 1024), 0);
+    // A plain read on this non-blocking socket; it skips the urgent byte itself.
+    let n = sys::read(fd, buf)?;
+    if n > 0 {
+        let mut done = 0;
+        while done < n {
+            done += sys::write(pw.as_fd_ref(), &buf[done..n], false)?;
+        }
+    }
+    Ok(n)
 }
 
 trait AsFdRef {

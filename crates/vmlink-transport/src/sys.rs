@@ -376,6 +376,17 @@ pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io
     })
 }
 
+/// Whether the next byte to read from a TCP socket is its urgent (out-of-band) byte
+/// (`SIOCATMARK`). False for descriptors that have no mark (anything but TCP).
+pub(crate) fn at_urgent_mark(fd: BorrowedFd<'_>) -> bool {
+    // <asm-generic/sockios.h>; not in the libc crate.
+    const SIOCATMARK: u32 = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one c_int into `at`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCATMARK as _, &mut at as *mut libc::c_int) };
+    r == 0 && at != 0
+}
+
 /// The address family of a socket (`SO_DOMAIN`), e.g. `AF_VSOCK`.
 pub(crate) fn socket_domain(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;

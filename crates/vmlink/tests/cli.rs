@@ -378,6 +378,48 @@ fn lab_run_reports_a_timeout_as_124() {
     assert_eq!(out.status.code(), Some(124));
 }
 
+/// A TCP peer's urgent byte (`MSG_OOB`) does not stop a splicing relay: what follows it gets
+/// through, before and after the peer's FIN (the urgent byte itself is skipped, as a plain read
+/// skips it; `--no-splice` does the same).
+#[test]
+fn relay_splicing_out_of_tcp_steps_over_an_urgent_byte() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    for splice in [true, false] {
+        let d = tmp(if splice { "urg-splice" } else { "urg-copy" });
+        let sink_path = d.join("sink.sock");
+        let sink = UnixListener::bind(&sink_path).expect("sink");
+        let got = std::thread::spawn(move || {
+            let (mut s, _) = sink.accept().expect("the relay connects");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut all = Vec::new();
+            s.read_to_end(&mut all)
+                .expect("read to the relay's half-close");
+            all
+        });
+        let mut args = vec![
+            "tcp-listen:127.0.0.1:0".to_string(),
+            format!("unix:{}", sink_path.display()),
+        ];
+        if !splice {
+            args.insert(0, "--no-splice".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let relay = common::start_relay(&args);
+        let port = relay.listen.rsplit(':').next().expect("port").to_string();
+        let mut c = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+        c.write_all(b"abc").expect("write");
+        // SAFETY: a valid socket and a 1-byte buffer.
+        let sent = unsafe { libc::send(c.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1, "{}", std::io::Error::last_os_error());
+        c.write_all(b"def").expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let all = got.join().expect("sink");
+        assert_eq!(all, b"abcdef", "splice: {splice}");
+    }
+}
+
 #[test]
 fn relay_bounds_concurrent_connections_and_serves_the_next_when_one_ends() {
     use std::io::Write;
