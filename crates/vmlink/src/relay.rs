@@ -75,12 +75,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(listen = %listener.local_addr(), target = %a.addr2, "relaying");
             eprintln!("vmlink: relaying {} -> {}", listener.local_addr(), a.addr2);
             let stats = Arc::new(ServeStats::default());
+            // `stop`, made before the "relaying" line: a handler made after it could miss a
+            // SIGTERM sent as soon as that line is read (CI hit it: the relay never stopped).
             relay::serve(
                 listener,
                 a.addr2.clone(),
                 opts,
                 stats.clone(),
-                shutdown_signal(),
+                stop.as_mut(),
             )
             .await?;
             tracing::info!(
