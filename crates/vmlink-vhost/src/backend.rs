@@ -556,23 +556,7 @@ mod tests {
             "vmlink-vhost-backend-{name}-{}",
             std::process::id()
         ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut cfg = DeviceConfig::new(3, dir.join("v"));
-        cfg.tick = Duration::from_secs(3600);
-        let mut device = Device::new(cfg, Arc::new(Counters::default())).expect("device");
-        let l = UnixListener::bind(dir.join("v_1234")).expect("bind");
-        let req = Header {
-            src_cid: 3,
-            dst_cid: HOST_CID,
-            src_port: 5000,
-            dst_port: 1234,
-            type_: TYPE_STREAM,
-            op: OP_REQUEST,
-            buf_alloc: 1 << 18,
-            ..Header::default()
-        };
-        device.on_guest_packet(&req, &[]);
+        let (device, _, l) = device_with_a_connection(&dir);
         let _host = l.accept().expect("accept");
         assert_eq!(device.connection_count(), 1);
 
