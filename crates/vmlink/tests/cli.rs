@@ -81,10 +81,8 @@ fn hvsock_handshake_timeout_is_reported_and_bounded() {
     );
 }
 
-#[test]
-fn bench_over_unix_reports_both_directions_and_latency_as_json() {
-    let d = tmp("bench");
-    let sock = d.join("b.sock");
+/// `vmlink bench serve unix-listen:SOCK --once`, once it listens.
+fn bench_serve_once(sock: &std::path::Path) -> std::process::Child {
     let mut server = common::vmlink()
         .args([
             "bench",
@@ -99,6 +97,16 @@ fn bench_over_unix_reports_both_directions_and_latency_as_json() {
     let mut line = [0u8; 1];
     let mut stderr = server.stderr.take().expect("stderr");
     stderr.read_exact(&mut line).expect("server is listening");
+    // Kept open: a server writing to a closed pipe would fail.
+    server.stderr = Some(stderr);
+    server
+}
+
+#[test]
+fn bench_over_unix_reports_both_directions_and_latency_as_json() {
+    let d = tmp("bench");
+    let sock = d.join("b.sock");
+    let mut server = bench_serve_once(&sock);
     let (code, out, err) = run(&[
         "bench",
         "run",
@@ -281,19 +289,7 @@ fn bench_serve_stops_reading_an_upload_at_its_length() {
     use vmlink_proto::bench::Request;
     let d = tmp("upload-len");
     let sock = d.join("b.sock");
-    let mut server = common::vmlink()
-        .args([
-            "bench",
-            "serve",
-            &format!("unix-listen:{}", sock.display()),
-            "--once",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("bench serve");
-    let mut line = [0u8; 1];
-    let mut stderr = server.stderr.take().expect("stderr");
-    stderr.read_exact(&mut line).expect("server is listening");
+    let mut server = bench_serve_once(&sock);
     let mut c = UnixStream::connect(&sock).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
