@@ -551,6 +551,20 @@ impl Session {
     }
 
     /// Aborts stream `id` on both sides.
+    /// Counts `v` where it belongs (too many waiting frames: a credit violation; a second
+    /// FIN: malformed; the rest: neither) and resets stream `id`.
+    fn violated(&self, id: u32, v: Violation) {
+        let counter = match v {
+            Violation::TooManyFrames => Some(&self.counters.credit_violations),
+            Violation::SecondFin => Some(&self.counters.malformed),
+            Violation::Overlap | Violation::BeyondFin => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.reset(id, v.reason());
+    }
+
     fn reset(&self, id: u32, reason: &str) {
         if lock(&self.streams).remove(&id).is_some() {
             debug!("mux stream {id} reset: {reason}");
@@ -715,12 +729,7 @@ impl Session {
                     }
                     Err(v) => {
                         drop(streams);
-                        if v == Violation::TooManyFrames {
-                            self.counters
-                                .credit_violations
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.reset(h.stream, v.reason());
+                        self.violated(h.stream, v);
                     }
                 }
             }
@@ -755,10 +764,7 @@ impl Session {
                     }
                     Err(v) => {
                         drop(streams);
-                        if v == Violation::SecondFin {
-                            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.reset(h.stream, v.reason());
+                        self.violated(h.stream, v);
                     }
                 }
             }
