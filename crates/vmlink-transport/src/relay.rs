@@ -107,6 +107,11 @@ async fn splice_loop(r: &ReadHalf, w: &WriteHalf, size: usize, total: &mut u64) 
     let (pr, pw) = sys::pipe()?;
     let cap = sys::set_pipe_size(pw.as_fd_ref(), size).unwrap_or(64 * 1024);
     let mut past_mark = Vec::new();
+    // Only TCP has an urgent mark: other sockets skip the SIOCATMARK call at each wait.
+    let tcp = r
+        .splice_fd()
+        .and_then(|fd| sys::socket_domain(fd).ok())
+        .is_some_and(|d| d == libc::AF_INET || d == libc::AF_INET6);
     loop {
         // The pipe is empty here, so EAGAIN can only mean "no data yet" (or the urgent mark).
         let n = r
@@ -115,8 +120,12 @@ async fn splice_loop(r: &ReadHalf, w: &WriteHalf, size: usize, total: &mut u64) 
                 // nothing more, and after a FIN it says end of file with data still queued.
                 // A plain read steps over the urgent byte, as the buffered path does: read
                 // what follows it into the (empty) pipe, then splice on.
-                Ok(0) if sys::at_urgent_mark(fd) => past_urgent_byte(fd, &pw, cap, &mut past_mark),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && sys::at_urgent_mark(fd) => {
+                Ok(0) if tcp && sys::at_urgent_mark(fd) => {
+                    past_urgent_byte(fd, &pw, cap, &mut past_mark)
+                }
+                Err(e)
+                    if tcp && e.kind() == io::ErrorKind::WouldBlock && sys::at_urgent_mark(fd) =>
+                {
                     past_urgent_byte(fd, &pw, cap, &mut past_mark)
                 }
                 other => other,
