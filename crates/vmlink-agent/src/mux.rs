@@ -8,9 +8,10 @@
 //! one. DATA frames carry their byte offset and FIN carries the stream's length, so a stream's
 //! frames may arrive over both lanes in any order and are put back in order.
 //!
-//! Each stream has its own credit window ([`WINDOW`] bytes per direction): a reader that
-//! stops reading stalls only its own stream, never a lane, so a stalled 1 GiB copy never
-//! delays a ping. On the guest each stream is a pair of in-process channels of whole buffers
+//! Each stream has its own credit window per direction: the receiver announces it in OPEN or
+//! ACCEPT, [`MAX_WINDOW`] while the session's [`WINDOW_BUDGET`] lasts, else (and for peers
+//! that announce nothing) [`WINDOW`]. A reader that stops reading stalls only its own stream,
+//! never a lane, so a stalled 1 GiB copy never delays a ping. On the guest each stream is a pair of in-process channels of whole buffers
 //! (`AsyncStream::in_memory_chunks`) that the agent serves like any accepted connection; on the
 //! host, the client's own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
 //!
@@ -33,7 +34,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
-use vmlink_proto::mux::{frame, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, WINDOW};
+use vmlink_proto::mux::{
+    frame, send_window, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, MAX_WINDOW, WINDOW,
+};
 
 /// Streams open at once per session; one more is refused with RST.
 pub const MAX_STREAMS: usize = 128;
@@ -46,14 +49,25 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// ...and resets every stream when a ping stays unanswered this long: the agent died (its
 /// port closed) while the guest lives on, and the guest sends the host no signal of that.
 pub const DEAD_AFTER: Duration = Duration::from_secs(15);
-/// A receiver returns credit every time it has consumed this much more.
+/// A receiver returns credit every time it has consumed this much more (whatever its window:
+/// a version-1 sender keeps to [`WINDOW`]).
 const CREDIT_STEP: u64 = WINDOW / 4;
-/// Per stream and direction, at most this many received buffers wait to be delivered: small
-/// DATA frames that continue a waiting buffer are appended to it, so a sender that keeps to
-/// its window needs at most about `2 * WINDOW / SMALL_DATA` (every gap between waiting
-/// buffers is a DATA frame of more than [`SMALL_DATA`] bytes still on the data lane). More
-/// is a credit violation: without it a window of 1-byte frames would cost ~100 bytes each.
-pub const MAX_STASHED: usize = 4 * (WINDOW as usize / SMALL_DATA);
+/// Per session and direction, the window beyond [`WINDOW`] that the open streams share: a
+/// stream takes up to `MAX_WINDOW - WINDOW` of it when it opens and gives it back when it
+/// ends, so four streams at a time get [`MAX_WINDOW`] and the rest [`WINDOW`]. A bigger window
+/// keeps more of a copy in flight on a channel with a long round trip (under TCG, 1 MiB left
+/// virtio-serial copies waiting for credit); the budget keeps what a session can be made to
+/// buffer near what it was with 1 MiB windows alone.
+pub const WINDOW_BUDGET: u64 = 4 * (MAX_WINDOW - WINDOW);
+/// Per stream and direction, at most this many received buffers wait to be delivered for a
+/// receive window of `window` bytes (4096 for [`WINDOW`]): small DATA frames that continue a
+/// waiting buffer are appended to it, so a sender that keeps to its window needs at most
+/// about `2 * window / SMALL_DATA` (every gap between waiting buffers is a DATA frame of more
+/// than [`SMALL_DATA`] bytes still on the data lane). More is a credit violation: without it
+/// a window of 1-byte frames would cost ~100 bytes each.
+pub fn max_stashed(window: u64) -> usize {
+    4 * (window as usize / SMALL_DATA)
+}
 /// How much a lane reader buffers.
 const READ_BUF: usize = 256 * 1024;
 /// Per stream and direction on the guest, at most this much waits in the in-process channel
@@ -187,7 +201,7 @@ enum Violation {
     BeyondFin,
     /// A second FIN.
     SecondFin,
-    /// More than [`MAX_STASHED`] buffers waiting.
+    /// More than [`max_stashed`] buffers waiting.
     TooManyFrames,
 }
 
@@ -204,11 +218,13 @@ impl Violation {
 
 /// What the peer sent for one stream and the inbound pump has not taken yet: filled by the
 /// lane readers, emptied in offset order by the pump.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Reorder {
     /// Received bytes by offset, not overlapping; small frames that continue a buffer are
-    /// appended to it (at most [`MAX_STASHED`] buffers).
+    /// appended to it (at most `max_stashed` buffers).
     stash: BTreeMap<u64, Vec<u8>>,
+    /// [`max_stashed`] of the stream's receive window.
+    max_stashed: usize,
     /// The pump has taken every byte before this offset.
     taken: u64,
     /// The stream's length, once its FIN arrived.
@@ -216,6 +232,16 @@ struct Reorder {
 }
 
 impl Reorder {
+    /// An empty stream whose receive window is `window` bytes.
+    fn new(window: u64) -> Reorder {
+        Reorder {
+            stash: BTreeMap::new(),
+            max_stashed: max_stashed(window),
+            taken: 0,
+            fin: None,
+        }
+    }
+
     /// Takes DATA at `off`.
     fn data(&mut self, off: u64, bytes: Vec<u8>) -> Result<(), Violation> {
         // The codec refuses empty DATA; an empty buffer here would replace a waiting one.
@@ -243,7 +269,7 @@ impl Reorder {
                 return Ok(());
             }
         }
-        if self.stash.len() >= MAX_STASHED {
+        if self.stash.len() >= self.max_stashed {
             return Err(Violation::TooManyFrames);
         }
         self.stash.insert(off, bytes);
@@ -287,15 +313,21 @@ struct Entry {
     inbound: Arc<Mutex<Reorder>>,
     /// Wakes the inbound pump; dropped (so the pump stops) when the stream is removed.
     wake: mpsc::Sender<()>,
-    /// The peer's total consumed count (our send credit).
-    credit: watch::Sender<u64>,
+    /// The peer's total consumed count and the window it allows (our send credit).
+    credit: watch::Sender<Credit>,
+    /// The window beyond [`WINDOW`] this stream took from the session's budgets: receiving
+    /// (announced to the peer) and sending (the peer's announcement, once known). Dropped,
+    /// so given back, when the stream is removed.
+    grants: (Grant, Grant),
+    /// Our receive window for the stream, as announced: [`WINDOW`] plus the receive grant.
+    recv_window: u64,
     /// Bytes this side has queued for the peer (DATA offsets below it): a CREDIT beyond it
     /// is a credit violation.
     sent: Arc<AtomicU64>,
-    /// The highest stream offset (exclusive) the peer may send: our consumed + WINDOW.
+    /// The highest stream offset (exclusive) the peer may send: our consumed + recv_window.
     limit: Arc<AtomicU64>,
-    /// Payload bytes accepted from the peer and not yet written out: at most WINDOW for a
-    /// peer that keeps to its credit, however it repeats or overlaps offsets.
+    /// Payload bytes accepted from the peer and not yet written out: at most recv_window for
+    /// a peer that keeps to its credit, however it repeats or overlaps offsets.
     queued: Arc<AtomicU64>,
 }
 
@@ -308,7 +340,7 @@ pub struct Counters {
     /// stream (OPEN or ACCEPT the wrong way, a second FIN; that stream was reset).
     pub malformed: AtomicU64,
     /// Streams reset for credit violations: DATA beyond the window, more than a window (or
-    /// [`MAX_STASHED`] buffers) waiting, CREDIT for bytes never sent.
+    /// [`max_stashed`] buffers) waiting, CREDIT for bytes never sent.
     pub credit_violations: AtomicU64,
     /// Streams opened.
     pub opened: AtomicU64,
@@ -324,6 +356,59 @@ pub const MAX_QUEUED_REPLIES: usize = 1 << 20;
 
 /// One frame for a lane's writer, and how many of its bytes count as queued replies.
 type Queued = (Vec<u8>, usize);
+
+/// A sender's view of one stream's credit: it may send up to `consumed + window`.
+#[derive(Debug, Clone, Copy)]
+struct Credit {
+    /// The peer's last CREDIT.
+    consumed: u64,
+    /// The window the peer allows: [`WINDOW`] until (unless) it announces more.
+    window: u64,
+}
+
+/// What is left of one of a session's window budgets ([`WINDOW_BUDGET`]).
+#[derive(Debug, Clone)]
+struct Budget(Arc<AtomicU64>);
+
+impl Budget {
+    fn new() -> Budget {
+        Budget(Arc::new(AtomicU64::new(WINDOW_BUDGET)))
+    }
+
+    /// Takes up to `extra` bytes of window beyond [`WINDOW`], as much as is left.
+    fn take(&self, extra: u64) -> Grant {
+        let left = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                Some(left - left.min(extra))
+            })
+            .unwrap_or(0);
+        Grant {
+            extra: left.min(extra),
+            budget: self.clone(),
+        }
+    }
+}
+
+/// Window taken from a [`Budget`]; given back when dropped.
+#[derive(Debug)]
+struct Grant {
+    extra: u64,
+    budget: Budget,
+}
+
+impl Grant {
+    /// The window this grant makes.
+    fn window(&self) -> u64 {
+        WINDOW + self.extra
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.budget.0.fetch_add(self.extra, Ordering::AcqRel);
+    }
+}
 
 struct Session {
     role: Role,
@@ -342,6 +427,10 @@ struct Session {
     counters: Counters,
     /// The nonce of the last PONG.
     pong: AtomicU64,
+    /// Window beyond [`WINDOW`] left to announce to the peer (receiving) and to use for the
+    /// peer's announcements (sending).
+    recv_budget: Budget,
+    send_budget: Budget,
 }
 
 /// A running session: lanes plus streams. Dropping it does not stop it; the session ends when
@@ -391,6 +480,8 @@ impl Mux {
             incoming: (role == Role::Guest).then_some(in_tx),
             counters: Counters::default(),
             pong: AtomicU64::new(0),
+            recv_budget: Budget::new(),
+            send_budget: Budget::new(),
         });
         if role == Role::Host {
             tokio::spawn(keepalive(session.clone()));
@@ -432,9 +523,12 @@ impl Mux {
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&s.pending).insert(id, tx);
-        let parts = s.register(id);
+        // Until the ACCEPT announces the guest's window, this side sends within WINDOW.
+        let recv = s.recv_budget.take(MAX_WINDOW - WINDOW);
+        let announced = recv.window();
+        let parts = s.register(id, recv, s.send_budget.take(0));
         let accepted = parts.accepted.clone();
-        s.send(false, Header::new(Kind::Open, id, 0, 0), &[]);
+        s.send(false, Header::new(Kind::Open, id, 0, announced), &[]);
         // Pump at once: until ACCEPT, DATA stays on the control lane behind the OPEN, so a
         // request costs no extra round trip. A refusal (RST) ends the pumps and the client
         // sees its connection close.
@@ -471,7 +565,9 @@ impl Mux {
 struct Parts {
     inbound: Arc<Mutex<Reorder>>,
     wake: mpsc::Receiver<()>,
-    credit: watch::Receiver<u64>,
+    credit: watch::Receiver<Credit>,
+    /// Our receive window for the stream.
+    recv_window: u64,
     sent: Arc<AtomicU64>,
     limit: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
@@ -519,12 +615,18 @@ impl Session {
         let _ = lane.send(q);
     }
 
-    fn register(&self, id: u32) -> Parts {
-        let reorder = Arc::new(Mutex::new(Reorder::default()));
+    /// Registers stream `id`, which receives within `recv`'s window (announced to the peer)
+    /// and sends within `send`'s (the peer's announcement, as far as the budget went).
+    fn register(&self, id: u32, recv: Grant, send: Grant) -> Parts {
+        let recv_window = recv.window();
+        let reorder = Arc::new(Mutex::new(Reorder::new(recv_window)));
         let (wake_tx, wake_rx) = mpsc::channel(1);
-        let (credit_tx, credit_rx) = watch::channel(0u64);
+        let (credit_tx, credit_rx) = watch::channel(Credit {
+            consumed: 0,
+            window: send.window(),
+        });
         let sent = Arc::new(AtomicU64::new(0));
-        let limit = Arc::new(AtomicU64::new(WINDOW));
+        let limit = Arc::new(AtomicU64::new(recv_window));
         let queued = Arc::new(AtomicU64::new(0));
         let halves = Arc::new(AtomicU32::new(2));
         lock(&self.streams).insert(
@@ -533,6 +635,8 @@ impl Session {
                 inbound: reorder.clone(),
                 wake: wake_tx,
                 credit: credit_tx,
+                grants: (recv, send),
+                recv_window,
                 sent: sent.clone(),
                 limit: limit.clone(),
                 queued: queued.clone(),
@@ -542,6 +646,7 @@ impl Session {
             inbound: reorder,
             wake: wake_rx,
             credit: credit_rx,
+            recv_window,
             sent,
             limit,
             queued,
@@ -630,13 +735,15 @@ impl Session {
             sink,
             parts.inbound,
             parts.wake,
+            parts.recv_window,
             parts.limit,
             parts.queued,
             parts.halves,
         ));
     }
 
-    fn accept(self: &Arc<Self>, id: u32) {
+    /// Accepts stream `id`, whose host announced a receive window of `announced` bytes.
+    fn accept(self: &Arc<Self>, id: u32, announced: u64) {
         let busy = {
             let streams = lock(&self.streams);
             streams.len() >= MAX_STREAMS || streams.contains_key(&id)
@@ -654,13 +761,16 @@ impl Session {
         let Some(incoming) = &self.incoming else {
             return;
         };
-        let parts = self.register(id);
+        let recv = self.recv_budget.take(MAX_WINDOW - WINDOW);
+        let window = recv.window();
+        let send = self.send_budget.take(send_window(announced) - WINDOW);
+        let parts = self.register(id, recv, send);
         if incoming.try_send(Accepted { data, out }).is_err() {
             lock(&self.streams).remove(&id);
             return self.refuse(id, "the agent is not accepting streams");
         }
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        self.send(false, Header::new(Kind::Accept, id, 0, 0), &[]);
+        self.send(false, Header::new(Kind::Accept, id, 0, window), &[]);
         self.clone().pump_halves(
             id,
             Source::<UnixStream>::Chunks(out_rx),
@@ -689,12 +799,13 @@ impl Session {
                     self.peer_ready.send_replace(true);
                 }
             }
-            Kind::Open if self.role == Role::Guest => self.accept(h.stream),
+            Kind::Open if self.role == Role::Guest => self.accept(h.stream, h.arg),
             Kind::Ping => self.reply(false, Header::new(Kind::Pong, 0, 0, h.arg), &[]),
             Kind::Pong => self.pong.store(h.arg, Ordering::Release),
             Kind::Accept if self.role == Role::Host => {
                 match lock(&self.pending).remove(&h.stream) {
                     Some(tx) => {
+                        self.widen(h.stream, h.arg);
                         let _ = tx.send(Ok(()));
                     }
                     None => unknown(),
@@ -714,7 +825,7 @@ impl Session {
                 // Beyond the window, or (with repeated or overlapping offsets) more bytes
                 // waiting than the window holds.
                 if end > e.limit.load(Ordering::Acquire)
-                    || e.queued.fetch_add(len, Ordering::AcqRel) + len > WINDOW
+                    || e.queued.fetch_add(len, Ordering::AcqRel) + len > e.recv_window
                 {
                     drop(streams);
                     self.counters
@@ -747,8 +858,8 @@ impl Session {
                     return self.reset(h.stream, "CREDIT for bytes never sent");
                 }
                 e.credit.send_if_modified(|c| {
-                    let more = h.arg > *c;
-                    *c = (*c).max(h.arg);
+                    let more = h.arg > c.consumed;
+                    c.consumed = c.consumed.max(h.arg);
                     more
                 });
             }
@@ -778,6 +889,21 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Session {
+    /// Host side, at ACCEPT: stream `id` may send within the window the guest announced
+    /// (`arg`), as far as the session's send budget goes.
+    fn widen(&self, id: u32, announced: u64) {
+        let mut streams = lock(&self.streams);
+        let Some(e) = streams.get_mut(&id) else {
+            return;
+        };
+        let grant = self.send_budget.take(send_window(announced) - WINDOW);
+        let window = grant.window();
+        e.grants.1 = grant;
+        e.credit.send_modify(|c| c.window = window);
     }
 }
 
@@ -890,7 +1016,7 @@ async fn outbound<R: AsyncRead + Unpin>(
     s: Arc<Session>,
     id: u32,
     source: Source<R>,
-    mut credit: watch::Receiver<u64>,
+    mut credit: watch::Receiver<Credit>,
     total: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
@@ -949,7 +1075,7 @@ async fn outbound_chunks(
     s: Arc<Session>,
     id: u32,
     mut rx: mpsc::Receiver<Vec<u8>>,
-    mut credit: watch::Receiver<u64>,
+    mut credit: watch::Receiver<Credit>,
     total: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
     accepted: Arc<AtomicBool>,
@@ -985,12 +1111,10 @@ async fn outbound_chunks(
 }
 
 /// How many bytes past `sent` the peer's credit allows. The peer's CREDIT never exceeds what
-/// was sent (a larger one resets the stream), so this is at most [`WINDOW`].
-fn window(credit: &mut watch::Receiver<u64>, sent: u64) -> u64 {
-    credit
-        .borrow_and_update()
-        .saturating_add(WINDOW)
-        .saturating_sub(sent)
+/// was sent (a larger one resets the stream), so this is at most [`MAX_WINDOW`].
+fn window(credit: &mut watch::Receiver<Credit>, sent: u64) -> u64 {
+    let c = *credit.borrow_and_update();
+    c.consumed.saturating_add(c.window).saturating_sub(sent)
 }
 
 /// Fills in the header of DATA frame `f` (header room, then the payload) at offset `sent` and
@@ -1021,6 +1145,7 @@ async fn inbound<W: AsyncWrite + Unpin>(
     mut sink: Sink<W>,
     reorder: Arc<Mutex<Reorder>>,
     mut wake: mpsc::Receiver<()>,
+    recv_window: u64,
     limit: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
     halves: Arc<AtomicU32>,
@@ -1037,7 +1162,7 @@ async fn inbound<W: AsyncWrite + Unpin>(
                 }
                 expected += n;
                 queued.fetch_sub(n, Ordering::AcqRel);
-                limit.store(expected + WINDOW, Ordering::Release);
+                limit.store(expected + recv_window, Ordering::Release);
                 if expected - credited >= CREDIT_STEP {
                     s.send(false, Header::new(Kind::Credit, id, 0, expected), &[]);
                     credited = expected;
@@ -1428,7 +1553,8 @@ mod tests {
         }
     }
 
-    /// Opens a stream from `host` for `local`, ACCEPTs it as the guest and returns its id.
+    /// Opens a stream from `host` for `local`, ACCEPTs it as a version-1 guest (announcing no
+    /// window) and returns its id.
     async fn accepted_stream(
         host: &Mux,
         dec: &mut LaneDecoder,
@@ -1436,18 +1562,222 @@ mod tests {
         w: &mut tokio::net::unix::OwnedWriteHalf,
         local: UnixStream,
     ) -> u32 {
+        accepted_stream_announcing(host, dec, r, w, local, 0)
+            .await
+            .0
+    }
+
+    /// [`accepted_stream`], ACCEPTing with a receive window of `window` (0: none); returns the
+    /// stream's id and the host's receive window from its OPEN.
+    async fn accepted_stream_announcing(
+        host: &Mux,
+        dec: &mut LaneDecoder,
+        r: &mut tokio::net::unix::OwnedReadHalf,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        local: UnixStream,
+        window: u64,
+    ) -> (u32, u64) {
         let h = host.clone();
         tokio::spawn(async move { h.open(local).await });
-        let id = loop {
+        let open = loop {
             let (h, _) = next_frame(dec, r).await.expect("no OPEN");
             if h.kind == Kind::Open {
-                break h.stream;
+                break h;
             }
         };
-        w.write_all(&frame(Header::new(Kind::Accept, id, 0, 0), &[]))
+        w.write_all(&frame(
+            Header::new(Kind::Accept, open.stream, 0, window),
+            &[],
+        ))
+        .await
+        .expect("accept");
+        (open.stream, open.arg)
+    }
+
+    /// Reads the peer's DATA for stream `id` until it reaches offset `limit`, then PINGs and
+    /// reads on up to the PONG: panics if any DATA goes past `limit` meanwhile. `end` is the
+    /// highest offset seen.
+    async fn data_until(
+        dec: &mut LaneDecoder,
+        r: &mut tokio::net::unix::OwnedReadHalf,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        id: u32,
+        limit: u64,
+        end: &mut u64,
+    ) {
+        let mut pinged = false;
+        loop {
+            if *end >= limit && !pinged {
+                w.write_all(&frame(Header::new(Kind::Ping, 0, 0, limit), &[]))
+                    .await
+                    .expect("ping");
+                pinged = true;
+            }
+            let (h, p) = next_frame(dec, r).await.expect("eof");
+            match h.kind {
+                Kind::Data if h.stream == id => {
+                    *end = (*end).max(h.arg + p.len() as u64);
+                    assert!(*end <= limit, "DATA up to {end} past {limit}");
+                }
+                Kind::Pong if pinged && h.arg == limit => return,
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_host_sends_within_the_window_its_guest_announced_or_the_default() {
+        // A version-1 guest announces nothing; a current one MAX_WINDOW; a bigger claim is
+        // held to MAX_WINDOW.
+        for (announced, window) in [
+            (0, WINDOW),
+            (MAX_WINDOW, MAX_WINDOW),
+            (u64::MAX, MAX_WINDOW),
+        ] {
+            let (host, mut r, mut w) = host_with_raw_guest().await;
+            let mut dec = LaneDecoder::new();
+            let (client, local) = UnixStream::pair().expect("socketpair");
+            // The local client uploads two of the largest windows (and never reads).
+            let (_client_r, mut client_w) = client.into_split();
+            let upload = tokio::spawn(async move {
+                let chunk = vec![9u8; 64 * 1024];
+                for _ in 0..2 * MAX_WINDOW / (64 * 1024) {
+                    if client_w.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let (id, _) =
+                accepted_stream_announcing(&host, &mut dec, &mut r, &mut w, local, announced).await;
+            // The host fills the window and stops there (nothing past it up to the PONG of a
+            // PING sent once it was full); a CREDIT moves it on by as much.
+            let mut end = 0u64;
+            let mut credited = 0u64;
+            for step in [0, 64 * 1024] {
+                credited += step;
+                if step > 0 {
+                    w.write_all(&frame(Header::new(Kind::Credit, id, 0, credited), &[]))
+                        .await
+                        .expect("credit");
+                }
+                let limit = credited + window;
+                let filled = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    data_until(&mut dec, &mut r, &mut w, id, limit, &mut end),
+                )
+                .await;
+                assert!(
+                    filled.is_ok(),
+                    "announced {announced}: the host stopped at {end} of {limit}"
+                );
+            }
+            assert_eq!(host.counters().credit_violations.load(Ordering::Relaxed), 0);
+            upload.abort();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_windows_come_from_a_session_budget_and_go_back_to_it() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let big = (WINDOW_BUDGET / (MAX_WINDOW - WINDOW)) as usize;
+        let mut open = Vec::new();
+        let mut windows = Vec::new();
+        for _ in 0..=big {
+            let (client, local) = UnixStream::pair().expect("socketpair");
+            let (id, window) =
+                accepted_stream_announcing(&host, &mut dec, &mut r, &mut w, local, 0).await;
+            open.push((id, client));
+            windows.push(window);
+        }
+        let mut expected = vec![MAX_WINDOW; big];
+        expected.push(WINDOW);
+        assert_eq!(windows, expected, "the host's announced receive windows");
+        // A stream that ends gives its share back.
+        let (first, _) = open.remove(0);
+        w.write_all(&frame(Header::new(Kind::Rst, first, 0, 0), &[]))
             .await
-            .expect("accept");
-        id
+            .expect("rst");
+        until("the reset stream removed", || {
+            !lock(&host.0.streams).contains_key(&first)
+        })
+        .await;
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let (_, window) =
+            accepted_stream_announcing(&host, &mut dec, &mut r, &mut w, local, 0).await;
+        assert_eq!(window, MAX_WINDOW);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_past_the_announced_window_resets_the_stream() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let (id, window) =
+            accepted_stream_announcing(&host, &mut dec, &mut r, &mut w, local, 0).await;
+        assert_eq!(window, MAX_WINDOW);
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        // The window's last byte is taken (it waits for the bytes before it); the next resets.
+        let mut wire = frame(Header::new(Kind::Data, id, 1, window - 1), &[1]);
+        wire.extend(frame(Header::new(Kind::Data, id, 1, window), &[1]));
+        w.write_all(&wire).await.expect("data");
+        until("the stream reset past its window", || {
+            host.counters().credit_violations.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // Had the first frame been refused, the second would have found no stream.
+        assert_eq!(host.counters().unknown_stream.load(Ordering::Relaxed), 0);
+        assert!(!lock(&host.0.streams).contains_key(&id));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_announces_its_window_and_keeps_to_the_default_for_a_host_that_announces_none()
+    {
+        let (gc, raw) = UnixStream::pair().expect("socketpair");
+        let (_guest, mut incoming) = Mux::start(Role::Guest, Lane::unix(gc), None);
+        let (mut r, mut w) = raw.into_split();
+        let mut dec = LaneDecoder::new();
+        let mut wire = frame(Header::hello(false), &[]);
+        wire.extend(frame(Header::new(Kind::Open, 1, 0, 0), &[]));
+        w.write_all(&wire).await.expect("hello, open");
+        let accept = loop {
+            let (h, _) = next_frame(&mut dec, &mut r).await.expect("no ACCEPT");
+            if h.kind == Kind::Accept {
+                break h;
+            }
+        };
+        assert_eq!((accept.stream, accept.arg), (1, MAX_WINDOW));
+        // The agent's side answers with 2 MiB; the guest sends 1 MiB of it, a version-1
+        // host's window, and then the rest only as CREDIT allows.
+        let stream = incoming.recv().await.expect("accepted");
+        let out = stream.out.clone();
+        let _keep = stream;
+        tokio::spawn(async move {
+            for _ in 0..2 * WINDOW as usize / MAX_DATA {
+                let mut b = vec![0u8; HEADER_LEN];
+                b.extend_from_slice(&[5u8; MAX_DATA]);
+                if out.send(b).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut end = 0u64;
+        data_until(&mut dec, &mut r, &mut w, 1, WINDOW, &mut end).await;
+        w.write_all(&frame(
+            Header::new(Kind::Credit, 1, 0, MAX_DATA as u64),
+            &[],
+        ))
+        .await
+        .expect("credit");
+        data_until(
+            &mut dec,
+            &mut r,
+            &mut w,
+            1,
+            WINDOW + MAX_DATA as u64,
+            &mut end,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1560,7 +1890,7 @@ mod tests {
         tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
         // 1-byte frames at 1, 3, 5...: each waits on its own, so the count is what bounds them.
         let mut wire = Vec::new();
-        for i in 0..=MAX_STASHED as u64 {
+        for i in 0..=max_stashed(MAX_WINDOW) as u64 {
             wire.extend(frame(Header::new(Kind::Data, id, 1, 2 * i + 1), &[1]));
         }
         w.write_all(&wire).await.expect("frames");
@@ -1592,7 +1922,7 @@ mod tests {
 
     #[test]
     fn reorder_puts_frames_from_two_lanes_back_in_order_and_merges_small_ones() {
-        let mut q = Reorder::default();
+        let mut q = Reorder::new(WINDOW);
         // A big frame at 0 still on the data lane; small ones after it on the control lane.
         for off in 5000..5100u64 {
             q.data(off, vec![off as u8]).expect("small");
@@ -1614,7 +1944,7 @@ mod tests {
         assert_eq!(q.take(), Err(()), "FIN reached");
         assert_eq!(q.fin(5100), Err(Violation::SecondFin));
         assert_eq!(q.data(5100, vec![1]), Err(Violation::BeyondFin));
-        let mut q = Reorder::default();
+        let mut q = Reorder::new(WINDOW);
         q.data(10, vec![1; 10]).expect("data");
         assert_eq!(q.data(15, vec![1]), Err(Violation::Overlap));
         assert_eq!(q.data(5, vec![1; 6]), Err(Violation::Overlap));

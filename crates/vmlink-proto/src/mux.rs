@@ -10,7 +10,9 @@
 //! offset 4  u32  stream    the stream id (chosen by the host); HELLO: 0 start, 1 reply
 //! offset 8  u32  len       payload length
 //! offset 12 u64  arg       DATA: byte offset; CREDIT: bytes consumed; FIN: total length;
-//!                          HELLO: the magic b"VMLKMUX1"; PING/PONG: a nonce; otherwise 0
+//!                          HELLO: the magic b"VMLKMUX1"; PING/PONG: a nonce;
+//!                          OPEN/ACCEPT: the sender's receive window for the stream
+//!                          (0: the default, [`WINDOW`]); otherwise 0
 //! ```
 //!
 //! Each lane (port) starts unsynchronised: its reader discards bytes until it finds a HELLO
@@ -24,8 +26,18 @@ pub const HEADER_LEN: usize = 20;
 pub const MAX_DATA: usize = 64 * 1024;
 /// The largest RST payload (a UTF-8 reason).
 pub const MAX_REASON: usize = 256;
-/// Bytes a sender may have unconsumed per stream and direction (the credit window).
+/// Bytes a sender may have unconsumed per stream and direction (the credit window) when the
+/// receiver announced no window of its own: version-1 peers put 0 in OPEN's and ACCEPT's `arg`.
 pub const WINDOW: u64 = 1024 * 1024;
+/// The largest window a receiver may announce in OPEN's or ACCEPT's `arg`; a sender honours
+/// at most this much.
+pub const MAX_WINDOW: u64 = 8 * 1024 * 1024;
+
+/// The window a sender may use for a stream whose receiver announced `announced` (OPEN's or
+/// ACCEPT's `arg`): [`WINDOW`] for 0 (a version-1 peer) or less, at most [`MAX_WINDOW`].
+pub fn send_window(announced: u64) -> u64 {
+    announced.clamp(WINDOW, MAX_WINDOW)
+}
 /// HELLO's `arg`.
 pub const MAGIC: [u8; 8] = *b"VMLKMUX1";
 
@@ -34,9 +46,9 @@ pub const MAGIC: [u8; 8] = *b"VMLKMUX1";
 pub enum Kind {
     /// Lane synchronisation; `stream` is 0 (start: please reply) or 1 (reply).
     Hello,
-    /// Open stream `stream` (host to guest only).
+    /// Open stream `stream` (host to guest only); `arg` is the host's receive window for it.
     Open,
-    /// The stream is accepted.
+    /// The stream is accepted; `arg` is the guest's receive window for it.
     Accept,
     /// Payload bytes at byte offset `arg` of the stream.
     Data,
@@ -434,6 +446,17 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sender_keeps_to_the_default_window_unless_a_bigger_one_was_announced() {
+        assert_eq!(send_window(0), WINDOW, "a version-1 peer announces nothing");
+        assert_eq!(send_window(1), WINDOW);
+        assert_eq!(send_window(3 * WINDOW), 3 * WINDOW);
+        assert_eq!(send_window(u64::MAX), MAX_WINDOW);
+        // The announcement travels in `arg`, which the decoder leaves to the engine.
+        let h = Header::new(Kind::Accept, 5, 0, MAX_WINDOW);
+        assert_eq!(Header::decode(&h.encode()), Ok(h));
+    }
 
     #[test]
     fn a_big_payload_is_read_into_its_own_buffer() {
