@@ -392,6 +392,50 @@ impl ReadHalf {
 }
 
 impl WriteHalf {
+    /// For an [`AsyncStream::in_memory_chunks`] stream, the shape of the buffers it carries:
+    /// `(headroom, max)` as in its [`ChunkOut`]. A writer that builds buffers of that shape
+    /// can hand them over whole with [`WriteHalf::send_chunk`] instead of having them copied.
+    pub fn chunk_shape(&self) -> Option<(usize, usize)> {
+        match &self.0 {
+            WInner::Chunks(c) => Some((c.headroom, c.max)),
+            _ => None,
+        }
+    }
+
+    /// Sends `chunk` (`headroom` bytes of room, then 1 to `max` bytes of data; see
+    /// [`WriteHalf::chunk_shape`]) as it is, after what was written before it. An error for
+    /// a buffer of another shape, and for other kinds of stream.
+    pub async fn send_chunk(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let WInner::Chunks(c) = &mut self.0 else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only in-process chunk streams take whole buffers",
+            ));
+        };
+        let data = chunk.len().saturating_sub(c.headroom);
+        if chunk.len() <= c.headroom || data > c.max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a {}-byte buffer for a stream of {} bytes of room and 1 to {} of data",
+                    chunk.len(),
+                    c.headroom,
+                    c.max
+                ),
+            ));
+        }
+        if c.tx.is_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the in-process stream is closed for writing",
+            ));
+        }
+        std::future::poll_fn(|cx| c.tx.poll_reserve(cx))
+            .await
+            .map_err(|_| reader_gone())?;
+        c.tx.send_item(chunk).map_err(|_| reader_gone())
+    }
+
     /// The descriptor to `splice(2)` into, when there is one and splicing
     /// into it pays (not for vsock sockets).
     pub fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -661,6 +705,49 @@ mod tests {
         drop(out);
         let e = w.write_all(b"x").await.expect_err("reader gone");
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// Whole buffers of the stream's shape go over as they are, in order with writes; other
+    /// shapes and other kinds of stream are refused.
+    #[tokio::test]
+    async fn whole_chunks_go_over_as_they_are_between_writes() {
+        let (_data_tx, data) = tokio::sync::mpsc::channel(1);
+        let (tx, mut out) = tokio::sync::mpsc::channel(4);
+        let (_, mut w) = AsyncStream::in_memory_chunks(
+            data,
+            ChunkOut {
+                tx,
+                headroom: 2,
+                max: 4,
+            },
+            "test",
+        )
+        .into_split();
+        assert_eq!(w.chunk_shape(), Some((2, 4)));
+        let chunk = b"\0\0wxyz".to_vec();
+        let at = chunk.as_ptr();
+        w.write_all(b"ab").await.expect("write");
+        w.send_chunk(chunk).await.expect("chunk");
+        let first = out.recv().await.expect("1st");
+        assert_eq!(first, b"\0\0ab");
+        let second = out.recv().await.expect("2nd");
+        assert_eq!(second, b"\0\0wxyz");
+        assert_eq!(second.as_ptr(), at, "the buffer itself, not a copy");
+        for bad in [&b"\0\0"[..], b"\0\0vwxyz"] {
+            let e = w.send_chunk(bad.to_vec()).await.expect_err("wrong shape");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        }
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let (_, mut sock) = AsyncStream::from_std(Stream::from_unix(a, "pair"))
+            .expect("stream")
+            .into_split();
+        assert_eq!(sock.chunk_shape(), None);
+        let e = sock
+            .send_chunk(b"\0\0ab".to_vec())
+            .await
+            .expect_err("a socket");
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
     }
 
     /// A write waiting for room on a full channel fails once the receiver goes away (the mux
