@@ -22,6 +22,11 @@ pub enum Cmd {
         /// Serve one session, then exit.
         #[arg(long)]
         once: bool,
+        /// Serve at most N sessions at a time (each holds a 256 KiB buffer); further
+        /// clients wait in the listen queue until one ends. The default fits
+        /// `bench run --conns 1024`.
+        #[arg(long, default_value_t = MAX_CONNS, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        max_connections: u16,
     },
     /// Measure against a `bench serve` peer at ADDR.
     ///
@@ -62,19 +67,31 @@ pub struct RunArgs {
 pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(async move {
         match cmd {
-            Cmd::Serve { addr, once } => serve(addr, once).await,
+            Cmd::Serve {
+                addr,
+                once,
+                max_connections,
+            } => serve(addr, once, max_connections.into()).await,
             Cmd::Run(a) => client(a).await,
         }
     })
 }
 
-pub async fn serve(addr: Addr, once: bool) -> anyhow::Result<ExitCode> {
+/// Serves bench sessions on `addr` (at most `max` at a time on a listening address) until
+/// SIGINT or SIGTERM, or after one session with `once`.
+pub async fn serve(addr: Addr, once: bool, max: usize) -> anyhow::Result<ExitCode> {
     let stop = crate::relay::shutdown_signal();
     tokio::pin!(stop);
     if addr.is_listen() {
         let l = AsyncListener::bind(&addr)?;
         eprintln!("vmlink: bench serving on {}", l.local_addr());
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
         loop {
+            // A free slot first: beyond the bound, clients wait in the listen queue.
+            let slot = tokio::select! {
+                p = slots.clone().acquire_owned() => p.context("the session bound")?,
+                _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            };
             let s = tokio::select! {
                 s = l.accept() => s,
                 _ = &mut stop => return Ok(ExitCode::SUCCESS),
@@ -100,6 +117,7 @@ pub async fn serve(addr: Addr, once: bool) -> anyhow::Result<ExitCode> {
                 if let Err(e) = task.await {
                     tracing::info!(error = %format!("{e:#}"), "bench session ended with an error");
                 }
+                drop(slot);
             });
         }
     }

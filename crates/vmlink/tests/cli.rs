@@ -102,6 +102,57 @@ fn bench_serve_once(sock: &std::path::Path) -> std::process::Child {
     server
 }
 
+/// `bench serve --max-connections 1`: a second client waits in the listen queue, unanswered,
+/// until the first session ends, and is served then.
+#[test]
+fn bench_serve_serves_at_most_max_connections_sessions_at_a_time() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vmlink_proto::bench::Request;
+    let d = tmp("bench-max");
+    let sock = d.join("b.sock");
+    let mut child = common::vmlink()
+        .args([
+            "bench",
+            "serve",
+            &format!("unix-listen:{}", sock.display()),
+            "--max-connections",
+            "1",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench serve");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut line = [0u8; 1];
+    stderr.read_exact(&mut line).expect("server is listening");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let _server = common::Relay {
+        child,
+        listen: String::new(),
+    };
+    let download = |s: &mut UnixStream| s.write_all(&Request::Download(3).encode());
+    let mut b = [0u8; 3];
+    let mut c1 = UnixStream::connect(&sock).expect("c1");
+    download(&mut c1).expect("request");
+    c1.read_exact(&mut b).expect("the first is served");
+    let mut c2 = UnixStream::connect(&sock).expect("c2 reaches the listen queue");
+    download(&mut c2).expect("request");
+    c2.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let e = c2.read(&mut b).expect_err("no session for the second yet");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    drop(c1);
+    c2.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c2.read_exact(&mut b).expect("served once the first ended");
+}
+
 #[test]
 fn bench_over_unix_reports_both_directions_and_latency_as_json() {
     let d = tmp("bench");
