@@ -32,7 +32,7 @@ use std::time::Duration;
 use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 use vmlink_proto::mux::{
     frame, send_window, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, MAX_WINDOW, WINDOW,
@@ -354,8 +354,16 @@ pub struct Counters {
 /// other frame the session queues is bounded by the streams' windows.
 pub const MAX_QUEUED_REPLIES: usize = 1 << 20;
 
-/// One frame for a lane's writer, and how many of its bytes count as queued replies.
-type Queued = (Vec<u8>, usize);
+/// One frame for a lane's writer: the frame, how many of its bytes count as queued replies,
+/// and for DATA the room it takes in the session's lane queues ([`MAX_QUEUED_DATA`]), given
+/// back once the frame is written (or dropped with the lane).
+type Queued = (Vec<u8>, usize, Option<OwnedSemaphorePermit>);
+
+/// The most DATA bytes a session's lane queues hold, whichever streams they belong to: what
+/// every stream's window allows at once. A stream that is reset leaves the frames it queued
+/// behind, to be written in turn; they keep their room until then, so a peer that stops
+/// reading its lanes and resets stream after stream cannot make this side queue more.
+pub const MAX_QUEUED_DATA: usize = MAX_STREAMS * WINDOW as usize + WINDOW_BUDGET as usize;
 
 /// A sender's view of one stream's credit: it may send up to `consumed + window`.
 #[derive(Debug, Clone, Copy)]
@@ -431,6 +439,8 @@ struct Session {
     /// peer's announcements (sending).
     recv_budget: Budget,
     send_budget: Budget,
+    /// Room for DATA in the lane queues ([`MAX_QUEUED_DATA`] bytes).
+    lane_room: Arc<Semaphore>,
 }
 
 /// A running session: lanes plus streams. Dropping it does not stop it; the session ends when
@@ -457,6 +467,16 @@ impl Mux {
     /// receiver yields one [`Accepted`] per stream the host opens (in-process, no socket pair:
     /// a copy's bytes cross no extra system calls or kernel copies inside the guest).
     pub fn start(role: Role, ctl: Lane, data: Option<Lane>) -> (Mux, mpsc::Receiver<Accepted>) {
+        Mux::start_with_room(role, ctl, data, MAX_QUEUED_DATA)
+    }
+
+    /// [`Mux::start`] with `lane_room` bytes of room for DATA in the lane queues.
+    fn start_with_room(
+        role: Role,
+        ctl: Lane,
+        data: Option<Lane>,
+        lane_room: usize,
+    ) -> (Mux, mpsc::Receiver<Accepted>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let replies = Arc::new(AtomicUsize::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -482,6 +502,7 @@ impl Mux {
             pong: AtomicU64::new(0),
             recv_budget: Budget::new(),
             send_budget: Budget::new(),
+            lane_room: Arc::new(Semaphore::new(lane_room)),
         });
         if role == Role::Host {
             tokio::spawn(keepalive(session.clone()));
@@ -584,7 +605,7 @@ impl Session {
 
     /// Queues one encoded frame.
     fn send_frame(&self, data_lane: bool, f: Vec<u8>) {
-        self.queue(data_lane, (f, 0));
+        self.queue(data_lane, (f, 0, None));
     }
 
     /// Queues a reply the peer asked for on the control lane, unless more than
@@ -603,7 +624,7 @@ impl Session {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.queue(data_lane, (f, n));
+        self.queue(data_lane, (f, n, None));
     }
 
     fn queue(&self, data_lane: bool, q: Queued) {
@@ -936,14 +957,16 @@ async fn keepalive(s: Arc<Session>) {
     }
 }
 
-/// Writes queued frames, coalescing what is already queued into one write.
+/// Writes queued frames, coalescing what is already queued into one write. A DATA frame's
+/// lane room is given back once it is written.
 async fn writer(
     mut w: BoxWrite,
     mut rx: mpsc::UnboundedReceiver<Queued>,
     replies: Arc<AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(READ_BUF);
-    while let Some((f, counted)) = rx.recv().await {
+    let mut rooms = Vec::new();
+    while let Some((f, counted, room)) = rx.recv().await {
         if f.len() >= READ_BUF / 8 {
             // Big enough on its own: write it without copying it into the batch.
             if let Err(e) = w.write_all(&f).await {
@@ -951,14 +974,17 @@ async fn writer(
                 return;
             }
             replies.fetch_sub(counted, Ordering::AcqRel);
+            drop(room);
             continue;
         }
         batch.extend_from_slice(&f);
+        rooms.extend(room);
         let mut released = counted;
         while batch.len() < READ_BUF {
             match rx.try_recv() {
-                Ok((f, counted)) => {
+                Ok((f, counted, room)) => {
                     batch.extend_from_slice(&f);
+                    rooms.extend(room);
                     released += counted;
                 }
                 Err(_) => break,
@@ -970,6 +996,7 @@ async fn writer(
         }
         replies.fetch_sub(released, Ordering::AcqRel);
         batch.clear();
+        rooms.clear();
     }
 }
 
@@ -1058,7 +1085,10 @@ async fn outbound<R: AsyncRead + Unpin>(
                 return;
             }
             Ok(n) => {
-                send_data(&s, id, f, sent, &total, &accepted);
+                let Some(room) = lane_room(&s, n, &mut credit).await else {
+                    return; // reset
+                };
+                send_data(&s, id, f, sent, &total, &accepted, room);
                 sent += n as u64;
             }
             Err(e) => {
@@ -1105,8 +1135,29 @@ async fn outbound_chunks(
                 return; // reset
             }
         }
-        send_data(&s, id, f, sent, &total, &accepted);
+        let Some(room) = lane_room(&s, n, &mut credit).await else {
+            return; // reset
+        };
+        send_data(&s, id, f, sent, &total, &accepted, room);
         sent += n as u64;
+    }
+}
+
+/// Room for `n` bytes of DATA in the session's lane queues, once there is some; `None` if the
+/// stream is reset meanwhile (its credit sender is gone).
+async fn lane_room(
+    s: &Session,
+    n: usize,
+    credit: &mut watch::Receiver<Credit>,
+) -> Option<OwnedSemaphorePermit> {
+    // n is at most MAX_DATA.
+    let acquire = s.lane_room.clone().acquire_many_owned(n as u32);
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            p = &mut acquire => return p.ok(),
+            c = credit.changed() => c.ok()?,
+        }
     }
 }
 
@@ -1118,8 +1169,9 @@ fn window(credit: &mut watch::Receiver<Credit>, sent: u64) -> u64 {
 }
 
 /// Fills in the header of DATA frame `f` (header room, then the payload) at offset `sent` and
-/// queues it: on the data lane when it is big and the peer can take it there. `total` learns
-/// the stream's new length first, so no CREDIT for these bytes can arrive before it.
+/// queues it with its lane `room`: on the data lane when it is big and the peer can take it
+/// there. `total` learns the stream's new length first, so no CREDIT for these bytes can
+/// arrive before it.
 fn send_data(
     s: &Session,
     id: u32,
@@ -1127,13 +1179,14 @@ fn send_data(
     sent: u64,
     total: &AtomicU64,
     accepted: &AtomicBool,
+    room: OwnedSemaphorePermit,
 ) {
     let n = f.len() - HEADER_LEN;
     total.store(sent + n as u64, Ordering::Release);
     let big =
         n > SMALL_DATA && s.data_ok.load(Ordering::Acquire) && accepted.load(Ordering::Acquire);
     f[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Data, id, n as u32, sent).encode());
-    s.send_frame(big, f);
+    s.queue(big, (f, 0, Some(room)));
 }
 
 /// Inbound frames -> local socket, in offset order; returns credit; half-closes at FIN. The
@@ -1157,7 +1210,20 @@ async fn inbound<W: AsyncWrite + Unpin>(
         match next {
             Ok(Some(bytes)) => {
                 let n = bytes.len() as u64;
-                if let Err(e) = sink.put(bytes).await {
+                // A reset (the wake channel closes) ends a write that the local side is not
+                // taking, so the stream's waiting buffers go with it. A wake-up taken here is
+                // not lost: the loop looks at the buffers again before it waits.
+                let put = sink.put(bytes);
+                tokio::pin!(put);
+                let put = loop {
+                    tokio::select! {
+                        r = &mut put => break r,
+                        w = wake.recv() => if w.is_none() {
+                            return; // reset
+                        },
+                    }
+                };
+                if let Err(e) = put {
                     return s.reset(id, &format!("local write: {e}"));
                 }
                 expected += n;
@@ -1530,6 +1596,123 @@ mod tests {
             .await
             .expect("hello");
         (host, r, w)
+    }
+
+    /// A host session with `room` bytes of lane room whose guest is the test itself, which
+    /// does not read the lane (the socket's buffer fills, then the lane's writer waits).
+    async fn host_with_deaf_guest(
+        room: usize,
+    ) -> (
+        Mux,
+        tokio::net::unix::OwnedReadHalf,
+        tokio::net::unix::OwnedWriteHalf,
+    ) {
+        let (hc, raw) = UnixStream::pair().expect("socketpair");
+        let (host, _) = Mux::start_with_room(Role::Host, Lane::unix(hc), None, room);
+        let (r, mut w) = raw.into_split();
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        (host, r, w)
+    }
+
+    /// Opens a stream on `host` whose client uploads without end, ACCEPTs it (announcing
+    /// `MAX_WINDOW`) without reading the lane, and returns its id and the client's reader.
+    async fn upload_to_deaf_guest(
+        host: &Mux,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        id: u32,
+    ) -> tokio::net::unix::OwnedReadHalf {
+        let (client, local) = UnixStream::pair().expect("socketpair");
+        let h = host.clone();
+        tokio::spawn(async move { h.open(local).await });
+        until("the stream registered", || {
+            lock(&host.0.streams).contains_key(&id)
+        })
+        .await;
+        w.write_all(&frame(Header::new(Kind::Accept, id, 0, MAX_WINDOW), &[]))
+            .await
+            .expect("accept");
+        let (client_r, mut client_w) = client.into_split();
+        tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            while client_w.write_all(&chunk).await.is_ok() {}
+        });
+        client_r
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_streams_queued_data_keeps_its_lane_room_until_it_is_written() {
+        // Room for 3 MiB of DATA; the guest reads nothing and resets the stream once the
+        // host has queued all it can.
+        const ROOM: usize = 3 << 20;
+        let (host, mut r, mut w) = host_with_deaf_guest(ROOM).await;
+        let _c1 = upload_to_deaf_guest(&host, &mut w, 1).await;
+        let room = host.0.lane_room.clone();
+        until("the lane room used up", || {
+            room.available_permits() < MAX_DATA
+        })
+        .await;
+        let left = room.available_permits();
+        w.write_all(&frame(Header::new(Kind::Rst, 1, 0, 0), &[]))
+            .await
+            .expect("rst");
+        until("the stream removed", || {
+            !lock(&host.0.streams).contains_key(&1)
+        })
+        .await;
+        // The reset stream's frames still wait on the lane, and still hold their room, so a
+        // new stream cannot queue a window of its own on top of them.
+        assert_eq!(room.available_permits(), left);
+        assert_eq!(host.0.send_budget.0.load(Ordering::Acquire), WINDOW_BUDGET);
+        let _c2 = upload_to_deaf_guest(&host, &mut w, 2).await;
+        assert!(
+            lock(&host.0.streams)[&2].sent.load(Ordering::Acquire) <= left as u64,
+            "the second stream queued more than the room left"
+        );
+        // Once the guest reads, the room comes back and the second stream moves.
+        tokio::spawn(async move {
+            let mut b = vec![0u8; 256 * 1024];
+            while r.read(&mut b).await.is_ok_and(|n| n > 0) {}
+        });
+        until("the second stream sends", || {
+            lock(&host.0.streams)
+                .get(&2)
+                .is_some_and(|e| e.sent.load(Ordering::Acquire) >= 2 * MAX_DATA as u64)
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_frees_what_waits_for_a_local_client_that_does_not_read() {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        // The local client never reads: the host's inbound pump blocks writing to it.
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let (id, window) =
+            accepted_stream_announcing(&host, &mut dec, &mut r, &mut w, local, 0).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let mut wire = Vec::new();
+        for i in 0..window / MAX_DATA as u64 {
+            wire.extend(frame(
+                Header::new(Kind::Data, id, MAX_DATA as u32, i * MAX_DATA as u64),
+                &[3u8; MAX_DATA],
+            ));
+        }
+        w.write_all(&wire).await.expect("a window of data");
+        let stash = lock(&host.0.streams)[&id].inbound.clone();
+        until("the pump stuck with buffers waiting", || {
+            lock(&stash).stash.len() > 8
+        })
+        .await;
+        w.write_all(&frame(Header::new(Kind::Rst, id, 0, 0), &[]))
+            .await
+            .expect("rst");
+        // The pump lets go of the stream's buffers: only this test's handle is left.
+        until("the waiting buffers dropped", || {
+            Arc::strong_count(&stash) == 1
+        })
+        .await;
     }
 
     /// The next frame the host sent, or None at EOF.
