@@ -83,13 +83,14 @@ fn hvsock_handshake_timeout_is_reported_and_bounded() {
 
 /// `vmlink bench serve unix-listen:SOCK --once`, once it listens.
 fn bench_serve_once(sock: &std::path::Path) -> std::process::Child {
+    bench_serve(sock, &["--once"])
+}
+
+/// `vmlink bench serve unix-listen:SOCK ARGS...`, once it listens.
+fn bench_serve(sock: &std::path::Path, args: &[&str]) -> std::process::Child {
     let mut server = common::vmlink()
-        .args([
-            "bench",
-            "serve",
-            &format!("unix-listen:{}", sock.display()),
-            "--once",
-        ])
+        .args(["bench", "serve", &format!("unix-listen:{}", sock.display())])
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("bench serve");
@@ -111,23 +112,9 @@ fn bench_serve_serves_at_most_max_connections_sessions_at_a_time() {
     use vmlink_proto::bench::Request;
     let d = tmp("bench-max");
     let sock = d.join("b.sock");
-    let mut child = common::vmlink()
-        .args([
-            "bench",
-            "serve",
-            &format!("unix-listen:{}", sock.display()),
-            "--max-connections",
-            "1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("bench serve");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let mut line = [0u8; 1];
-    stderr.read_exact(&mut line).expect("server is listening");
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    // Killed on drop.
     let _server = common::Relay {
-        child,
+        child: bench_serve(&sock, &["--max-connections", "1"]),
         listen: String::new(),
     };
     let download = |s: &mut UnixStream| s.write_all(&Request::Download(3).encode());
@@ -137,20 +124,25 @@ fn bench_serve_serves_at_most_max_connections_sessions_at_a_time() {
     c1.read_exact(&mut b).expect("the first is served");
     let mut c2 = UnixStream::connect(&sock).expect("c2 reaches the listen queue");
     download(&mut c2).expect("request");
-    c2.set_read_timeout(Some(Duration::from_millis(300)))
+    assert_unanswered(&mut c2, "no session for the second yet");
+    drop(c1);
+    c2.read_exact(&mut b).expect("served once the first ended");
+}
+
+/// `s` gets no answer for 300 ms (it waits in a listen queue); its reads then wait up to 10 s.
+fn assert_unanswered(s: &mut std::os::unix::net::UnixStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
-    let e = c2.read(&mut b).expect_err("no session for the second yet");
+    let e = s.read(&mut [0u8; 1]).expect_err(what);
     assert!(
         matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ),
-        "{e}"
+        "{what}: {e}"
     );
-    drop(c1);
-    c2.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    c2.read_exact(&mut b).expect("served once the first ended");
 }
 
 #[test]
@@ -507,21 +499,10 @@ fn relay_bounds_concurrent_connections_and_serves_the_next_when_one_ends() {
     // The third waits in the backlog: nothing comes back while two are open.
     let mut c3 = UnixStream::connect(&front).expect("c3 reaches the backlog");
     c3.write_all(b"three").expect("write");
-    c3.set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
-    let mut b = [0u8; 5];
-    let e = c3.read(&mut b).expect_err("no relay for the third yet");
-    assert!(
-        matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-        "{e}"
-    );
+    assert_unanswered(&mut c3, "no relay for the third yet");
     // One ends: the third is served, with what it sent while waiting.
     drop(c1);
-    c3.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut b = [0u8; 5];
     c3.read_exact(&mut b).expect("served after a slot frees");
     assert_eq!(&b, b"three");
     echo(&mut c2, b"still");
