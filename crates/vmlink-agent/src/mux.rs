@@ -20,7 +20,7 @@
 //!
 //! Trust: the peer is bounded, never trusted. A frame that breaks the format resets every
 //! stream and resynchronises the lane (HELLO); a DATA frame beyond the window, more than
-//! [`MAX_STASHED`] buffers waiting, a CREDIT for bytes never sent or a second FIN resets its
+//! [`max_stashed`] buffers waiting, a CREDIT for bytes never sent or a second FIN resets its
 //! stream; frames for unknown streams are dropped and counted; at most [`MAX_STREAMS`]
 //! streams are open per session.
 
@@ -291,6 +291,22 @@ impl Reorder {
         }
         self.fin = Some(total);
         Ok(())
+    }
+
+    /// Whether the FIN has arrived and every byte before it has too (taken, or waiting with
+    /// no gap).
+    fn whole(&self) -> bool {
+        let Some(total) = self.fin else {
+            return false;
+        };
+        let mut at = self.taken;
+        for (&off, bytes) in &self.stash {
+            if off != at {
+                return false;
+            }
+            at += bytes.len() as u64;
+        }
+        at == total
     }
 
     /// The next bytes in order, if they have arrived; `Err(())` once every byte up to the FIN
@@ -1211,15 +1227,21 @@ async fn inbound<W: AsyncWrite + Unpin>(
             Ok(Some(bytes)) => {
                 let n = bytes.len() as u64;
                 // A reset (the wake channel closes) ends a write that the local side is not
-                // taking, so the stream's waiting buffers go with it. A wake-up taken here is
-                // not lost: the loop looks at the buffers again before it waits.
+                // taking, so the stream's waiting buffers go with it, unless they are whole:
+                // every byte up to a FIN that has arrived (an exec's output and exit status,
+                // before the peer reset its other direction) is still delivered. A wake-up
+                // taken here is not lost: the loop looks at the buffers again before it waits.
                 let put = sink.put(bytes);
                 tokio::pin!(put);
+                let mut watching = true;
                 let put = loop {
                     tokio::select! {
                         r = &mut put => break r,
-                        w = wake.recv() => if w.is_none() {
-                            return; // reset
+                        w = wake.recv(), if watching => if w.is_none() {
+                            if !lock(&reorder).whole() {
+                                return; // reset
+                            }
+                            watching = false;
                         },
                     }
                 };
@@ -1707,6 +1729,45 @@ mod tests {
             Arc::strong_count(&stash) == 1
         })
         .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_after_fin_still_delivers_the_whole_stream_to_a_slow_client() {
+        // The guest's whole reply and its FIN, then RST (its agent stopped reading the
+        // host's side, as after `exec -i` whose command exits without reading its stdin);
+        // the client reads only after the reset.
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let (client, local) = UnixStream::pair().expect("socketpair");
+        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let total = 16 * MAX_DATA as u64;
+        let mut wire = Vec::new();
+        for i in 0..16u64 {
+            let off = i * MAX_DATA as u64;
+            wire.extend(frame(
+                Header::new(Kind::Data, id, MAX_DATA as u32, off),
+                &[i as u8; MAX_DATA],
+            ));
+        }
+        wire.extend(frame(Header::new(Kind::Fin, id, 0, total), &[]));
+        wire.extend(frame(Header::new(Kind::Rst, id, 0, 0), &[]));
+        w.write_all(&wire).await.expect("reply, fin, rst");
+        until("the stream reset", || {
+            !lock(&host.0.streams).contains_key(&id)
+        })
+        .await;
+        let (mut cr, _cw) = client.into_split();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), cr.read_to_end(&mut got))
+            .await
+            .expect("the stream ended")
+            .expect("read");
+        assert_eq!(got.len() as u64, total, "bytes received before the RST");
+        assert!(got
+            .chunks(MAX_DATA)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == i as u8)));
     }
 
     /// The next frame the host sent, or None at EOF.
