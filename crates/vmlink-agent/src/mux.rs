@@ -1349,6 +1349,11 @@ mod tests {
 
     /// A host and a guest session over socketpairs; the guest echoes every stream.
     fn pair(data: bool) -> (Mux, Mux) {
+        pair_with_room(data, MAX_QUEUED_DATA)
+    }
+
+    /// [`pair`] with `room` bytes of lane room on each side.
+    fn pair_with_room(data: bool, room: usize) -> (Mux, Mux) {
         let (hc, gc) = lanes();
         let (hd, gd) = if data {
             let (h, g) = lanes();
@@ -1356,8 +1361,8 @@ mod tests {
         } else {
             (None, None)
         };
-        let (host, _) = Mux::start(Role::Host, hc, hd);
-        let (guest, mut incoming) = Mux::start(Role::Guest, gc, gd);
+        let (host, _) = Mux::start_with_room(Role::Host, hc, hd, room);
+        let (guest, mut incoming) = Mux::start_with_room(Role::Guest, gc, gd, room);
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {
                 tokio::spawn(async move {
@@ -1655,6 +1660,27 @@ mod tests {
             while client_w.write_all(&chunk).await.is_ok() {}
         });
         client_r
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_streams_share_a_lane_room_of_one_frame_without_stalling() {
+        // The least room a DATA frame fits in, and a little more: streams take turns at it.
+        for room in [MAX_DATA, 3 * MAX_DATA + 1000] {
+            let (host, _guest) = pair_with_room(true, room);
+            let mut tasks = Vec::new();
+            for i in 0..16 {
+                let h = host.clone();
+                tasks.push(tokio::spawn(async move { echo(&h, i * 100_003 + 1).await }));
+            }
+            let all = async {
+                for t in tasks {
+                    t.await.expect("echo");
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(60), all)
+                .await
+                .unwrap_or_else(|_| panic!("echoes stalled with {room} bytes of lane room"));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
