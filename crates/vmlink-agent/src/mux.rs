@@ -11,9 +11,10 @@
 //! Each stream has its own credit window per direction: the receiver announces it in OPEN or
 //! ACCEPT, [`MAX_WINDOW`] while the session's [`WINDOW_BUDGET`] lasts, else (and for peers
 //! that announce nothing) [`WINDOW`]. A reader that stops reading stalls only its own stream,
-//! never a lane, so a stalled 1 GiB copy never delays a ping. On the guest each stream is a pair of in-process channels of whole buffers
-//! (`AsyncStream::in_memory_chunks`) that the agent serves like any accepted connection; on the
-//! host, the client's own connection to the bridge (`vmlink serial-bridge`, `vmlink lab up`).
+//! never a lane, so a stalled 1 GiB copy never delays a ping. On the guest each stream is a
+//! pair of in-process channels of whole buffers (`AsyncStream::in_memory_chunks`) that the
+//! agent serves like any accepted connection; on the host, the client's own connection to the
+//! bridge (`vmlink serial-bridge`, `vmlink lab up`).
 //!
 //! Threads: one reader and one writer task per lane, and two pump tasks per stream
 //! (local socket -> frames, frames -> local socket).
