@@ -11,6 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc -D warnings (broken intra-doc links, stray HTML in doc comments)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
 echo "== cargo build (tests, and the binaries the guest tests run)"
 cargo build --workspace --all-targets --locked
 echo "== lab prepare (kernel and initramfs cache)"

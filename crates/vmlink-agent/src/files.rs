@@ -14,7 +14,7 @@
 //! - Every file is written to a temporary file `.NAME.vmlink-PID-N.tmp` (`NAME` cut to 100
 //!   bytes) created (`O_EXCL`, mode 0600) in the directory it is going to, then checked (size,
 //!   checksum), given its mode and mtime, `fsync`ed and renamed over its name. A temporary file
-//!   is removed when anything fails and when the stream ends early ([`TempFile`] removes it on
+//!   is removed when anything fails and when the stream ends early (`TempFile` removes it on
 //!   drop), so no partial file is ever visible under a real name.
 //! - Symlinks are created under a temporary name and renamed likewise; they are never followed.
 //! - Directory modes and mtimes are applied after their contents, deepest first (a read-only

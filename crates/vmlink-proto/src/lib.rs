@@ -11,7 +11,7 @@
 //! - [`hybrid`]: the hybrid vsock handshake (`CONNECT <port>\n` / `OK <port>\n`) used by
 //!   Firecracker, Cloud Hypervisor and vhost-device-vsock to reach guest vsock ports through a
 //!   Unix socket. The normative description is `docs/hybrid-vsock.md`.
-//! - [`bench`]: the fixed 9-byte requests of `vmlink bench`.
+//! - [`bench`](mod@bench): the fixed 9-byte requests of `vmlink bench`.
 //! - [`agent`]: the guest agent's length-framed control protocol (`docs/agent-protocol.md`).
 //! - [`qga`]: qemu-guest-agent's QMP-style JSON stream: framing, the 0xFF resync, request
 //!   checks and answers (`docs/qga-compat.md`).

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+/// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket
+///
 /// Reach a guest's vmlink-agent over virtio-serial: connect to QEMU's
 /// chardev sockets of the guest's org.vmlink.ctl (and org.vmlink.data)
 /// ports and serve every connection to LISTEN as one multiplexed stream to
@@ -16,7 +18,7 @@ use anyhow::Context;
 ///   vmlink serial-bridge /run/vm1/ctl.sock /run/vm1/data.sock --listen /run/vm1/agent.sock &
 ///   vmlink exec unix:/run/vm1/agent.sock -- uname -a
 ///
-/// libvirt puts the chardev sockets where <channel type='unix'> says
+/// libvirt puts the chardev sockets where `<channel type='unix'>` says
 /// (docs/guest-setup.md).
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]

@@ -83,7 +83,7 @@ enum Command {
     Qga(qga::Args),
     /// Capture this guest's vsock packets (vsockmon) into a pcap file for tshark/Wireshark.
     Capture(capture::Args),
-    /// Serve a guest's virtio-serial vmlink-agent to many clients on a Unix socket.
+    // (Its help, with examples, is on its argument struct.)
     SerialBridge(bridge::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
