@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// Capture this guest's vsock packets (every transport that reports to
-/// vsockmon: virtio-vsock, vsock_loopback) into a pcap file.
+/// Capture this guest's vsock packets (vsockmon) into a pcap file for tshark/Wireshark
+///
+/// Every transport that reports to vsockmon counts: virtio-vsock, vsock_loopback.
 ///
 /// Creates the vsockmon interface if it is missing (loading the vsockmon
 /// module; needs root) and removes it again at the end. Stops on Ctrl-C /

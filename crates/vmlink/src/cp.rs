@@ -29,7 +29,7 @@ use crate::target::{Resolved, Target, TargetError};
 use vmlink_agent::client::{Client, GetDest, PutSource};
 use vmlink_agent::files::CopySummary;
 
-/// Copy files and directories to or from a guest through its vmlink-agent.
+/// Copy files and directories to or from a guest (TARGET:PATH), like scp
 ///
 /// One side is TARGET:PATH (PATH absolute; TARGET is the shortest prefix
 /// before a ":/" that is a connecting address), the other a local path or
@@ -40,8 +40,13 @@ use vmlink_agent::files::CopySummary;
 /// symlinks are copied as symlinks, never followed. Every file is written to
 /// a temporary file beside its destination, checked against a checksum sent
 /// with the data (XXH64, or SHA-256 with an older agent), fsynced and renamed
-/// into place: a failed or interrupted copy leaves no partial file. Like cp: when DST is an existing directory,
-/// SRC goes inside it under its own name; otherwise it is created as DST.
+/// into place: a failed or interrupted copy leaves no partial file. Like cp:
+/// when DST is an existing directory, SRC goes inside it under its own name;
+/// otherwise it is created as DST.
+///
+/// Over qga+ADDR (a guest with only qemu-guest-agent): single files only,
+/// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
+/// temporary file, checked with the guest's sha256sum and renamed with mv.
 ///
 /// Examples:
 ///   vmlink cp ./build vsock:3:7878:/opt/app          # -> /opt/app/build (if /opt/app exists)

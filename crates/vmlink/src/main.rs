@@ -57,7 +57,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Relay bytes both ways between two addresses, like socat.
+    // The help (with examples) of these is on their argument structs.
     Relay(relay::Args),
     /// Measure throughput and round-trip latency over any address.
     #[command(subcommand)]
@@ -71,19 +71,11 @@ enum Command {
     Info(agent::InfoArgs),
     // The help (with examples) is on the argument structs.
     Exec(agent::ExecArgs),
-    /// Copy files and directories to or from a guest (TARGET:PATH), like scp.
-    ///
-    /// Over qga+ADDR (a guest with only qemu-guest-agent): single files only,
-    /// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
-    /// temporary file, checked with the guest's sha256sum and renamed with mv.
     Cp(cp::Args),
     Run(run::Args),
     Logs(logs::Args),
-    /// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return.
     Qga(qga::Args),
-    /// Capture this guest's vsock packets (vsockmon) into a pcap file for tshark/Wireshark.
     Capture(capture::Args),
-    // (Its help, with examples, is on its argument struct.)
     SerialBridge(bridge::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {

@@ -16,8 +16,10 @@ use vmlink_proto::qga::Response;
 use vmlink_proto::text::printable;
 use vmlink_transport::Addr;
 
-/// Send one raw command to a qemu-guest-agent (stock qemu-ga or vmlink-agent --qga) and print
-/// its "return" as one line of JSON. An error answer is printed on stderr and exits 1.
+/// Send one raw qemu-guest-agent command (qemu-ga or vmlink-agent --qga); print its return
+///
+/// Sends the command to the agent at ADDR and prints its "return" as one line
+/// of JSON. An error answer is printed on stderr and exits 1.
 ///
 /// Examples:
 ///

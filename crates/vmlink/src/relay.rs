@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use vmlink_transport::relay::{self, RelayOptions, ServeStats};
 use vmlink_transport::{Addr, AsyncListener, AsyncStream};
 
-/// Relay bytes both ways between two addresses, like socat.
+/// Relay bytes both ways between two addresses, like socat
 ///
 /// When ADDR1 listens, every connection it accepts is relayed to a fresh
 /// connection to ADDR2, many at once, until SIGINT or SIGTERM. When only

@@ -81,6 +81,44 @@ fn hvsock_handshake_timeout_is_reported_and_bounded() {
     );
 }
 
+/// Each subcommand that documents examples shows them in its --help (a one-line doc on the
+/// subcommand's enum variant used to replace the whole text, examples and all), and the
+/// command list keeps one line per subcommand.
+#[test]
+fn help_shows_each_subcommands_examples() {
+    for cmd in [
+        &["relay"][..],
+        &["cp"],
+        &["qga"],
+        &["capture"],
+        &["serial-bridge"],
+        &["exec"],
+        &["run"],
+        &["logs"],
+        &["lab", "up"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let (code, out, err) = run(&args);
+        assert_eq!(code, Some(0), "{cmd:?}: {err}");
+        assert!(
+            out.contains("Examples:"),
+            "{cmd:?} --help shows no examples:\n{out}"
+        );
+    }
+    let (_, out, _) = run(&["--help"]);
+    for sub in ["relay", "cp", "capture", "serial-bridge"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{sub} ")))
+            .unwrap_or_else(|| panic!("no {sub} in the command list:\n{out}"));
+        assert!(
+            line.len() > sub.len() + 10,
+            "{sub} has no summary: {line:?}"
+        );
+    }
+}
+
 /// `vmlink bench serve unix-listen:SOCK --once`, once it listens.
 fn bench_serve_once(sock: &std::path::Path) -> std::process::Child {
     bench_serve(sock, &["--once"])
