@@ -1206,6 +1206,12 @@ mod tests {
         r.handle(Message::FileEnd(end)).expect("file end");
     }
 
+    /// Feeds a directory entry to `r`.
+    fn dir(r: &mut Receiver, path: &str, mode: u32, mtime: i64) {
+        r.handle(Message::Entry(entry(EntryKind::Dir, path, mode, mtime)))
+            .expect("dir entry");
+    }
+
     fn done(r: &mut Receiver) {
         assert!(matches!(r.handle(Message::Done), Ok(Flow::Done(_))));
     }
@@ -1232,13 +1238,7 @@ mod tests {
         let mut r = Receiver::new(&dest, false, Arc::default())
             .expect("receiver")
             .keep_setid(keep);
-        r.handle(Message::Entry(entry(
-            EntryKind::Dir,
-            "root",
-            0o2775,
-            1_000_000_000,
-        )))
-        .expect("dir entry");
+        dir(&mut r, "root", 0o2775, 1_000_000_000);
         send_file(&mut r, "root/f", 0o4777, b"#!/bin/sh\n");
         send_file(&mut r, "root/g", 0o2755, b"g");
         done(&mut r);
@@ -1376,22 +1376,9 @@ mod tests {
         set_mtime_nofollow(&root.join("old"), 1_111_111_111, 0).expect("mtime");
         let sent = 1_500_000_000;
         let mut r = Receiver::new(&dest, false, Arc::default()).expect("receiver");
-        r.handle(Message::Entry(entry(EntryKind::Dir, "root", 0o777, sent)))
-            .expect("root");
-        r.handle(Message::Entry(entry(
-            EntryKind::Dir,
-            "root/old",
-            0o777,
-            sent,
-        )))
-        .expect("old");
-        r.handle(Message::Entry(entry(
-            EntryKind::Dir,
-            "root/new",
-            0o705,
-            sent,
-        )))
-        .expect("new");
+        dir(&mut r, "root", 0o777, sent);
+        dir(&mut r, "root/old", 0o777, sent);
+        dir(&mut r, "root/new", 0o705, sent);
         send_file(&mut r, "root/new/f", 0o640, b"data");
         done(&mut r);
         assert_eq!(mode(&root), 0o750);
@@ -1411,15 +1398,8 @@ mod tests {
         let dest = fresh_dir("cut-short");
         let sent = 1_500_000_000;
         let mut r = Receiver::new(&dest, false, Arc::default()).expect("receiver");
-        r.handle(Message::Entry(entry(EntryKind::Dir, "root", 0o750, sent)))
-            .expect("root");
-        r.handle(Message::Entry(entry(
-            EntryKind::Dir,
-            "root/ro",
-            0o555,
-            sent,
-        )))
-        .expect("ro");
+        dir(&mut r, "root", 0o750, sent);
+        dir(&mut r, "root/ro", 0o555, sent);
         send_file(&mut r, "root/ro/f", 0o640, b"data");
         // No Done: the copy failed or was interrupted here.
         drop(r);

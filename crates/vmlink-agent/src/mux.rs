@@ -866,21 +866,10 @@ impl Session {
                     || e.queued.fetch_add(len, Ordering::AcqRel) + len > e.recv_window
                 {
                     drop(streams);
-                    self.counters
-                        .credit_violations
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.reset(h.stream, "DATA beyond the credit window");
+                    return self.credit_violation(h.stream, "DATA beyond the credit window");
                 }
                 let taken = lock(&e.inbound).data(h.arg, payload);
-                match taken {
-                    Ok(()) => {
-                        let _ = e.wake.try_send(());
-                    }
-                    Err(v) => {
-                        drop(streams);
-                        self.violated(h.stream, v);
-                    }
-                }
+                self.took(streams, h.stream, taken);
             }
             Kind::Credit => {
                 let streams = lock(&self.streams);
@@ -890,10 +879,7 @@ impl Session {
                 // Credit for bytes never sent would let this side queue without bound.
                 if h.arg > e.sent.load(Ordering::Acquire) {
                     drop(streams);
-                    self.counters
-                        .credit_violations
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.reset(h.stream, "CREDIT for bytes never sent");
+                    return self.credit_violation(h.stream, "CREDIT for bytes never sent");
                 }
                 e.credit.send_if_modified(|c| {
                     let more = h.arg > c.consumed;
@@ -907,15 +893,7 @@ impl Session {
                     return unknown();
                 };
                 let taken = lock(&e.inbound).fin(h.arg);
-                match taken {
-                    Ok(()) => {
-                        let _ = e.wake.try_send(());
-                    }
-                    Err(v) => {
-                        drop(streams);
-                        self.violated(h.stream, v);
-                    }
-                }
+                self.took(streams, h.stream, taken);
             }
             Kind::Rst => {
                 let reason = String::from_utf8_lossy(&payload).into_owned();
@@ -931,6 +909,35 @@ impl Session {
 }
 
 impl Session {
+    /// After stream `id`'s reorder buffer took a DATA or FIN (`taken`): wakes its inbound
+    /// pump, or resets the stream for the violation (with `streams` unlocked first).
+    fn took(
+        &self,
+        streams: MutexGuard<'_, HashMap<u32, Entry>>,
+        id: u32,
+        taken: Result<(), Violation>,
+    ) {
+        match taken {
+            Ok(()) => {
+                if let Some(e) = streams.get(&id) {
+                    let _ = e.wake.try_send(());
+                }
+            }
+            Err(v) => {
+                drop(streams);
+                self.violated(id, v);
+            }
+        }
+    }
+
+    /// Counts a credit violation on stream `id` and resets it for `reason`.
+    fn credit_violation(&self, id: u32, reason: &str) {
+        self.counters
+            .credit_violations
+            .fetch_add(1, Ordering::Relaxed);
+        self.reset(id, reason);
+    }
+
     /// Host side, at ACCEPT: stream `id` may send within the window the guest announced
     /// (`arg`), as far as the session's send budget goes.
     fn widen(&self, id: u32, announced: u64) {
