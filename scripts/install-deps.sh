@@ -9,12 +9,20 @@
 #   socat                             the peer the relay is tested and measured against
 #   tshark                            reads vmlink-vhost's packet captures back in its tests
 #   iproute2                          `ip link add type vsockmon` for vmlink capture (tested in a guest)
+#   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
+#                                     libvirt drives a lab guest through the channels of
+#                                     docs/guest-setup.md and vmlink-agent --qga (guest_libvirt.rs),
+#                                     with its embedded QEMU driver: no daemon, no systemd;
+#                                     virt-xml-validate (xmllint) checks the guide's XML.
+#                                     That driver needs the user `libvirt-qemu` to exist, as
+#                                     Debian's libvirt-daemon-system creates it; made here if missing.
 set -euo pipefail
 
 is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
 pkgs=()
-for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark iproute2; do
+for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark iproute2 \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils; do
     is_installed "$p" || pkgs+=("$p")
 done
 if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
@@ -23,10 +31,20 @@ if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
         pkgs+=(tiny-initramfs)
     fi
 fi
-[ ${#pkgs[@]} -eq 0 ] && { echo "install-deps: everything is installed"; exit 0; }
-
 sudo=()
 [ "$(id -u)" = 0 ] || sudo=(sudo)
+
+add_libvirt_user() {
+    getent group libvirt-qemu >/dev/null || "${sudo[@]}" groupadd --system libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null || "${sudo[@]}" useradd --system --gid libvirt-qemu \
+        --home-dir /var/lib/libvirt --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+}
+
+if [ ${#pkgs[@]} -eq 0 ]; then
+    add_libvirt_user
+    echo "install-deps: everything is installed"
+    exit 0
+fi
 echo "install-deps: installing ${pkgs[*]}" >&2
 "${sudo[@]}" apt-get update -qq
 extra=()
@@ -42,3 +60,4 @@ if [[ " ${pkgs[*]} " == *" qemu-system-x86 "* ]] && is_installed qemu-utils; the
 fi
 DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
     "${pkgs[@]}" "${extra[@]}"
+add_libvirt_user

@@ -53,6 +53,12 @@ pub struct LabConfig {
     pub vhost_user_vsock: Option<PathBuf>,
     /// Appended to QEMU's command line, one argv word each.
     pub qemu_args: Vec<String>,
+    /// The program run in place of `qemu-system-x86_64`, with the same
+    /// arguments: another QEMU build, or a wrapper that hands the guest to a
+    /// manager (the libvirt test runs it under libvirt this way). It must
+    /// exit when the guest does. Default: `$VMLINK_LAB_QEMU`, else
+    /// `qemu-system-x86_64` from `PATH`.
+    pub qemu: Option<PathBuf>,
     /// More directories shared read-write at the same path.
     pub shares: Vec<PathBuf>,
     /// Share the current directory read-write at the same path. Default true.
@@ -76,6 +82,7 @@ impl Default for LabConfig {
             serials: Vec::new(),
             vhost_user_vsock: None,
             qemu_args: Vec::new(),
+            qemu: None,
             shares: Vec::new(),
             share_cwd: true,
             verbose: false,

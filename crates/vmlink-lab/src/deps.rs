@@ -15,6 +15,20 @@ pub(crate) const MODPROBE: &str = "/sbin/modprobe";
 pub const NO_INSTALL_ENV: &str = "VMLINK_LAB_NO_INSTALL";
 /// Overrides the cache directory.
 pub const CACHE_ENV: &str = "VMLINK_LAB_CACHE";
+/// The program run in place of `qemu-system-x86_64` (see [`crate::LabConfig::qemu`]).
+pub const QEMU_ENV: &str = "VMLINK_LAB_QEMU";
+
+/// The program that runs a guest: `configured`, else `$VMLINK_LAB_QEMU`, else
+/// `qemu-system-x86_64` from `PATH`.
+pub(crate) fn qemu_program(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => which(QEMU).unwrap_or_else(|| PathBuf::from(QEMU)),
+    }
+}
 
 /// The directory for the unpacked kernel and the initramfs images.
 pub(crate) fn cache_dir() -> PathBuf {

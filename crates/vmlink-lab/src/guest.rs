@@ -440,6 +440,7 @@ impl Guest {
         verbose: bool,
     ) -> Result<Guest, LabError> {
         let started = Instant::now();
+        let cmd_program = PathBuf::from(cmd.get_program());
         let fifos: Vec<(Sink, File)> = [
             (Sink::Stdout, "stdout"),
             (Sink::Stderr, "stderr"),
@@ -541,7 +542,7 @@ impl Guest {
                 let _ = waiter.join();
                 let _ = std::fs::remove_dir_all(&run_dir);
                 return Err(LabError::Qemu {
-                    what: format!("({}) could not be started", crate::deps::QEMU),
+                    what: format!("({}) could not be started", cmd_program.display()),
                     stderr: String::new(),
                     source: Some(e),
                 });

@@ -185,6 +185,8 @@
 //!
 //! * [`NO_INSTALL_ENV`] (`VMLINK_LAB_NO_INSTALL=1`): never run `apt-get`.
 //! * [`CACHE_ENV`] (`VMLINK_LAB_CACHE`): the cache directory.
+//! * [`QEMU_ENV`] (`VMLINK_LAB_QEMU`): the program run in place of
+//!   `qemu-system-x86_64` (another build, or a wrapper); see [`LabConfig::qemu`].
 //! * [`APPEND_ENV`] (`VMLINK_LAB_APPEND`): extra kernel command line, e.g.
 //!   `loglevel=7` with [`LabConfig::verbose`] to debug a boot.
 //! * [`GUEST_ENV`] (`VMLINK_LAB_GUEST=1`): set for the guest command; see
@@ -208,7 +210,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use config::{Accel, GuestIo, LabConfig};
-pub use deps::{CACHE_ENV, NO_INSTALL_ENV};
+pub use deps::{CACHE_ENV, NO_INSTALL_ENV, QEMU_ENV};
 pub use error::LabError;
 pub use guest::{Guest, APPEND_ENV};
 pub use shell::GUEST_ENV;
@@ -509,6 +511,7 @@ pub fn spawn(cfg: &LabConfig, argv: &[OsString], io: GuestIo) -> Result<Guest, L
                 .ok()
                 .filter(|s| !s.trim().is_empty()),
         });
+        let program = deps::qemu_program(cfg.qemu.as_deref());
         if cfg.verbose {
             eprintln!(
                 "vmlink-lab: accel={:?} kernel={} ({})",
@@ -520,11 +523,9 @@ pub fn spawn(cfg: &LabConfig, argv: &[OsString], io: GuestIo) -> Result<Guest, L
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            eprintln!("vmlink-lab: {} {}", deps::QEMU, words.join(" "));
+            eprintln!("vmlink-lab: {} {}", program.display(), words.join(" "));
         }
-        let mut cmd = std::process::Command::new(
-            deps::which(deps::QEMU).unwrap_or_else(|| PathBuf::from(deps::QEMU)),
-        );
+        let mut cmd = std::process::Command::new(&program);
         cmd.args(&args);
         Ok(cmd)
     })();
