@@ -9,6 +9,8 @@
 #   socat                             the peer the relay is tested and measured against
 #   tshark                            reads vmlink-vhost's packet captures back in its tests
 #   iproute2                          `ip link add type vsockmon` for vmlink capture (tested in a guest)
+#   systemd                           systemd-analyze verify reads packaging/vmlink-agent.service
+#                                     (host_packaging.rs; systemd need not be running)
 #   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
 #                                     libvirt drives a lab guest through the channels of
 #                                     docs/guest-setup.md and vmlink-agent --qga (guest_libvirt.rs),
@@ -21,7 +23,7 @@ set -euo pipefail
 is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
 pkgs=()
-for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark iproute2 \
+for p in qemu-system-x86 qemu-system-data busybox-static cpio xz-utils file kmod socat qemu-guest-agent tshark iproute2 systemd \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils; do
     is_installed "$p" || pkgs+=("$p")
 done
