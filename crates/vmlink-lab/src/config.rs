@@ -59,6 +59,11 @@ pub struct LabConfig {
     /// exit when the guest does. Default: `$VMLINK_LAB_QEMU`, else
     /// `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
+    /// Run the command as the guest's PID 1 instead of the lab's init: it may
+    /// exec an init system (`/lib/systemd/systemd`). No exit status comes
+    /// back then (the outcome's code is 125 when the guest ends); the guest
+    /// ends when PID 1 powers it off or exits. Default false.
+    pub init: bool,
     /// More directories shared read-write at the same path.
     pub shares: Vec<PathBuf>,
     /// Share the current directory read-write at the same path. Default true.
@@ -83,6 +88,7 @@ impl Default for LabConfig {
             vhost_user_vsock: None,
             qemu_args: Vec::new(),
             qemu: None,
+            init: false,
             shares: Vec::new(),
             share_cwd: true,
             verbose: false,

@@ -101,6 +101,11 @@ for m in $check; do
     [ -d "/sys/module/$m" ] || echo "vmlink-lab: warning: kernel module $m did not load" > $err
 done
 mark command
+if [ -e $V/init ]; then
+    # LabConfig::init: the command replaces this shell as PID 1 (e.g. systemd).
+    exec < /dev/null > $out 2> $err
+    . $V/cmd.sh
+fi
 ( . $V/cmd.sh ) < /dev/null > $out 2> $err
 rc=$?
 mark "command finished with status $rc"
@@ -524,6 +529,8 @@ pub(crate) struct RunFiles<'a> {
     pub(crate) shares: &'a [PathBuf],
     pub(crate) extra_modules: &'a [String],
     pub(crate) port_names: Vec<&'a str>,
+    /// Run the command as PID 1 ([`crate::LabConfig::init`]).
+    pub(crate) init: bool,
     pub(crate) command_script: Vec<u8>,
 }
 
@@ -618,6 +625,9 @@ pub(crate) fn run_archive(db: &ModuleDb, files: &RunFiles<'_>) -> Result<Vec<u8>
         format!("{}\n", files.port_names.join(" ")).as_bytes(),
     );
     c.file("vmlab/run/vmlab/cmd.sh", 0o644, &files.command_script);
+    if files.init {
+        c.file("vmlab/run/vmlab/init", 0o644, b"");
+    }
     Ok(c.finish())
 }
 

@@ -477,6 +477,7 @@ pub fn spawn(cfg: &LabConfig, argv: &[OsString], io: GuestIo) -> Result<Guest, L
             shares: &shares,
             extra_modules: &extra,
             port_names: cfg.serials.iter().map(|(n, _)| n.as_str()).collect(),
+            init: cfg.init,
             command_script: script,
         },
     )?;
