@@ -56,7 +56,9 @@ pub struct LabConfig {
     /// The program run in place of `qemu-system-x86_64`, with the same
     /// arguments: another QEMU build, or a wrapper that hands the guest to a
     /// manager (the libvirt test runs it under libvirt this way). It must
-    /// exit when the guest does. Default: `$VMLINK_LAB_QEMU`, else
+    /// exit when the guest does, and take QEMU with it when it is killed:
+    /// the lab stops a guest (its timeout, [`crate::Guest::kill`], `lab
+    /// down`) by SIGKILLing this process. Default: `$VMLINK_LAB_QEMU`, else
     /// `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
     /// Run the command as the guest's PID 1 instead of the lab's init: it may

@@ -71,17 +71,37 @@ impl Libvirt {
         Libvirt { root }
     }
 
+    /// The ends of libvirt's logs (QEMU's stderr, libvirt's errors), for a failure's report.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for f in [format!("log/qemu/{DOMAIN}.log"), "libvirt.log".into()] {
+            let body = std::fs::read_to_string(self.root.join(&f)).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(20).collect();
+            out.push_str(&format!("--- {f} (last lines)\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     fn uri(&self) -> String {
         format!("qemu:///embed?root={}", self.root.display())
     }
 
     /// `virsh ARGS` on this root, once no other virsh (the wrapper's `create`) holds it:
     /// both take `ROOT/virsh.lock` with flock(1) first.
+    /// Each has a deadline: a virsh that hangs (a guest agent that never answers) is killed.
     fn virsh(&self, args: &[&str]) -> Output {
-        Command::new("flock")
+        Command::new("timeout")
+            .args(["-s", "KILL", "180", "flock", "-w", "120"])
             .arg(self.root.join("virsh.lock"))
             .arg("virsh")
-            .env("LIBVIRT_LOG_OUTPUTS", "3:stderr")
+            .env(
+                "LIBVIRT_LOG_OUTPUTS",
+                format!("3:file:{}", self.root.join("libvirt.log").display()),
+            )
             .args(["-c", &self.uri()])
             .args(args)
             .stdin(Stdio::null())
@@ -154,12 +174,15 @@ fn vmlink(args: &[&str]) -> Output {
 
 /// Waits until the agent answers through the bridge (each ping waits for its answer), as long
 /// as libvirt says the domain runs.
-fn wait_ready(lv: &Libvirt, target: &str) {
+fn wait_ready(lv: &Libvirt, target: &str, bridge: &mut Bridge) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let out = vmlink(&["ping", target]);
         if out.status.success() {
             return;
+        }
+        if let Ok(Some(status)) = bridge.0.try_wait() {
+            panic!("vmlink serial-bridge exited: {status}");
         }
         let state = lv.virsh(&["domstate", DOMAIN]);
         assert_eq!(
@@ -179,7 +202,7 @@ fn wait_ready(lv: &Libvirt, target: &str) {
 fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     // The guide's serial pair, through the sockets libvirt created.
     let bridge_sock = work.join("agent.sock");
-    let _bridge = Bridge(
+    let mut bridge = Bridge(
         common::vmlink()
             .arg("serial-bridge")
             .arg(ctl)
@@ -191,7 +214,7 @@ fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
             .expect("start vmlink serial-bridge"),
     );
     let target = format!("unix:{}", bridge_sock.display());
-    wait_ready(lv, &target);
+    wait_ready(lv, &target, &mut bridge);
 
     // libvirt runs its own agent commands against vmlink-agent --qga. `guestinfo` with no
     // option asks for everything, guest-get-disks included, which vmlink-agent does not serve:
@@ -225,6 +248,8 @@ fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     assert_eq!(field(&out, "fs.0.name"), Some("ram0"), "{out}");
     assert_eq!(field(&out, "if.0.name"), Some("lo"), "{out}");
     assert_eq!(field(&out, "if.0.addr.0.addr"), Some("127.0.0.1"), "{out}");
+    // No guest-get-disks: libvirt reports no disks (a stock qemu-ga would list /dev/ram0).
+    assert_eq!(field(&out, "disk.count"), None, "{out}");
 
     let out = lv.agent(&format!("domifaddr {DOMAIN} --source agent"));
     assert!(
@@ -262,6 +287,10 @@ fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     assert_eq!(frozen.trim(), r#"{"return":"frozen"}"#);
     let out = lv.agent(&format!("domfsthaw {DOMAIN}"));
     assert!(out.contains("Thawed 1 filesystem(s)"), "{out}");
+    let thawed = lv.agent(&format!(
+        "qemu-agent-command {DOMAIN} '{{\"execute\":\"guest-fsfreeze-status\"}}'"
+    ));
+    assert_eq!(thawed.trim(), r#"{"return":"thawed"}"#);
 
     // A command vmlink-agent does not serve: libvirt reports it by name.
     let out = lv.domain_cmd(&format!("set-user-password {DOMAIN} root secret"));
@@ -300,39 +329,89 @@ fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     );
 }
 
+/// Everything the test leaves: on drop, libvirt destroys the domain (or, failing that, QEMU is
+/// killed by its pid), and the directory goes.
+struct Domain {
+    lv: Libvirt,
+    work: PathBuf,
+    destroyed: Option<Output>,
+}
+
+impl Domain {
+    fn destroy(&mut self) -> &Output {
+        if self.destroyed.is_none() {
+            let out = self.lv.domain_cmd(&format!("destroy {DOMAIN}"));
+            if !out.status.success() {
+                let pidfile = self.lv.root.join(format!("run/qemu/{DOMAIN}.pid"));
+                if let Ok(pid) = std::fs::read_to_string(pidfile) {
+                    let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                }
+            }
+            self.destroyed = Some(out);
+        }
+        self.destroyed.as_ref().expect("destroyed")
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.destroy();
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
 #[test]
 fn libvirt_drives_a_guest_wired_as_the_guide_says() {
     if vmlink_lab::in_guest() {
         return;
     }
     require("virsh");
+    require("flock");
     // A short path: libvirt's monitor socket lives under it.
     let work = PathBuf::from(format!("/tmp/vmlink-lv-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).expect("work dir");
-    let lv = Libvirt::new(work.join("r"));
+    let mut dom = Domain {
+        lv: Libvirt::new(work.join("r")),
+        work: work.clone(),
+        destroyed: None,
+    };
     let shim = work.join("qemu");
     std::fs::write(
         &shim,
         format!(
             "#!/bin/sh\nexec bash {WRAPPER} {} \"$@\"\n",
-            lv.root.display()
+            dom.lv.root.display()
         ),
     )
     .expect("write the QEMU shim");
     std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755))
         .expect("chmod the shim");
 
-    let (ctl, data, qga) = (
-        work.join("ctl.sock"),
-        work.join("data.sock"),
-        work.join("qga.sock"),
+    // The guide's <channel> elements as a user pastes them (the vsock one needs vhost_vsock on
+    // the host), with DOMAIN's socket directory made real. The qemu-ga channel has no
+    // <source>: libvirt picks its socket and connects to it itself.
+    let channels: String = guide_snippets()
+        .into_iter()
+        .filter(|x| x.contains("<channel"))
+        .collect::<String>()
+        .replace(
+            "/run/vmlink/DOMAIN",
+            &work.join("DOMAIN").display().to_string(),
+        );
+    assert_eq!(
+        channels.matches("<channel type='unix'>").count(),
+        3,
+        "{channels}"
     );
+    std::fs::write(dom.lv.root.join("channels.xml"), &channels).expect("channels.xml");
+    let (ctl, data) = (work.join("DOMAIN.ctl.sock"), work.join("DOMAIN.data.sock"));
     let cfg = LabConfig {
+        // The lab waits for these sockets and links the ports by name in the guest; the
+        // wrapper leaves its own port arguments out in favour of channels.xml.
         serials: vec![
             ("org.vmlink.ctl".into(), ctl.clone()),
             ("org.vmlink.data".into(), data.clone()),
-            ("org.qemu.guest_agent.0".into(), qga),
         ],
         modules: vec!["brd".into(), "ext4".into()],
         qemu: Some(shim),
@@ -346,21 +425,18 @@ fn libvirt_drives_a_guest_wired_as_the_guide_says() {
         agent.display()
     );
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
-    let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
+    let guest = match vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture) {
+        Ok(g) => g,
+        Err(e) => panic!("boot the guest: {e}\n{}", dom.lv.logs()),
+    };
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        checks(&lv, &work, &ctl, &data);
+        checks(&dom.lv, &work, &ctl, &data);
     }));
+    let logs = dom.lv.logs();
     // The domain is libvirt's: libvirt stops it, then the lab sees "QEMU" (the wrapper) end.
-    let destroyed = lv.domain_cmd(&format!("destroy {DOMAIN}"));
-    if !destroyed.status.success() {
-        // Whatever libvirt says, QEMU must not outlive the test.
-        if let Ok(pid) = std::fs::read_to_string(lv.root.join(format!("run/qemu/{DOMAIN}.pid"))) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-        }
-    }
+    let destroyed = dom.destroy().clone();
     let outcome = guest.wait();
-    let _ = std::fs::remove_dir_all(&work);
     if let Err(panic) = result {
         if let Ok(o) = outcome {
             eprintln!(
@@ -369,6 +445,7 @@ fn libvirt_drives_a_guest_wired_as_the_guide_says() {
                 text(&o.stderr)
             );
         }
+        eprintln!("{logs}");
         std::panic::resume_unwind(panic);
     }
     assert!(
@@ -376,6 +453,15 @@ fn libvirt_drives_a_guest_wired_as_the_guide_says() {
         "virsh destroy: {}",
         text(&destroyed.stderr)
     );
+}
+
+/// Removes a directory when dropped, also when an assertion fails.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The guide's XML blocks, in order.
@@ -424,6 +510,7 @@ fn the_guides_libvirt_snippets_are_valid_domain_xml() {
     let work = std::env::temp_dir().join(format!("vmlink-lv-xml-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).expect("work dir");
+    let _cleanup = RemoveOnDrop(work.clone());
     // One domain with every snippet, as a user would paste them into <devices>; the
     // channel sockets' directory is DOMAIN's, made real here.
     let devices = all.replace(
@@ -464,5 +551,4 @@ fn the_guides_libvirt_snippets_are_valid_domain_xml() {
         "libvirt adds the controller: {dumped}"
     );
     lv.ok(&["undefine", "guide"]);
-    let _ = std::fs::remove_dir_all(&work);
 }

@@ -8,9 +8,11 @@
 # It writes a libvirt domain (ROOT/domain.xml) in which
 #   * memory, vCPUs, the accelerator, kernel, initrd and command line, the
 #     firmware and the reboot policy are libvirt's own elements;
-#   * every lab serial port (`-chardev socket,...` + `-device virtserialport`)
-#     becomes the <channel type='unix'> element that docs/guest-setup.md tells
-#     users to add, so libvirt creates the port and its socket;
+#   * the lab's serial ports (`-chardev socket,...` + `-device virtserialport`)
+#     are left out: the test writes ROOT/channels.xml, the <channel> elements of
+#     docs/guest-setup.md as a user pastes them, and libvirt creates those ports
+#     and their sockets (without that file, each lab port becomes such an
+#     element with the lab's socket path);
 #   * everything else (the lab's 9p root, its stdout/stderr/status ports, the
 #     CPU model) is passed through <qemu:commandline>, its PCI devices in slots
 #     0x18 and up;
@@ -18,7 +20,15 @@
 # daemon), and stays until QEMU exits, as the lab expects of QEMU. The test
 # then drives the running domain with further `virsh -c qemu:///embed?root=ROOT`
 # commands, and destroys it at the end.
+#
+# QEMU is libvirt's daemon child, not ours, so two things keep it from
+# outliving the guest or the lab: it runs with `-action shutdown=poweroff` (no
+# libvirt driver stays loaded to stop a guest that shut down or rebooted), and
+# a watcher kills it once this script is gone (the lab SIGKILLs its "QEMU" on
+# a timeout).
 set -euo pipefail
+# bash 5.2 would read `&` in a replacement as the matched text (esc below).
+shopt -u patsub_replacement 2>/dev/null || true
 
 root=$1
 shift
@@ -38,7 +48,7 @@ esc() {
 type=qemu mem= cpus= kernel= initrd= cmdline= bios=
 passthrough=()
 declare -A socket_path=()
-channels=
+generated=
 slot=0x18
 args=("$@")
 i=0
@@ -46,7 +56,10 @@ while ((i < ${#args[@]})); do
     a=${args[i]}
     next=${args[i + 1]:-}
     case $a in
-    -nodefaults | -no-user-config | -no-reboot) ;; # libvirt adds these itself
+    -nodefaults | -no-user-config) ;; # libvirt adds these itself
+    # libvirt starts QEMU with -no-shutdown and turns a reboot into a shutdown;
+    # with no driver loaded to act on it, QEMU must end by itself.
+    -no-reboot) passthrough+=(-action shutdown=poweroff) ;;
     -display) i=$((i + 1)) ;;
     -machine)
         [[ $next == pc ]] || { echo "qemu-via-libvirt: machine $next is not handled" >&2; exit 2; }
@@ -81,7 +94,7 @@ while ((i < ${#args[@]})); do
     -device)
         if [[ $next =~ ^virtserialport,bus=vmlab_vs\.0,chardev=(vmlab_ser[0-9]+),name=(.*)$ ]]; then
             path=${socket_path[${BASH_REMATCH[1]}]:?}
-            channels+="    <channel type='unix'>
+            generated+="    <channel type='unix'>
       <source mode='bind' path='$(esc "$path")'/>
       <target type='virtio' name='$(esc "${BASH_REMATCH[2]}")'/>
     </channel>
@@ -100,9 +113,15 @@ while ((i < ${#args[@]})); do
     i=$((i + 1))
 done
 
-for v in mem cpus kernel initrd bios; do
+for v in mem cpus kernel initrd bios cmdline; do
     [[ -n ${!v} ]] || { echo "qemu-via-libvirt: no $v in the lab's arguments" >&2; exit 2; }
 done
+((slot <= 0x1f)) || { echo "qemu-via-libvirt: more PCI devices than slots 0x18-0x1f" >&2; exit 2; }
+if [[ -e $root/channels.xml ]]; then
+    channels=$(<"$root/channels.xml")$'\n'
+else
+    channels=$generated
+fi
 
 {
     echo "<domain type='$type' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
@@ -116,6 +135,7 @@ done
     echo "    <initrd>$(esc "$initrd")</initrd>"
     echo "    <cmdline>$(esc "$cmdline")</cmdline>"
     echo "  </os>"
+    echo "  <features><acpi/></features>"
     echo "  <on_poweroff>destroy</on_poweroff>"
     echo "  <on_reboot>destroy</on_reboot>"
     echo "  <on_crash>destroy</on_crash>"
@@ -133,9 +153,19 @@ done
 } >"$root/domain.xml"
 
 # One virsh at a time loads the embedded driver: the test's wait on the same lock.
-LIBVIRT_LOG_OUTPUTS=3:stderr flock "$root/virsh.lock" virsh -q -c "$uri" create "$root/domain.xml" >&2
+LIBVIRT_LOG_OUTPUTS=3:file:$root/libvirt.log flock -w 120 "$root/virsh.lock" \
+    virsh -q -c "$uri" create "$root/domain.xml" >&2
 pid=$(<"$root/run/qemu/$name.pid")
-# Stay while QEMU runs (it is not our child, so poll for it).
-while kill -0 "$pid" 2>/dev/null; do
+# The watcher holds the read end of a pipe whose only writer is this script:
+# when the script ends, however it ends, the read returns and QEMU is killed.
+exec {gone}> >(read -r _ || true; kill -9 "$pid" 2>/dev/null)
+# Stay while QEMU runs. It is not our child (no wait), so poll; a QEMU that has
+# exited but is not reaped yet (a zombie) counts as gone.
+running() {
+    local state=
+    [[ -r /proc/$pid/stat ]] && read -r _ _ state _ <"/proc/$pid/stat" 2>/dev/null
+    [[ -n $state && $state != Z ]]
+}
+while running; do
     sleep 0.2
 done
