@@ -108,7 +108,7 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
         ..LabConfig::default()
     };
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
-    let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
+    let mut guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
 
     let sock = work.join("agent.sock");
     let target = format!("unix:{}", sock.display());
@@ -166,6 +166,10 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
         // systemd powers the guest off; the agent's session may end with it.
         let _ = vmlink(&["exec", &target, "--", "systemctl", "poweroff"]);
     }));
+    if result.is_err() {
+        // systemd would keep the guest up until the lab's timeout.
+        guest.kill();
+    }
     let outcome = guest.wait();
     let _ = std::fs::remove_dir_all(&work);
     if let Err(panic) = result {
