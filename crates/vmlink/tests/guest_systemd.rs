@@ -104,7 +104,7 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
             ("org.vmlink.data".into(), data.clone()),
         ],
         init: true,
-        timeout: Some(Duration::from_secs(300)),
+        timeout: Some(Duration::from_secs(600)),
         ..LabConfig::default()
     };
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
@@ -124,6 +124,8 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
                 .spawn()
                 .expect("start vmlink serial-bridge"),
         );
+        // systemd's boot under TCG reached the agent in 38 s on an idle 2-core host, 123 s in
+        // CI beside the other guest tests.
         let t = Instant::now();
         loop {
             let out = vmlink(&["ping", &target]);
@@ -131,7 +133,7 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
                 break;
             }
             assert!(
-                t.elapsed() < Duration::from_secs(240),
+                t.elapsed() < Duration::from_secs(420),
                 "the agent never answered: {}",
                 text(&out.stderr)
             );
