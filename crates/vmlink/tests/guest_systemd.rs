@@ -1,6 +1,8 @@
 //! `packaging/vmlink-agent.service` under a real systemd: a lab guest whose PID 1 is the host's
 //! systemd (`LabConfig::init`), with the unit installed as its header says (the binary in
-//! /usr/local/bin, the unit in /etc/systemd/system, enabled). The host reaches the agent over
+//! /usr/local/bin, the unit in /etc/systemd/system) and wanted by the boot target (a small
+//! `vmlab.target` rather than the host's multi-user.target, whose services the guest does not
+//! need). The host reaches the agent over
 //! virtio-serial through `vmlink serial-bridge`, checks what systemd made of the unit, kills the
 //! agent's main process and sees systemd start it again (`Restart=always`), then powers the guest
 //! off through the agent.
