@@ -6,23 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmlink_lab::{GuestIo, LabConfig};
 
-struct Bridge(Child);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vmlink(args: &[&str]) -> std::process::Output {
-    common::vmlink().args(args).output().expect("run vmlink")
-}
+use common::{run_vmlink as vmlink, Bridge};
 
 /// Asks which agent generation answers until `want` does; returns how long that took.
 fn until_generation(target: &str, want: &str, within: Duration) -> Duration {
@@ -70,16 +58,7 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
     let sock = dir.join("agent.sock");
-    let bridge = Bridge(
-        Command::new(env!("CARGO_BIN_EXE_vmlink"))
-            .arg("serial-bridge")
-            .args([&ctl, &data])
-            .arg("--listen")
-            .arg(&sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the bridge"),
-    );
+    let bridge = Bridge::start(&ctl, &data, &sock, true);
     let target = format!("unix:{}", sock.display());
 
     let first = until_generation(&target, "1", Duration::from_secs(60));

@@ -19,7 +19,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use vmlink_lab::{GuestIo, LabConfig};
@@ -155,22 +155,7 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-struct Bridge(Child);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vmlink(args: &[&str]) -> Output {
-    common::vmlink()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmlink")
-}
+use common::{run_vmlink as vmlink, Bridge};
 
 /// Waits until the agent answers through the bridge (each ping waits for its answer), as long
 /// as libvirt says the domain runs.
@@ -202,17 +187,7 @@ fn wait_ready(lv: &Libvirt, target: &str, bridge: &mut Bridge) {
 fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     // The guide's serial pair, through the sockets libvirt created.
     let bridge_sock = work.join("agent.sock");
-    let mut bridge = Bridge(
-        common::vmlink()
-            .arg("serial-bridge")
-            .arg(ctl)
-            .arg(data)
-            .arg("--listen")
-            .arg(&bridge_sock)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start vmlink serial-bridge"),
-    );
+    let mut bridge = Bridge::start(ctl, data, &bridge_sock, false);
     let target = format!("unix:{}", bridge_sock.display());
     wait_ready(lv, &target, &mut bridge);
 

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use vmlink_lab::{GuestIo, LabConfig};
@@ -20,26 +19,11 @@ const UNIT: &str = concat!(
     "/../../packaging/vmlink-agent.service"
 );
 
-struct Bridge(Child);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn vmlink(args: &[&str]) -> Output {
-    common::vmlink()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmlink")
-}
+use common::{run_vmlink as vmlink, Bridge};
 
 /// `systemctl show -p PROP --value vmlink-agent` in the guest.
 fn show(target: &str, prop: &str) -> Result<String, String> {
@@ -115,17 +99,7 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
     let sock = work.join("agent.sock");
     let target = format!("unix:{}", sock.display());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _bridge = Bridge(
-            common::vmlink()
-                .arg("serial-bridge")
-                .arg(&ctl)
-                .arg(&data)
-                .arg("--listen")
-                .arg(&sock)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start vmlink serial-bridge"),
-        );
+        let _bridge = Bridge::start(&ctl, &data, &sock, false);
         // systemd's boot under TCG reached the agent in 38 s on an idle 2-core host, 123 s in
         // CI beside the other guest tests.
         let t = Instant::now();

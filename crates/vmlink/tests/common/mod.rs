@@ -20,6 +20,47 @@ pub fn vmlink() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmlink"))
 }
 
+/// Runs `vmlink ARGS` to its end, stdin empty; its output.
+pub fn run_vmlink(args: &[&str]) -> std::process::Output {
+    vmlink()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmlink")
+}
+
+/// A running `vmlink serial-bridge CTL DATA --listen SOCK`, killed on drop.
+pub struct Bridge(pub Child);
+
+impl Bridge {
+    /// Starts the bridge; `quiet` sends its log to /dev/null.
+    pub fn start(
+        ctl: &std::path::Path,
+        data: &std::path::Path,
+        listen: &std::path::Path,
+        quiet: bool,
+    ) -> Bridge {
+        let mut cmd = vmlink();
+        cmd.arg("serial-bridge")
+            .arg(ctl)
+            .arg(data)
+            .arg("--listen")
+            .arg(listen)
+            .stdin(Stdio::null());
+        if quiet {
+            cmd.stderr(Stdio::null());
+        }
+        Bridge(cmd.spawn().expect("start vmlink serial-bridge"))
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running `vmlink relay`, killed on drop.
 pub struct Relay {
     pub child: Child,
