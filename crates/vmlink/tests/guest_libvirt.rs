@@ -24,6 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmlink_lab::{GuestIo, LabConfig};
 
+use common::{run_vmlink as vmlink, Bridge};
+
 const WRAPPER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/libvirt/qemu-via-libvirt.sh"
@@ -154,8 +156,6 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
         (k.trim() == key).then(|| v.trim())
     })
 }
-
-use common::{run_vmlink as vmlink, Bridge};
 
 /// Waits until the agent answers through the bridge (each ping waits for its answer), as long
 /// as libvirt says the domain runs.

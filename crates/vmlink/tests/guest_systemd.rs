@@ -2,10 +2,9 @@
 //! systemd (`LabConfig::init`), with the unit installed as its header says (the binary in
 //! /usr/local/bin, the unit in /etc/systemd/system) and wanted by the boot target (a small
 //! `vmlab.target` rather than the host's multi-user.target, whose services the guest does not
-//! need). The host reaches the agent over
-//! virtio-serial through `vmlink serial-bridge`, checks what systemd made of the unit, kills the
-//! agent's main process and sees systemd start it again (`Restart=always`), then powers the guest
-//! off through the agent.
+//! need). The host reaches the agent over virtio-serial through `vmlink serial-bridge`, checks
+//! what systemd made of the unit, kills the agent's main process and sees systemd start it again
+//! (`Restart=always`), then powers the guest off through the agent.
 
 mod common;
 
@@ -13,6 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmlink_lab::{GuestIo, LabConfig};
+
+use common::{run_vmlink as vmlink, Bridge};
 
 const UNIT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -22,8 +23,6 @@ const UNIT: &str = concat!(
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
-
-use common::{run_vmlink as vmlink, Bridge};
 
 /// `systemctl show -p PROP --value vmlink-agent` in the guest.
 fn show(target: &str, prop: &str) -> Result<String, String> {
