@@ -1770,11 +1770,7 @@ mod tests {
         // The guest's whole reply and its FIN, then RST (its agent stopped reading the
         // host's side, as after `exec -i` whose command exits without reading its stdin);
         // the client reads only after the reset.
-        let (host, mut r, mut w) = host_with_raw_guest().await;
-        let mut dec = LaneDecoder::new();
-        let (client, local) = UnixStream::pair().expect("socketpair");
-        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
-        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let (host, mut w, client, id) = accepted_stream_draining().await;
         let total = 16 * MAX_DATA as u64;
         let mut wire = Vec::new();
         for i in 0..16u64 {
@@ -1837,6 +1833,19 @@ mod tests {
         accepted_stream_announcing(host, dec, r, w, local, 0)
             .await
             .0
+    }
+
+    /// A host with a raw guest and one accepted stream, whose lane frames from the host are read
+    /// and dropped in the background; returns the host, the guest's write half, the stream's
+    /// local client and its id.
+    async fn accepted_stream_draining() -> (Mux, tokio::net::unix::OwnedWriteHalf, UnixStream, u32)
+    {
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut dec = LaneDecoder::new();
+        let (client, local) = UnixStream::pair().expect("socketpair");
+        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
+        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        (host, w, client, id)
     }
 
     /// [`accepted_stream`], ACCEPTing with a receive window of `window` (0: none); returns the
@@ -2108,11 +2117,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_window_of_one_byte_frames_after_fin_costs_neither_time_nor_buffers() {
-        let (host, mut r, mut w) = host_with_raw_guest().await;
-        let mut dec = LaneDecoder::new();
-        let (mut client, local) = UnixStream::pair().expect("socketpair");
-        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
-        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let (host, mut w, mut client, id) = accepted_stream_draining().await;
         // FIN first, then a whole window of 1-byte DATA frames, all but offset 0.
         let started = std::time::Instant::now();
         let mut wire = frame(Header::new(Kind::Fin, id, 0, WINDOW), &[]);
@@ -2155,11 +2160,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_frames_with_gaps_reset_the_stream_at_the_frame_bound() {
-        let (host, mut r, mut w) = host_with_raw_guest().await;
-        let mut dec = LaneDecoder::new();
-        let (_client, local) = UnixStream::pair().expect("socketpair");
-        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
-        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let (host, mut w, _client, id) = accepted_stream_draining().await;
         // 1-byte frames at 1, 3, 5...: each waits on its own, so the count is what bounds them.
         let mut wire = Vec::new();
         for i in 0..=max_stashed(MAX_WINDOW) as u64 {
@@ -2175,13 +2176,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_fin_resets_the_stream() {
-        let (host, mut r, mut w) = host_with_raw_guest().await;
-        let mut dec = LaneDecoder::new();
         // FIN(10) before any DATA: the stream waits for its 10 bytes, so the second FIN
         // finds it open.
-        let (_client, local) = UnixStream::pair().expect("socketpair");
-        let id = accepted_stream(&host, &mut dec, &mut r, &mut w, local).await;
-        tokio::spawn(async move { while next_frame(&mut dec, &mut r).await.is_some() {} });
+        let (host, mut w, _client, id) = accepted_stream_draining().await;
         let mut wire = frame(Header::new(Kind::Fin, id, 0, 10), &[]);
         wire.extend(frame(Header::new(Kind::Fin, id, 0, 10), &[]));
         w.write_all(&wire).await.expect("fins");
