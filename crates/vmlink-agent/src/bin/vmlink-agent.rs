@@ -158,10 +158,14 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        if listeners.is_empty() && serial.is_empty() {
+        // --qga alone is enough to serve: a guest wired for qemu-ga only (Proxmox's default,
+        // no vsock, no org.vmlink.ctl) runs `vmlink-agent --qga` in qemu-ga's place.
+        let qga_only = listeners.is_empty() && serial.is_empty();
+        if qga_only && args.qga.is_none() {
             anyhow::bail!(
                 "nothing to serve: this guest has neither vsock nor the virtio-serial port \
-                 {DEFAULT_CTL_PORT}; give --listen ADDR"
+                 {DEFAULT_CTL_PORT}; give --listen ADDR (or --qga to serve only \
+                 qemu-guest-agent's protocol)"
             );
         }
         if let Some(addr) = args.qga.clone() {
@@ -177,13 +181,26 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                 args.allow_rpcs.as_deref(),
                 args.block_rpcs.as_deref(),
             );
+            let qga = tokio::spawn(async move {
+                let channel = vmlink_agent::QgaChannel::open(&addr).await?;
+                eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+                vmlink_agent::serve_qga(channel, rpcs, std::future::pending()).await;
+                Ok::<(), vmlink_agent::QgaError>(())
+            });
+            if qga_only {
+                eprintln!("vmlink-agent: serving only qemu-guest-agent's protocol");
+                return tokio::select! {
+                    r = qga => match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(anyhow::anyhow!("qga: {e}")),
+                        Err(e) => Err(anyhow::anyhow!("qga: {e}")),
+                    },
+                    () = shutdown_signal() => Ok(()),
+                };
+            }
             tokio::spawn(async move {
-                match vmlink_agent::QgaChannel::open(&addr).await {
-                    Ok(channel) => {
-                        eprintln!("vmlink-agent: qga on {}", channel.local_addr());
-                        vmlink_agent::serve_qga(channel, rpcs, std::future::pending()).await
-                    }
-                    Err(e) => eprintln!("vmlink-agent: qga: {e}"),
+                if let Ok(Err(e)) = qga.await {
+                    eprintln!("vmlink-agent: qga: {e}");
                 }
             });
         }
