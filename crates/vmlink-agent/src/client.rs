@@ -42,6 +42,9 @@ use crate::framed::{write_message, FrameReader, WireError};
 pub enum PutSource {
     /// A file, directory or symlink (not followed), sent under its own name.
     Path(PathBuf),
+    /// What a path names through any symlinks at the path itself (`cp -L`), sent under the
+    /// path's own name; symlinks below it are sent as symlinks.
+    Followed(PathBuf),
     /// One file's data, read to EOF (e.g. stdin); created as exactly the destination path.
     Reader(Box<dyn ReadDebug>),
 }
@@ -577,8 +580,9 @@ impl Client {
         progress: Arc<AtomicU64>,
     ) -> Result<CopySummary, ClientError> {
         let copy_err = |source| self.copy_error(source);
+        let follow = matches!(source, PutSource::Followed(_));
         let (exact, produce): (bool, Producer) = match source {
-            PutSource::Path(path) => {
+            PutSource::Path(path) | PutSource::Followed(path) => {
                 let named = if path.file_name().is_some() {
                     path.clone()
                 } else {
@@ -602,7 +606,19 @@ impl Client {
                     })?;
                 (
                     false,
-                    Box::new(move |sink: &files::FrameSink| files::send_tree(sink, &path, &name)),
+                    Box::new(move |sink: &files::FrameSink| {
+                        if follow {
+                            let target =
+                                std::fs::canonicalize(&path).map_err(|error| FilesError::Io {
+                                    op: "follow",
+                                    path: path.clone(),
+                                    error,
+                                })?;
+                            files::send_tree(sink, &target, &name)
+                        } else {
+                            files::send_tree(sink, &path, &name)
+                        }
+                    }),
                 )
             }
             PutSource::Reader(mut r) => {
@@ -689,6 +705,21 @@ impl Client {
         dest: GetDest,
         progress: Arc<AtomicU64>,
     ) -> Result<CopySummary, ClientError> {
+        self.get_with(src, dest, progress, false).await
+    }
+
+    /// [`Client::get`], and with `follow` symlinks at `src` itself are followed (`cp -L`):
+    /// the copy is of what `src` names, under `src`'s own name. An agent without the feature
+    /// `follow` is refused it, except with [`GetDest::Writer`], which only a regular file can
+    /// reach anyway: such an agent is then asked without it.
+    pub async fn get_with(
+        &self,
+        src: &str,
+        dest: GetDest,
+        progress: Arc<AtomicU64>,
+        follow: bool,
+    ) -> Result<CopySummary, ClientError> {
+        let to_writer = matches!(dest, GetDest::Writer(_));
         let receiver = match dest {
             GetDest::Path(p) => {
                 Receiver::new(&p, false, progress).map_err(|e| self.copy_error(e))?
@@ -703,9 +734,12 @@ impl Client {
         let (conn, hello) = self.open().await?;
         let Conn { mut reader, mut w } = conn;
         let checksum = checksum_for(&hello);
+        let follow = follow && (!to_writer || hello.features.iter().any(|f| f == "follow"));
+        self.require(&hello, follow, "follow", "following a symlink (cp -L)")?;
         let get = Get {
             path: src.to_string(),
             checksum,
+            follow,
         };
         self.send(&mut w, &Message::Get(get)).await?;
         files::receive_frames(&mut reader, receiver.checksum(checksum))

@@ -1136,8 +1136,15 @@ pub(crate) async fn serve_get(
         }
     };
     let checksum = get.checksum;
+    let follow = get.follow;
     match send_frames(w, Arc::default(), checksum, move |sink| {
-        send_tree(sink, &path, &name)
+        if follow {
+            // What `path` names, through any symlinks; the root keeps `path`'s name.
+            let target = fs::canonicalize(&path).map_err(FilesError::io("follow", &path))?;
+            send_tree(sink, &target, &name)
+        } else {
+            send_tree(sink, &path, &name)
+        }
     })
     .await
     {

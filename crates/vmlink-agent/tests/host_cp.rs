@@ -205,6 +205,179 @@ fn a_put_keeps_setuid_and_a_get_drops_it() {
 }
 
 #[test]
+fn follow_copies_what_a_symlink_names_under_the_links_own_name() {
+    // `vmlink cp -L` (and any copy to stdout): a symlink given as the source is followed; the
+    // links below it are not.
+    use std::os::unix::fs::symlink;
+    common::runtime().block_on(async {
+        let agent = unix_agent();
+        let client = Client::connect(&agent.addr).await.expect("connect");
+        let src = fresh_dir("follow-src");
+        fs::write(src.join("real"), b"the contents").expect("write");
+        symlink("real", src.join("link")).expect("symlink");
+        symlink("nothing-here", src.join("dangling")).expect("symlink");
+        fs::create_dir(src.join("dir")).expect("mkdir");
+        symlink("../real", src.join("dir/inner")).expect("symlink");
+        symlink("dir", src.join("dirlink")).expect("symlink");
+        let is_link = |p: &Path| {
+            fs::symlink_metadata(p)
+                .expect("lstat")
+                .file_type()
+                .is_symlink()
+        };
+
+        // Guest -> host, into a directory: a regular file named after the link.
+        let down = fresh_dir("follow-down");
+        let got = client
+            .get_with(
+                &s(&src.join("link")),
+                GetDest::Path(down.clone()),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect("get -L");
+        assert_eq!(got.bytes, 12);
+        assert!(!is_link(&down.join("link")));
+        assert_eq!(fs::read(down.join("link")).expect("read"), b"the contents");
+        // Without it, the link itself.
+        client
+            .get(
+                &s(&src.join("link")),
+                GetDest::Path(down.join("plain")),
+                Arc::default(),
+            )
+            .await
+            .expect("get");
+        assert!(is_link(&down.join("plain")));
+        // A directory behind a link: followed at the top only.
+        client
+            .get_with(
+                &s(&src.join("dirlink")),
+                GetDest::Path(down.clone()),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect("get -L of a directory link");
+        assert!(!is_link(&down.join("dirlink")));
+        assert!(is_link(&down.join("dirlink/inner")));
+        // To a writer: the contents.
+        let out = down.join("stdout");
+        let w = fs::File::create(&out).expect("create");
+        client
+            .get_with(
+                &s(&src.join("link")),
+                GetDest::Writer(Box::new(w)),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect("get -L to a writer");
+        assert_eq!(fs::read(&out).expect("read"), b"the contents");
+        // A dangling link is an error naming it, and leaves nothing behind.
+        let before = describe(&down);
+        let e = client
+            .get_with(
+                &s(&src.join("dangling")),
+                GetDest::Path(down.clone()),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect_err("a dangling link");
+        let text = vmlink_transport::error_chain(&e);
+        assert!(
+            text.contains("dangling") && text.contains("No such file"),
+            "{text}"
+        );
+        assert_eq!(describe(&down), before);
+
+        // Host -> guest: the same for a local link.
+        let up = fresh_dir("follow-up");
+        client
+            .put(
+                PutSource::Followed(src.join("link")),
+                &s(&up),
+                Arc::default(),
+            )
+            .await
+            .expect("put -L");
+        assert!(!is_link(&up.join("link")));
+        assert_eq!(fs::read(up.join("link")).expect("read"), b"the contents");
+        let e = client
+            .put(
+                PutSource::Followed(src.join("dangling")),
+                &s(&up),
+                Arc::default(),
+            )
+            .await
+            .expect_err("put -L of a dangling link");
+        let text = vmlink_transport::error_chain(&e);
+        assert!(
+            text.contains("dangling") && text.contains("No such file"),
+            "{text}"
+        );
+        assert!(temp_files(&up).is_empty());
+    });
+}
+
+#[test]
+fn an_agent_without_follow_is_refused_it_unless_the_copy_goes_to_a_writer() {
+    // An older agent would ignore `follow` and send the link itself: `cp -L` into a directory
+    // would then quietly make a symlink. To stdout only a regular file can go anyway.
+    common::runtime().block_on(async {
+        let listen: vmlink_transport::Addr = format!("unix-listen:{}", common::socket_path("old"))
+            .parse()
+            .expect("address");
+        let listener = vmlink_transport::AsyncListener::bind(&listen).expect("bind");
+        let addr = vmlink_agent::connect_addr_for(listener.local_addr()).expect("connect address");
+        let agent = tokio::spawn(async move {
+            let mut gets = Vec::new();
+            loop {
+                let mut raw = Raw::accept_without(&listener, &["xxh64", "follow"]).await;
+                match raw.recv().await {
+                    None => continue,
+                    Some(Message::Get(g)) => {
+                        gets.push(g);
+                        raw.send(&Message::error(ErrorKind::NotFound, "no such file"))
+                            .await;
+                        return gets;
+                    }
+                    other => panic!("expected Get, got {other:?}"),
+                }
+            }
+        });
+        let client = Client::connect(&addr).await.expect("connect");
+        let e = client
+            .get_with(
+                "/etc/os-release",
+                GetDest::Path(fresh_dir("old-follow")),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect_err("refused before asking");
+        assert!(
+            matches!(e, ClientError::Unsupported { what, .. } if what.contains("cp -L")),
+            "{e:?}"
+        );
+        client
+            .get_with(
+                "/etc/os-release",
+                GetDest::Writer(Box::new(std::io::sink())),
+                Arc::default(),
+                true,
+            )
+            .await
+            .expect_err("the agent's error");
+        let gets = agent.await.expect("agent");
+        assert_eq!(gets.len(), 1, "{gets:?}");
+        assert!(!gets[0].follow, "{gets:?}");
+    });
+}
+
+#[test]
 fn a_get_into_a_directory_refuses_a_root_the_agent_renamed() {
     // A hostile agent asked for /srv/report.txt answers with `.bashrc`: written into an existing
     // directory, the name would be the guest's choice (scp's CVE-2019-6111).
@@ -444,6 +617,7 @@ fn a_get_that_names_no_checksum_is_answered_with_sha256_as_version_1_peers_expec
             raw.send(&Message::Get(vmlink_proto::agent::Get {
                 path: s(&src.join("f")),
                 checksum,
+                follow: false,
             }))
             .await;
             let mut end = None;

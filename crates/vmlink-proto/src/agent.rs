@@ -198,8 +198,16 @@ pub struct Hello {
 
 /// Feature names an agent announces in its [`Hello`]: `Exec.tty` with `Resize`; `Exec.user`;
 /// the `Run` request; the `Logs` request; [`Checksum::Xxh64`] in copies; `Exec.stdin_window`
-/// with [`StdinAck`].
-pub const FEATURES: [&str; 6] = ["tty", "user", "run", "logs", "xxh64", "stdin_window"];
+/// with [`StdinAck`]; `Get.follow`.
+pub const FEATURES: [&str; 7] = [
+    "tty",
+    "user",
+    "run",
+    "logs",
+    "xxh64",
+    "stdin_window",
+    "follow",
+];
 
 /// The most feature names a `Hello` may carry.
 pub const MAX_FEATURES: usize = 64;
@@ -440,7 +448,8 @@ pub struct Put {
     pub checksum: Checksum,
 }
 
-/// Client: the agent sends a copy of `path` (symlinks are sent as symlinks, never followed).
+/// Client: the agent sends a copy of `path` (symlinks are sent as symlinks, never followed,
+/// unless `follow` is set for `path` itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Get {
     /// The source, absolute.
@@ -449,6 +458,11 @@ pub struct Get {
     /// without the feature `xxh64` ignores the field and sends SHA-256.)
     #[serde(default, skip_serializing_if = "Checksum::is_sha256")]
     pub checksum: Checksum,
+    /// Follow symlinks at `path` itself (not below it), as `cp -L` does for its operands: the
+    /// root is what `path` resolves to, named after `path`. Absent means false. (An agent
+    /// without the feature `follow` ignores it and sends the symlink.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
 }
 
 /// How a copy's file data is checksummed end to end.
@@ -1470,6 +1484,31 @@ mod tests {
         assert!(matches!(decode(&ack[..HEADER_LEN]), Ok(None)));
     }
 
+    #[test]
+    fn follow_is_sent_only_when_asked_for_and_defaults_to_off() {
+        let get = |follow| Get {
+            path: "/etc/os-release".into(),
+            checksum: Checksum::Sha256,
+            follow,
+        };
+        let bytes = Message::Get(get(false)).encode().expect("encodes");
+        let text = String::from_utf8_lossy(&bytes[HEADER_LEN..]).into_owned();
+        assert_eq!(
+            text, r#"{"path":"/etc/os-release"}"#,
+            "as before the feature"
+        );
+        assert_eq!(
+            decode(&bytes),
+            Ok(Some((Message::Get(get(false)), bytes.len())))
+        );
+        let bytes = Message::Get(get(true)).encode().expect("encodes");
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""follow":true"#));
+        assert_eq!(
+            decode(&bytes),
+            Ok(Some((Message::Get(get(true)), bytes.len())))
+        );
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(Hello {
@@ -1559,10 +1598,12 @@ mod tests {
             Message::Get(Get {
                 path: "/etc/hostname".into(),
                 checksum: Checksum::Sha256,
+                follow: false,
             }),
             Message::Get(Get {
-                path: "/etc/hostname".into(),
+                path: "/etc/os-release".into(),
                 checksum: Checksum::Xxh64,
+                follow: true,
             }),
             Message::Entry(Entry {
                 kind: EntryKind::File,
@@ -1931,6 +1972,7 @@ mod tests {
             let m = Message::Get(Get {
                 path: path.into(),
                 checksum: Checksum::Xxh64,
+                follow: false,
             });
             assert_eq!(
                 decode(&m.encode().expect("encodes")).is_ok(),

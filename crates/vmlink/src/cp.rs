@@ -37,12 +37,13 @@ use vmlink_agent::files::CopySummary;
 /// regular file). Directories copy recursively; modes and mtimes are kept,
 /// except that a copy from the guest drops setuid and setgid bits and an
 /// existing directory the copy enters keeps its own mode and mtime;
-/// symlinks are copied as symlinks, never followed. Every file is written to
-/// a temporary file beside its destination, checked against a checksum sent
-/// with the data (XXH64, or SHA-256 with an older agent), fsynced and renamed
-/// into place: a failed or interrupted copy leaves no partial file. Like cp:
-/// when DST is an existing directory, SRC goes inside it under its own name;
-/// otherwise it is created as DST.
+/// symlinks are copied as symlinks, never followed (-L follows SRC itself
+/// when it is one, as docker cp -L does; a copy to stdout always does).
+/// Every file is written to a temporary file beside its destination,
+/// checked against a checksum sent with the data (XXH64, or SHA-256 with an
+/// older agent), fsynced and renamed into place: a failed or interrupted
+/// copy leaves no partial file. Like cp: when DST is an existing directory,
+/// SRC goes inside it under its own name; otherwise it is created as DST.
 ///
 /// Over qga+ADDR (a guest with only qemu-guest-agent): single files only,
 /// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
@@ -52,7 +53,8 @@ use vmlink_agent::files::CopySummary;
 ///   vmlink cp ./build vsock:3:7878:/opt/app          # -> /opt/app/build (if /opt/app exists)
 ///   vmlink cp vsock:3:7878:/var/log/syslog .
 ///   tar c dir | vmlink cp - vsock:3:7878:/tmp/dir.tar
-///   vmlink cp vsock:3:7878:/etc/os-release - | head
+///   vmlink cp vsock:3:7878:/etc/os-release - | head   # a symlink on Debian: followed
+///   vmlink cp -L vsock:3:7878:/etc/localtime ./       # the zone file, not the link
 ///   vmlink cp --json big.img lab:demo:/tmp/   # {"bytes":..,"seconds":..,"mib_s":..}
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -69,6 +71,11 @@ pub struct Args {
     /// excluded, as `vmlink bench` measures) and mib_s. Not with "-" as DST.
     #[arg(long)]
     json: bool,
+    /// When SRC itself is a symlink, copy what it points to (under SRC's name) instead of the
+    /// link; symlinks inside a copied directory stay symlinks. A copy to stdout (DST -)
+    /// always follows.
+    #[arg(short = 'L', long)]
+    follow_link: bool,
 }
 
 /// An operand that cannot be used.
@@ -218,6 +225,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 let started = Instant::now();
                 let client = Client::connect(&addr).await?;
                 let (source, total) = match local {
+                    Side::Local(p) if a.follow_link => {
+                        let total = std::fs::canonicalize(&p).map_or(0, |t| total_size(&t));
+                        (PutSource::Followed(p), Some(total))
+                    }
                     Side::Local(p) => {
                         let total = total_size(&p);
                         (PutSource::Path(p), Some(total))
@@ -249,12 +260,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 };
                 let started = Instant::now();
                 let client = Client::connect(&addr).await?;
-                let dest = match local {
-                    Side::Local(p) => GetDest::Path(p),
-                    _ => GetDest::Writer(Box::new(std::io::stdout())),
+                let (dest, follow) = match local {
+                    Side::Local(p) => (GetDest::Path(p), a.follow_link),
+                    _ => (GetDest::Writer(Box::new(std::io::stdout())), true),
                 };
                 let progress = Progress::start(a.quiet, None, counter.clone());
-                let Some(summary) = interruptible(client.get(&path, dest, counter)).await? else {
+                let get = client.get_with(&path, dest, counter, follow);
+                let Some(summary) = interruptible(get).await? else {
                     return Ok(ExitCode::from(130));
                 };
                 progress.finish(summary.bytes);

@@ -152,6 +152,11 @@ impl Raw {
     /// every feature but `xxh64`, so copies use SHA-256), for sending a client what a
     /// well-behaved agent never would.
     pub async fn accept(listener: &AsyncListener) -> Raw {
+        Raw::accept_without(listener, &["xxh64"]).await
+    }
+
+    /// [`Raw::accept`], announcing every feature but `missing` (an older agent).
+    pub async fn accept_without(listener: &AsyncListener, missing: &[&str]) -> Raw {
         let stream = listener.accept().await.expect("accept");
         let mut raw = Raw {
             stream,
@@ -166,7 +171,7 @@ impl Raw {
             software: "hostile-agent".into(),
             features: vmlink_proto::agent::FEATURES
                 .iter()
-                .filter(|f| **f != "xxh64")
+                .filter(|f| !missing.contains(f))
                 .map(|f| f.to_string())
                 .collect(),
         }))
