@@ -89,6 +89,14 @@ pub enum CpError {
         /// DST as given.
         dst: String,
     },
+    /// Neither side is remote, and one looks like TARGET:PATH with a relative PATH.
+    #[error("{arg}: the guest path after {target} must be absolute (e.g. {target}:/tmp/x)")]
+    RelativePath {
+        /// The operand as given.
+        arg: String,
+        /// The TARGET it starts with.
+        target: String,
+    },
     /// `--json` with stdout as the destination.
     #[error("--json cannot be used when the copy itself goes to stdout (DST -)")]
     JsonToStdout,
@@ -123,6 +131,20 @@ fn parse_side(s: &str) -> Result<Side, CpError> {
         }
     }
     Ok(Side::Local(PathBuf::from(s)))
+}
+
+/// For the error when neither side is remote: an operand that starts with a connecting
+/// address and a `:` not followed by `/` (`lab:dev:tmp/x`), which was meant as TARGET:PATH.
+fn relative_remote(s: &str) -> Option<CpError> {
+    s.match_indices(':').find_map(|(i, _)| {
+        let rest = &s[i + 1..];
+        (!rest.is_empty() && !rest.starts_with('/') && s[..i].parse::<Target>().is_ok()).then(
+            || CpError::RelativePath {
+                arg: s.to_string(),
+                target: s[..i].to_string(),
+            },
+        )
+    })
 }
 
 fn total_size(p: &Path) -> u64 {
@@ -279,10 +301,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 );
             }
             _ => {
-                return usage(CpError::Sides {
-                    src: a.src.clone(),
-                    dst: a.dst.clone(),
-                })
+                return usage(
+                    relative_remote(&a.src)
+                        .or_else(|| relative_remote(&a.dst))
+                        .unwrap_or(CpError::Sides {
+                            src: a.src.clone(),
+                            dst: a.dst.clone(),
+                        }),
+                )
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -425,5 +451,22 @@ mod tests {
             parse_side("vsock-listen:7878:/x"),
             Err(CpError::Listening { .. })
         ));
+    }
+
+    #[test]
+    fn a_relative_guest_path_is_named_when_neither_side_is_remote() {
+        let e = relative_remote("vsock:3:7878:tmp/x").expect("meant as remote");
+        assert_eq!(
+            e.to_string(),
+            "vsock:3:7878:tmp/x: the guest path after vsock:3:7878 must be absolute \
+             (e.g. vsock:3:7878:/tmp/x)"
+        );
+        assert!(matches!(
+            relative_remote("lab:dev:x"),
+            Some(CpError::RelativePath { target, .. }) if target == "lab:dev"
+        ));
+        for local in ["dir/file", "./vsock:3:7878:x", "a:b", "vsock:3:7878:", "-"] {
+            assert!(relative_remote(local).is_none(), "{local}");
+        }
     }
 }
