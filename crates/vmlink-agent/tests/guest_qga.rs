@@ -24,9 +24,10 @@ const FS_DIR: &str = "/run/qga-fs";
 const VD_DIR: &str = "/run/qga-vd";
 
 /// The lab config: brd, ext4 and virtio_blk loaded, for [`FS_DIR`] and [`VD_DIR`]; the disk
-/// is a sparse image file on the host, in Cargo's scratch directory (one, recreated each run).
-fn lab_with_a_block_fs() -> vmlink_lab::LabConfig {
-    let image = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qga-vd.img");
+/// is a sparse image file on the host, in Cargo's scratch directory (one per `test`, recreated
+/// each run: QEMU locks it, so two guests at once cannot share one).
+fn lab_with_a_block_fs(test: &str) -> vmlink_lab::LabConfig {
+    let image = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qga-vd-{test}.img"));
     let f = std::fs::File::create(&image).expect("disk image");
     f.set_len(16 << 20).expect("size the disk image");
     vmlink_lab::LabConfig {
@@ -222,12 +223,24 @@ fn start_agents() -> Agents {
         .expect("start qemu-ga (Debian package qemu-guest-agent; scripts/install-deps.sh)");
     wait_for_socket(&qemu_sock, &mut qemu_ga);
 
+    let vmlink = start_vmlink(&dir, &vmlink_sock, &["--block-rpcs", BLOCKED]);
+    Agents {
+        qemu_ga,
+        vmlink,
+        qemu_sock,
+        vmlink_sock,
+    }
+}
+
+/// Starts `vmlink-agent --qga unix-listen:QGA_SOCK` (and its own protocol on a socket in
+/// `dir`) with `extra` arguments; returns once it serves qga.
+fn start_vmlink(dir: &Path, qga_sock: &str, extra: &[&str]) -> Child {
     let mut vmlink = Command::new(env!("CARGO_BIN_EXE_vmlink-agent"))
         .arg("--listen")
         .arg(format!("unix-listen:{}", dir.join("native.sock").display()))
         .arg("--qga")
-        .arg(format!("unix-listen:{vmlink_sock}"))
-        .args(["--block-rpcs", BLOCKED])
+        .arg(format!("unix-listen:{qga_sock}"))
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vmlink-agent");
@@ -243,12 +256,18 @@ fn start_agents() -> Agents {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
-    Agents {
-        qemu_ga,
-        vmlink,
-        qemu_sock,
-        vmlink_sock,
-    }
+    vmlink
+}
+
+/// Whether a write and fsync to [`FS_DIR`] complete within 30 s (they block while it is
+/// frozen).
+fn fs_writable(name: &str) -> bool {
+    Command::new("timeout")
+        .args(["30", "sh", "-c"])
+        .arg(format!("echo x > {FS_DIR}/{name} && sync {FS_DIR}/{name}"))
+        .status()
+        .expect("run timeout")
+        .success()
 }
 
 /// The script: raw inputs, each followed by the marker. Good requests, bad arguments, wrong
@@ -454,7 +473,7 @@ fn assert_same(what: &str, qemu: Vec<Value>, vmlink: Vec<Value>) {
 }
 
 vmlink_lab::guest_test! {
-    fn qga_answers_match_the_real_qemu_ga_field_by_field() cfg { lab_with_a_block_fs() } {
+    fn qga_answers_match_the_real_qemu_ga_field_by_field() cfg { lab_with_a_block_fs("conformance") } {
         mount_block_fs();
         let agents = start_agents();
         let mut qemu = Peer::connect("qemu-ga", &agents.qemu_sock);
@@ -546,5 +565,49 @@ guest_test! {
             assert_eq!(line, b"{\"return\": 42}\n", "{path}");
         }
         drop(agents);
+    }
+}
+
+vmlink_lab::guest_test! {
+    fn an_agent_stopped_while_frozen_waits_for_the_thaw_then_thaws_itself() cfg { lab_with_a_block_fs("stop") } {
+        // `systemctl restart` (SIGTERM) between a backup's freeze and thaw: the agent serves on
+        // until the host thaws (its snapshot stays consistent), at most STOP_WHILE_FROZEN, and
+        // never exits leaving the guest frozen.
+        mount_block_fs();
+        let dir = std::env::temp_dir().join(format!("qga-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let term = |child: &Child| {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        };
+
+        // The host thaws within the grace: answered meanwhile, then the agent exits.
+        let sock = dir.join("a.sock").display().to_string();
+        let mut agent = start_vmlink(&dir, &sock, &[]);
+        let mut p = Peer::connect("vmlink-agent", &sock);
+        assert_eq!(p.call("guest-fsfreeze-freeze", json!({})), json!({"return": 2}));
+        term(&agent);
+        assert_eq!(p.call("guest-fsfreeze-status", json!({})), json!({"return": "frozen"}));
+        assert!(agent.try_wait().expect("wait").is_none(), "exited while frozen");
+        assert_eq!(p.call("guest-fsfreeze-thaw", json!({})), json!({"return": 2}));
+        let status = agent.wait().expect("wait");
+        assert!(status.success(), "{status}");
+        assert!(fs_writable("after-thaw"));
+
+        // No thaw comes: the agent thaws by itself after the grace, then exits.
+        let sock = dir.join("b.sock").display().to_string();
+        let mut agent = start_vmlink(&dir, &sock, &[]);
+        let mut p = Peer::connect("vmlink-agent", &sock);
+        assert_eq!(p.call("guest-fsfreeze-freeze", json!({})), json!({"return": 2}));
+        let t = Instant::now();
+        term(&agent);
+        let status = agent.wait().expect("wait");
+        let waited = t.elapsed();
+        assert!(status.success(), "{status}");
+        assert!(
+            waited >= vmlink_agent::qga::STOP_WHILE_FROZEN - Duration::from_millis(500),
+            "exited after {waited:?}, before the grace"
+        );
+        assert!(fs_writable("after-stop"));
     }
 }

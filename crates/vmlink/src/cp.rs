@@ -38,7 +38,8 @@ use vmlink_agent::files::CopySummary;
 /// except that a copy from the guest drops setuid and setgid bits and an
 /// existing directory the copy enters keeps its own mode and mtime;
 /// symlinks are copied as symlinks, never followed (-L follows SRC itself
-/// when it is one, as docker cp -L does; a copy to stdout always does).
+/// when it is one, as docker cp -L does; so does every copy to stdout, with
+/// an agent recent enough to have it).
 /// Every file is written to a temporary file beside its destination,
 /// checked against a checksum sent with the data (XXH64, or SHA-256 with an
 /// older agent), fsynced and renamed into place: a failed or interrupted
@@ -46,8 +47,9 @@ use vmlink_agent::files::CopySummary;
 /// SRC goes inside it under its own name; otherwise it is created as DST.
 ///
 /// Over qga+ADDR (a guest with only qemu-guest-agent): single files only,
-/// in 4 MiB guest-file-read/-write chunks; host -> guest goes through a
-/// temporary file, checked with the guest's sha256sum and renamed with mv.
+/// in 4 MiB guest-file-read/-write chunks, symlinks followed on both sides;
+/// host -> guest goes through a temporary file, checked with the guest's
+/// sha256sum and renamed with mv.
 ///
 /// Examples:
 ///   vmlink cp ./build vsock:3:7878:/opt/app          # -> /opt/app/build (if /opt/app exists)
@@ -300,15 +302,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     started.elapsed(),
                 );
             }
-            _ => {
+            (src, _) => {
+                let sides = CpError::Sides {
+                    src: a.src.clone(),
+                    dst: a.dst.clone(),
+                };
+                // Both remote, or both local: when local, one may be TARGET:relative/path.
+                if matches!(src, Side::Remote(..)) {
+                    return usage(sides);
+                }
                 return usage(
                     relative_remote(&a.src)
                         .or_else(|| relative_remote(&a.dst))
-                        .unwrap_or(CpError::Sides {
-                            src: a.src.clone(),
-                            dst: a.dst.clone(),
-                        }),
-                )
+                        .unwrap_or(sides),
+                );
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -365,7 +372,9 @@ async fn qga_put(
         Side::Local(p) => Some(p.as_path()),
         _ => None,
     };
-    let progress = Progress::start(quiet, src.map(total_size), counter.clone());
+    // One file, read through any symlink.
+    let total = src.map(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
+    let progress = Progress::start(quiet, total, counter.clone());
     // Ctrl-C is handled inside: the guest's temporary file is removed first.
     let Some(bytes) = crate::qga_target::put(q, src, path, counter).await? else {
         return Ok(ExitCode::from(130));

@@ -168,6 +168,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                  qemu-guest-agent's protocol)"
             );
         }
+        // Tells the qga side to stop (it thaws what it froze first).
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut qga_task = None;
         if let Some(addr) = args.qga.clone() {
             // Opening a virtio-serial port waits for the host side to connect, which may be
             // never: open it in the background so the other channels serve meanwhile. A
@@ -181,36 +184,72 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                 args.allow_rpcs.as_deref(),
                 args.block_rpcs.as_deref(),
             );
-            let qga = tokio::spawn(async move {
-                let channel = vmlink_agent::QgaChannel::open(&addr).await?;
-                eprintln!("vmlink-agent: qga on {}", channel.local_addr());
-                vmlink_agent::serve_qga(channel, rpcs, std::future::pending()).await;
-                Ok::<(), vmlink_agent::QgaError>(())
+            let mut stopped = stop_rx.clone();
+            let task = tokio::spawn(async move {
+                let served = async {
+                    // A virtio-serial port may wait for its host side until the agent stops.
+                    let channel = tokio::select! {
+                        c = vmlink_agent::QgaChannel::open(&addr) => c?,
+                        _ = stopped.wait_for(|s| *s) => return Ok(()),
+                    };
+                    eprintln!("vmlink-agent: qga on {}", channel.local_addr());
+                    let stopped = async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    };
+                    // Returns once `stopped`, after thawing what guest-fsfreeze-freeze froze.
+                    vmlink_agent::serve_qga(channel, rpcs, stopped).await;
+                    Ok::<(), vmlink_agent::QgaError>(())
+                }
+                .await;
+                match served {
+                    Err(e) if !qga_only => {
+                        // The other channels serve on; say why this one does not.
+                        eprintln!("vmlink-agent: qga: {}", vmlink_transport::error_chain(&e));
+                        Ok(())
+                    }
+                    r => r,
+                }
             });
             if qga_only {
                 eprintln!("vmlink-agent: serving only qemu-guest-agent's protocol");
-                return tokio::select! {
-                    r = qga => match r {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(anyhow::anyhow!("qga: {e}")),
-                        Err(e) => Err(anyhow::anyhow!("qga: {e}")),
-                    },
-                    () = shutdown_signal() => Ok(()),
-                };
-            }
-            tokio::spawn(async move {
-                if let Ok(Err(e)) = qga.await {
-                    eprintln!("vmlink-agent: qga: {e}");
+                let mut task = task;
+                tokio::select! {
+                    r = &mut task => return qga_ended(r),
+                    () = shutdown_signal() => {}
                 }
-            });
+                let _ = stop_tx.send(true);
+                return qga_ended(task.await);
+            }
+            qga_task = Some(task);
         }
-        vmlink_agent::run_all(listeners, serial, policy, shutdown_signal()).await?;
+        let shutdown = async {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        };
+        let served = vmlink_agent::run_all(listeners, serial, policy, shutdown).await;
+        if let Some(task) = qga_task {
+            // The qga side thaws frozen filesystems before it ends; wait for that.
+            let _ = stop_tx.send(true);
+            qga_ended(task.await)?;
+        }
+        served?;
         Ok(())
     });
     // Opening a virtio-serial port waits on the blocking pool until the host connects, maybe
     // forever; dropping the runtime would wait for it. Exit without waiting.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
     result
+}
+
+/// The agent's result once its qga task has ended, with the whole chain of a failure.
+fn qga_ended(
+    r: Result<Result<(), vmlink_agent::QgaError>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("qga")),
+        Err(e) => Err(anyhow::Error::new(e).context("qga")),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

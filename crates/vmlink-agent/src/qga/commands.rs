@@ -182,14 +182,14 @@ pub(crate) async fn dispatch(
             state.frozen.store(true, Ordering::SeqCst);
             let result = blocking(move || super::system::freeze(only.as_deref())).await;
             if !matches!(result, Ok(n) if n > 0) {
-                state.frozen.store(false, Ordering::SeqCst);
+                state.set_thawed();
             }
             result.map(|n| json!(n))
         }
         "guest-fsfreeze-thaw" => {
             a.done()?;
             let n = blocking(super::system::thaw).await?;
-            state.frozen.store(false, Ordering::SeqCst);
+            state.set_thawed();
             Ok(json!(n))
         }
         "guest-get-fsinfo" => {

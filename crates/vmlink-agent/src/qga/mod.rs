@@ -107,6 +107,12 @@ pub enum QgaError {
     },
 }
 
+/// How long an agent asked to stop while filesystems are frozen goes on serving, for the host
+/// to thaw them (its snapshot taken), before it thaws them itself and stops. qemu-ga on Linux
+/// ignores SIGTERM while frozen instead (and a SIGKILL then leaves the guest frozen); on
+/// Windows it waits for its 10 s freeze limit.
+pub const STOP_WHILE_FROZEN: Duration = Duration::from_secs(10);
+
 /// State shared by every connection of one server.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -115,6 +121,8 @@ pub(crate) struct State {
     pub(crate) execs: Mutex<HashMap<u32, commands::ExecSlot>>,
     /// Filesystems are frozen (`guest-fsfreeze-freeze`): only [`FROZEN_ALLOWED`] is served.
     pub(crate) frozen: AtomicBool,
+    /// Notified whenever `frozen` goes back to false.
+    pub(crate) thawed: tokio::sync::Notify,
 }
 
 impl State {
@@ -124,6 +132,26 @@ impl State {
             files: Mutex::new(commands::Files::default()),
             execs: Mutex::new(HashMap::new()),
             frozen: AtomicBool::new(false),
+            thawed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Marks the filesystems thawed and wakes [`State::until_thawed`].
+    pub(crate) fn set_thawed(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+        self.thawed.notify_waiters();
+    }
+
+    /// Completes once nothing is frozen.
+    async fn until_thawed(&self) {
+        loop {
+            let notified = self.thawed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.frozen.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -171,17 +199,43 @@ impl QgaChannel {
 
 /// Serves qemu-ga's protocol on `channel` until `shutdown` completes (see the module docs for
 /// how listeners and streams differ). Failures to re-open a stream are logged and retried.
+/// Filesystems still frozen by `guest-fsfreeze-freeze` are thawed before it returns, as
+/// qemu-ga does when it exits: an agent stopped or restarted (SIGTERM, `systemctl restart`)
+/// between a backup's freeze and thaw must not leave every writer in the guest hanging.
 pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Future<Output = ()>) {
     let state = Arc::new(State::new(policy));
-    match channel {
-        QgaChannel::Listener(listener) => tokio::select! {
-            () = accept_loop(listener, state) => {}
-            () = shutdown => {}
-        },
-        QgaChannel::Stream(addr, first) => tokio::select! {
-            () = reopen_loop(addr, first, state) => {}
-            () = shutdown => {}
-        },
+    let serve = async {
+        match channel {
+            QgaChannel::Listener(listener) => accept_loop(listener, Arc::clone(&state)).await,
+            QgaChannel::Stream(addr, first) => reopen_loop(addr, first, Arc::clone(&state)).await,
+        }
+    };
+    tokio::pin!(serve);
+    tokio::select! {
+        () = &mut serve => {}
+        () = shutdown => {
+            if state.frozen.load(Ordering::SeqCst) {
+                // A backup froze the guest to take its snapshot and will thaw it in a moment:
+                // let it (serving on), but not for long.
+                warn!(
+                    "stopping while filesystems are frozen: serving on until the host thaws \
+                     them, at most {} s",
+                    STOP_WHILE_FROZEN.as_secs()
+                );
+                tokio::select! {
+                    () = &mut serve => {}
+                    () = state.until_thawed() => {}
+                    () = tokio::time::sleep(STOP_WHILE_FROZEN) => {}
+                }
+            }
+        }
+    }
+    if state.frozen.swap(false, Ordering::SeqCst) {
+        match tokio::task::spawn_blocking(system::thaw).await {
+            Ok(Ok(n)) => warn!("stopping while frozen: thawed {n} filesystem(s)"),
+            Ok(Err(e)) => warn!("stopping while frozen: thawing failed: {}", e.desc),
+            Err(e) => warn!("stopping while frozen: thawing failed: {e}"),
+        }
     }
 }
 
