@@ -362,6 +362,13 @@ fn vmlink_verbs_work_against_stock_qemu_ga_on_its_virtio_serial_port() {
         }
         std::panic::resume_unwind(panic);
     }
+    // The agent ran as the qga-only agent the test means it to be (vsock did not load).
+    let out = outcome.expect("the guest's output");
+    assert!(
+        text(&out.stderr).contains("vmlink-agent: serving only qemu-guest-agent's protocol"),
+        "--- guest stderr\n{}",
+        text(&out.stderr)
+    );
 }
 
 /// The host side, while the guest serves both agents.
