@@ -722,3 +722,91 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
     );
     drop((master_fd, slave_fd));
 }
+
+#[test]
+fn cp_follows_a_symlink_given_as_src_with_l_and_always_to_stdout() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::symlink;
+    let d = tmp("cp-follow");
+    let sock = d.join("agent.sock");
+    let agent_bin =
+        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
+    /// Killed on drop, so a failed assertion does not leave the agent running.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut agent = std::process::Command::new(&agent_bin)
+        .args(["--listen", &format!("unix-listen:{}", sock.display())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmlink-agent");
+    let stderr = agent.stderr.take().expect("stderr");
+    let _agent = Agent(agent);
+    let line = BufReader::new(stderr)
+        .lines()
+        .next()
+        .expect("agent printed nothing")
+        .expect("read");
+    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
+    let target = format!("unix:{}", sock.display());
+    std::fs::write(d.join("real"), b"os release\n").expect("write");
+    symlink("real", d.join("link")).expect("symlink");
+    let remote = |p: &str| format!("{target}:{}", d.join(p).display());
+    let is_link = |p: &std::path::Path| {
+        std::fs::symlink_metadata(p)
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    };
+
+    // To stdout, a link is read through (as cp's own example, GUEST:/etc/os-release -).
+    let (code, out, err) = run(&["cp", &remote("link"), "-"]);
+    assert_eq!((code, out.as_str()), (Some(0), "os release\n"), "{err}");
+    // Guest -> host: -L gives the file under the link's name, without it the link.
+    let down = d.join("down");
+    std::fs::create_dir(&down).expect("mkdir");
+    let (code, _, err) = run(&[
+        "cp",
+        "-q",
+        "-L",
+        &remote("link"),
+        &down.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!is_link(&down.join("link")));
+    assert_eq!(
+        std::fs::read(down.join("link")).expect("read"),
+        b"os release\n"
+    );
+    let plain = down.join("plain");
+    let (code, _, err) = run(&["cp", "-q", &remote("link"), &plain.display().to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(is_link(&plain));
+    // Host -> guest: the same with a local link.
+    let up = d.join("up");
+    std::fs::create_dir(&up).expect("mkdir");
+    let (code, _, err) = run(&[
+        "cp",
+        "-q",
+        "--follow-link",
+        &d.join("link").display().to_string(),
+        &remote("up"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!is_link(&up.join("link")));
+    assert_eq!(
+        std::fs::read(up.join("link")).expect("read"),
+        b"os release\n"
+    );
+    // A relative guest path is named as such; two remote sides are not mistaken for one.
+    let (code, _, err) = run(&["cp", "-q", &format!("{target}:tmp/x"), "/tmp/"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("must be absolute"), "{err}");
+    let (code, _, err) = run(&["cp", &remote("link"), &remote("up")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("exactly one of SRC and DST"), "{err}");
+}
