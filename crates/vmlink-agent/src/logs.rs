@@ -8,6 +8,10 @@
 //!   old file is sent, then the new one from its start;
 //! - **truncation** (the file is shorter than what was sent): it is sent again from its start;
 //! - a path that disappears is waited for (the old file is kept open meanwhile).
+//!
+//! Without `follow`, the agent sends the file up to the length it had when opened, so a file
+//! that grows faster than the client reads still ends. File I/O runs on the blocking pool: a
+//! read that hangs (a dead network mount) holds up this request only, never a ping or a kill.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -59,45 +63,82 @@ fn tail_start(f: &mut File, len: u64, lines: u32, max_back: u64) -> io::Result<u
     Ok(floor)
 }
 
-/// Sends what `f` holds from its position to its end; returns the bytes sent.
-async fn send_rest(f: &mut File, w: &mut WriteHalf) -> Result<u64, SessionError> {
-    let mut buf = vec![0u8; MAX_DATA_CHUNK];
-    let mut total = 0;
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// Sends what `f` holds from its position to its end, or at most `limit` bytes of it; returns
+/// the file (reads run on the blocking pool) and the bytes sent.
+async fn send_rest(
+    mut f: File,
+    limit: Option<u64>,
+    w: &mut WriteHalf,
+) -> Result<(File, u64), SessionError> {
+    let mut total = 0u64;
     loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(SessionError::Wire(e.into())),
-        };
-        write_message(w, &Message::Data(buf[..n].to_vec())).await?;
-        total += n as u64;
+        let want = limit.map_or(MAX_DATA_CHUNK as u64, |l| {
+            (l - total).min(MAX_DATA_CHUNK as u64)
+        }) as usize;
+        if want == 0 {
+            return Ok((f, total));
+        }
+        let (back, chunk) = blocking(move || {
+            let mut buf = vec![0u8; want];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Ok((f, buf));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(|e| SessionError::Wire(e.into()))?;
+        f = back;
+        if chunk.is_empty() {
+            return Ok((f, total));
+        }
+        total += chunk.len() as u64;
+        write_message(w, &Message::Data(chunk)).await?;
     }
 }
 
-/// Opens a log file: a regular file only. A FIFO, a terminal or a device like `/dev/kmsg` would
-/// block a read (or the open itself, for a FIFO without a writer) on one of the agent's few
-/// runtime threads, and with it pings and kills; so the open never blocks (`O_NONBLOCK`) and
-/// anything else is refused.
+/// Opens a log file: a regular file only. Opening a device can act (`/dev/watchdog` arms on
+/// open; a terminal may become the agent's controlling terminal) and a FIFO or a terminal would
+/// block a read, so the path is checked before it is opened, the open never blocks or takes a
+/// terminal (`O_NONBLOCK | O_NOCTTY`), and what was opened is checked again.
 fn open_log(path: &str) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |kind: std::fs::FileType| {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (logs reads regular files; use exec for devices and pipes)"
+        };
+        io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}"))
+    };
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        return Err(refuse(kind));
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
+    // The path may have been replaced between the check and the open.
     let kind = f.metadata()?.file_type();
     if kind.is_file() {
         return Ok(f);
     }
-    let what = if kind.is_dir() {
-        "a directory"
-    } else {
-        "not a regular file (logs reads regular files; use exec for devices and pipes)"
-    };
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("it is {what}"),
-    ))
+    Err(refuse(kind))
 }
 
 fn io_error(op: &str, path: &str, e: &io::Error) -> String {
@@ -111,13 +152,19 @@ pub(crate) async fn serve_logs(
     w: &mut WriteHalf,
 ) -> Result<(), SessionError> {
     let path = logs.path.clone();
-    let opened = open_log(&path).and_then(|mut f| {
-        let meta = f.metadata()?;
-        let start = tail_start(&mut f, meta.len(), logs.lines, MAX_LOG_TAIL_BYTES)?;
-        f.seek(SeekFrom::Start(start))?;
-        Ok((f, meta))
-    });
-    let (mut file, meta) = match opened {
+    let lines = logs.lines;
+    let opened = {
+        let path = path.clone();
+        blocking(move || {
+            let mut f = open_log(&path)?;
+            let meta = f.metadata()?;
+            let start = tail_start(&mut f, meta.len(), lines, MAX_LOG_TAIL_BYTES)?;
+            f.seek(SeekFrom::Start(start))?;
+            Ok((f, meta, start))
+        })
+        .await
+    };
+    let (file, meta, start) = match opened {
         Ok(x) => x,
         Err(e) => {
             let message = io_error("read", &path, &e);
@@ -125,7 +172,9 @@ pub(crate) async fn serve_logs(
             return Err(SessionError::Refused(message));
         }
     };
-    send_rest(&mut file, w).await?;
+    // Without follow: up to the length the file had when opened.
+    let limit = (!logs.follow).then(|| meta.len() - start);
+    let (mut file, _) = send_rest(file, limit, w).await?;
     if !logs.follow {
         write_message(w, &Message::Done).await?;
         let _ = w.shutdown_write();
@@ -148,24 +197,42 @@ pub(crate) async fn serve_logs(
             },
             _ = ticker.tick() => {
                 // Truncated: start again from the beginning.
-                let pos = file.stream_position().map_err(|e| SessionError::Wire(e.into()))?;
-                if let Ok(m) = file.metadata() {
-                    if m.len() < pos {
-                        debug!(path, "file truncated; following from its start");
-                        file.seek(SeekFrom::Start(0)).map_err(|e| SessionError::Wire(e.into()))?;
+                let (back, truncated) = blocking(move || {
+                    let pos = file.stream_position()?;
+                    let truncated = file.metadata().is_ok_and(|m| m.len() < pos);
+                    if truncated {
+                        file.seek(SeekFrom::Start(0))?;
                     }
+                    Ok((file, truncated))
+                })
+                .await
+                .map_err(|e| SessionError::Wire(e.into()))?;
+                if truncated {
+                    debug!(path, "file truncated; following from its start");
                 }
-                send_rest(&mut file, w).await?;
+                (file, _) = send_rest(back, None, w).await?;
                 // Rotated: the path names another file now. The old one's rest was sent above.
-                if let Ok(m) = std::fs::metadata(&path) {
-                    if (m.dev(), m.ino()) != id {
-                        if let Ok(new) = open_log(&path) {
-                            debug!(path, "file rotated; following the new one");
-                            file = new;
-                            id = (m.dev(), m.ino());
-                            send_rest(&mut file, w).await?;
+                let rotated = {
+                    let path = path.clone();
+                    blocking(move || {
+                        let moved = std::fs::metadata(&path)
+                            .is_ok_and(|m| (m.dev(), m.ino()) != id);
+                        if !moved {
+                            return Ok(None);
                         }
-                    }
+                        // The identity is the opened file's, so a second rotation between the
+                        // check and the open is not taken for this one.
+                        Ok(open_log(&path)
+                            .and_then(|f| f.metadata().map(|m| (f, (m.dev(), m.ino()))))
+                            .ok())
+                    })
+                    .await
+                    .map_err(|e| SessionError::Wire(e.into()))?
+                };
+                if let Some((new, new_id)) = rotated {
+                    debug!(path, "file rotated; following the new one");
+                    id = new_id;
+                    (file, _) = send_rest(new, None, w).await?;
                 }
             }
         }

@@ -432,6 +432,18 @@ pub async fn logs(client: &Client, dir: &std::path::Path) {
     }
     client.ping().await.expect("a ping after the FIFO");
     let _ = std::fs::remove_file(&fifo);
+    // So is a device (checked before it is opened: opening /dev/watchdog arms it).
+    let req = Logs {
+        path: "/dev/null".into(),
+        lines: 3,
+        follow: false,
+    };
+    match client.logs(req, tokio::io::sink()).await {
+        Err(ClientError::Agent { message, .. }) => {
+            assert!(message.contains("not a regular file"), "{message}")
+        }
+        other => panic!("a device gave {other:?}"),
+    }
 
     let (w, mut r) = tokio::io::duplex(64 * 1024);
     let c = client.clone();
