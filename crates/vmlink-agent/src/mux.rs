@@ -496,11 +496,12 @@ impl Mux {
     ) -> (Mux, mpsc::Receiver<Accepted>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let replies = Arc::new(AtomicUsize::new(0));
+        let closed = watch::channel(false).0;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(ctl.w, ctl_rx, replies.clone()));
+        tokio::spawn(writer(ctl.w, ctl_rx, replies.clone(), closed.subscribe()));
         let data_tx = data.map(|d| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(writer(d.w, rx, replies.clone()));
+            tokio::spawn(writer(d.w, rx, replies.clone(), closed.subscribe()));
             (tx, d.r)
         });
         let session = Arc::new(Session {
@@ -513,7 +514,7 @@ impl Mux {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             peer_ready: watch::channel(false).0,
-            closed: watch::channel(false).0,
+            closed,
             incoming: (role == Role::Guest).then_some(in_tx),
             counters: Counters::default(),
             pong: AtomicU64::new(0),
@@ -727,6 +728,13 @@ impl Session {
         self.reply(false, Header::new(Kind::Rst, id, r.len() as u32, 0), r);
     }
 
+    /// Ends the session: every stream reset, both lanes' readers and writers stopped (which
+    /// closes the lanes), [`Mux::closed`] complete.
+    fn end(&self, reason: &str) {
+        self.reset_all(reason);
+        self.closed.send_replace(true);
+    }
+
     fn reset_all(&self, reason: &str) {
         let ids: Vec<u32> = lock(&self.streams).keys().copied().collect();
         for id in ids {
@@ -825,6 +833,15 @@ impl Session {
         match h.kind {
             Kind::Hello => {
                 if !h.is_reply() {
+                    if !data_lane && self.role == Role::Host && *self.peer_ready.borrow() {
+                        // The agent restarted while this session was on. Its lanes may have
+                        // been left mid-frame both ways (a frame cut short, a HELLO swallowed
+                        // into it), so the session ends: the bridge reconnects, the agent
+                        // reads end of file, and both start afresh.
+                        warn!("mux: the agent restarted; starting a new session");
+                        self.end("the agent restarted");
+                        return;
+                    }
                     if !data_lane {
                         // The peer (re)started: whatever it had open is gone.
                         self.reset_all("the peer restarted");
@@ -967,9 +984,12 @@ async fn keepalive(s: Arc<Session>) {
         match sent_at {
             Some(_) if s.pong.load(Ordering::Acquire) == nonce => sent_at = None,
             Some(at) if at.elapsed() >= DEAD_AFTER => {
-                warn!("mux: no answer from the agent for {DEAD_AFTER:?}; resetting its streams");
-                s.reset_all(&format!("no answer from the agent for {DEAD_AFTER:?}"));
-                sent_at = None;
+                // Dead, or deaf: an agent that restarted mid-frame can leave either side's
+                // reader inside a frame that never ends, where no HELLO is seen. A new session
+                // (the bridge reconnects; the agent reads end of file) starts both afresh.
+                warn!("mux: no answer from the agent for {DEAD_AFTER:?}; ending the session");
+                s.end(&format!("no answer from the agent for {DEAD_AFTER:?}"));
+                return;
             }
             _ => {}
         }
@@ -987,13 +1007,23 @@ async fn writer(
     mut w: BoxWrite,
     mut rx: mpsc::UnboundedReceiver<Queued>,
     replies: Arc<AtomicUsize>,
+    mut closed: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(READ_BUF);
     let mut rooms = Vec::new();
-    while let Some((f, counted, room)) = rx.recv().await {
+    // An ended session writes no more frames, so the lane closes.
+    let mut ended = closed.clone();
+    loop {
+        let next = tokio::select! {
+            q = rx.recv() => q,
+            _ = ended.wait_for(|c| *c) => None,
+        };
+        let Some((f, counted, room)) = next else {
+            return;
+        };
         if f.len() >= READ_BUF / 8 {
             // Big enough on its own: write it without copying it into the batch.
-            if let Err(e) = w.write_all(&f).await {
+            if let Err(e) = write_whole(&mut w, &f, &mut closed).await {
                 debug!("mux lane write failed: {e}");
                 return;
             }
@@ -1014,7 +1044,7 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if let Err(e) = w.write_all(&batch).await {
+        if let Err(e) = write_whole(&mut w, &batch, &mut closed).await {
             debug!("mux lane write failed: {e}");
             return;
         }
@@ -1024,10 +1054,38 @@ async fn writer(
     }
 }
 
+/// Writes `buf` (whole frames) to a lane. A frame is never cut short: a peer left inside one
+/// would take the next session's HELLO for its payload. Once the session has ended, a write
+/// the peer does not take within [`END_WRITE_GRACE`] is given up (the lane is dead anyway).
+async fn write_whole(
+    w: &mut BoxWrite,
+    buf: &[u8],
+    closed: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let write = w.write_all(buf);
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => return r,
+        _ = closed.wait_for(|c| *c) => {}
+    }
+    tokio::time::timeout(END_WRITE_GRACE, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the session ended and the peer took no more",
+            ))
+        })
+}
+
+/// How long a lane write that was under way when its session ended may still take.
+const END_WRITE_GRACE: Duration = Duration::from_secs(5);
+
 /// Reads one lane: resynchronises on HELLO, decodes frames, dispatches them.
 async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
     let lane = if data_lane { "data" } else { "control" };
     let mut decoder = LaneDecoder::new();
+    let mut closed = s.closed.subscribe();
     loop {
         while let Some(event) = decoder.next_event() {
             match event {
@@ -1045,7 +1103,13 @@ async fn reader(s: Arc<Session>, mut r: BoxRead, data_lane: bool) {
         // lanes' readers (vmlink's transport, tokio's sockets) fill uninitialised memory
         // without zeroing it first.
         let (target, max) = decoder.read_target(READ_BUF);
-        match r.read_buf(&mut target.limit(max)).await {
+        let mut limited = target.limit(max);
+        let read = tokio::select! {
+            r = r.read_buf(&mut limited) => r,
+            // The session ended (see `Session::end`): stop reading, which closes the lane.
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        match read {
             Ok(0) => {
                 debug!("mux {lane} lane: end of file");
                 break;
@@ -1615,6 +1679,55 @@ mod tests {
             .expect("the stream was reset once pings went unanswered")
             .expect("read");
         assert_eq!(n, 0, "the client sees its connection end");
+    }
+
+    /// Reads `r` to its end (the peer closed the lane), discarding what arrives.
+    async fn until_lane_closed(r: &mut tokio::net::unix::OwnedReadHalf) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while r.read(&mut buf).await.expect("read") > 0 {}
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_restarting_mid_session_ends_it_and_closes_the_lanes() {
+        // The agent said HELLO, then says it again: it restarted, and may have left either
+        // side inside a frame. The host ends the session (the bridge then reconnects).
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        until("the peer is ready", || *host.0.peer_ready.borrow()).await;
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello again");
+        tokio::time::timeout(Duration::from_secs(20), host.closed())
+            .await
+            .expect("the session ended");
+        tokio::time::timeout(Duration::from_secs(20), until_lane_closed(&mut r))
+            .await
+            .expect("the lane closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hello_swallowed_by_a_frame_cut_short_ends_the_session_when_pings_go_unanswered() {
+        // The old agent died after half a DATA frame; the new one's HELLO became that frame's
+        // payload, so the host never sees it, and the new agent (hunting for a HELLO) ignores
+        // everything the host sends. The next client's OPEN goes unanswered, its PINGs too:
+        // after DEAD_AFTER the session ends instead of waiting for ever. (Tokio's clock is
+        // paused: it jumps ahead whenever everything waits.)
+        let (host, mut r, mut w) = host_with_raw_guest().await;
+        let mut cut = frame(Header::new(Kind::Data, 1, 60_000, 0), &[9u8; 60_000]);
+        cut.truncate(1000);
+        w.write_all(&cut).await.expect("half a frame");
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("the new agent's hello");
+        let (_client, local) = UnixStream::pair().expect("socketpair");
+        let h = host.clone();
+        let open = tokio::spawn(async move { h.open(local).await });
+        tokio::time::timeout(KEEPALIVE + DEAD_AFTER + KEEPALIVE * 2, host.closed())
+            .await
+            .expect("the session ended");
+        assert!(open.await.expect("join").is_err(), "the OPEN failed");
+        tokio::time::timeout(Duration::from_secs(20), until_lane_closed(&mut r))
+            .await
+            .expect("the lane closed");
     }
 
     /// A host session whose guest is the test itself: the host's HELLO is waiting on `r`, the

@@ -1,7 +1,9 @@
 //! The agent over virtio-serial survives restarts: the real `vmlink-agent` binary in a lab
 //! guest, the real `vmlink serial-bridge` on the host, QEMU's chardev sockets in between. The
 //! agent is killed and started again while the bridge keeps running; requests during the gap
-//! fail with an error, and the first request after it works.
+//! fail with an error, and the first request after it works. The second time it is killed
+//! (SIGKILL) in the middle of a copy to the host, which can leave the bridge's data lane inside
+//! a frame cut short: uploads must still work afterwards.
 
 mod common;
 
@@ -36,12 +38,16 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
     let agent = Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
     // The guest: run the agent; when the host asks (a file appears), kill it and start a
-    // new one; when the host says stop, end.
+    // new one, twice (the second time with SIGKILL); when the host says stop, end.
     let script = format!(
         "set -e; A={agent}; echo 1 > /run/generation; \
+         head -c 64M /dev/urandom > /dev/shm/big; \
          $A --listen vport:org.vmlink.ctl & \
          while [ ! -e /run/restart ]; do sleep 0.05; done; \
          kill $!; wait $! || true; echo 2 > /run/generation; \
+         $A --listen vport:org.vmlink.ctl & \
+         while [ ! -e /run/kill ]; do sleep 0.05; done; \
+         kill -9 $!; wait $! || true; echo 3 > /run/generation; \
          $A --listen vport:org.vmlink.ctl & \
          while [ ! -e /run/stop ]; do sleep 0.05; done; \
          kill $!; wait $! || true",
@@ -78,6 +84,77 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     let out = vmlink(&["exec", &target, "--", "sh", "-c", "echo again; exit 3"]);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
+
+    // SIGKILL while the agent sends a copy to the host: its last DATA frame on the data lane
+    // may be cut short, and the new agent's HELLO swallowed into it on the bridge's side.
+    let down = dir.join("down");
+    std::fs::create_dir_all(&down).expect("dir");
+    let mut get = common::vmlink()
+        .args(["cp", "-q", &format!("{target}:/dev/shm/big")])
+        .arg(&down)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the get");
+    // Mid-copy: the client's temporary file has data.
+    let started = Instant::now();
+    while !std::fs::read_dir(&down)
+        .expect("list")
+        .flatten()
+        .any(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+    {
+        assert!(
+            get.try_wait().expect("wait").is_none(),
+            "the get ended early"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the get never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = vmlink(&["exec", &target, "--", "touch", "/run/kill"]);
+    let got = get.wait_with_output().expect("the get ends");
+    assert!(
+        !got.status.success(),
+        "the get succeeded although its agent was killed"
+    );
+    assert!(
+        std::fs::read_dir(&down).expect("list").next().is_none(),
+        "the failed get left a file behind"
+    );
+    let back = until_generation(&target, "3", Duration::from_secs(120));
+    println!("measured: the agent killed mid-copy answered again after {back:?}");
+    // An upload takes the data lane: it must be in step again on both sides.
+    let up = dir.join("up.bin");
+    let data = common::payload(11, 4 << 20);
+    std::fs::write(&up, &data).expect("write");
+    let out = std::process::Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "120",
+            env!("CARGO_BIN_EXE_vmlink"),
+            "cp",
+            "-q",
+        ])
+        .arg(&up)
+        .arg(format!("{target}:/dev/shm/up.bin"))
+        .output()
+        .expect("run vmlink cp");
+    assert!(
+        out.status.success(),
+        "a put after the agent was killed mid-copy ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vmlink(&["cp", "-q", &format!("{target}:/dev/shm/up.bin"), "-"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data, "the put's bytes came back different");
     let _ = vmlink(&["exec", &target, "--", "touch", "/run/stop"]);
     let done = guest.wait().expect("guest ends");
     drop(bridge);
