@@ -296,8 +296,10 @@ async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // The host connects the data port right after the control port, if at all (a bridge
+        // given only CTL): wait for it a while, then serve on the control port alone.
         let data = match &ports.data {
-            Some(d) => match lane(d.clone()).await {
+            Some(d) => match lane(with_default_timeout(d, DATA_PORT_WAIT)).await {
                 Ok(l) => Some(l),
                 Err(e) => {
                     warn!(
@@ -331,6 +333,17 @@ async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
         // does not spin.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How long a serial session waits for the host side of its data port once the control
+/// port's is there.
+const DATA_PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// `addr` with a connect timeout of `t` unless it names one.
+fn with_default_timeout(addr: &Addr, t: Duration) -> Addr {
+    let mut a = addr.clone();
+    a.options.connect_timeout.get_or_insert(t);
+    a
 }
 
 /// Parses `--allow-cid` values: numbers, `host` (2), `local` (1), or `any`.

@@ -34,7 +34,7 @@ use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vmlink_proto::mux::{
     frame, send_window, Event, Header, Kind, LaneDecoder, HEADER_LEN, MAX_DATA, MAX_WINDOW, WINDOW,
 };
@@ -1355,15 +1355,28 @@ pub async fn serve_bridge(
     let mut shutdown = std::pin::pin!(shutdown);
     let connect = |path: std::path::PathBuf| async move {
         let mut delay = Duration::from_millis(20);
+        let mut said = false;
         loop {
             match UnixStream::connect(&path).await {
-                Ok(s) => return s,
-                Err(e) => {
-                    debug!("{}: {e}; retrying in {delay:?}", path.display());
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                Ok(s) => {
+                    if said {
+                        info!("serial bridge: connected to {}", path.display());
+                    }
+                    return s;
                 }
+                // Said once (a wrong path or a QEMU that is not running shows at once), then
+                // retried quietly: QEMU may be starting or restarting.
+                Err(e) if !said => {
+                    warn!(
+                        "serial bridge: cannot connect to {}: {e}; retrying until it can",
+                        path.display()
+                    );
+                    said = true;
+                }
+                Err(e) => debug!("{}: {e}; retrying in {delay:?}", path.display()),
             }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     };
     loop {

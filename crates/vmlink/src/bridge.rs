@@ -27,7 +27,8 @@ pub struct Args {
     ctl: PathBuf,
     /// QEMU's chardev socket for the data port (org.vmlink.data), if the guest has one.
     data: Option<PathBuf>,
-    /// The Unix socket to serve clients on (created; a stale one is replaced).
+    /// The Unix socket to serve clients on (created; a stale one is replaced, one in use is
+    /// refused).
     #[arg(long, value_name = "PATH")]
     listen: PathBuf,
 }
@@ -47,13 +48,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Binds a Unix listener at `path`, replacing a stale socket file (never another kind of file).
+/// Binds a Unix listener at `path`, replacing a stale socket file: never another kind of
+/// file, and never a socket that something still listens on (a second bridge would take the
+/// path from the first, whose clients would then reach the wrong one).
 pub fn bind_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         anyhow::ensure!(
             m.file_type().is_socket(),
             "{} exists and is not a socket",
+            path.display()
+        );
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is in use: something listens on it (another bridge?)",
             path.display()
         );
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;

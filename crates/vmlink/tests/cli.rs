@@ -810,3 +810,45 @@ fn cp_follows_a_symlink_given_as_src_with_l_and_always_to_stdout() {
     assert_eq!(code, Some(2));
     assert!(err.contains("exactly one of SRC and DST"), "{err}");
 }
+
+#[test]
+fn serial_bridge_says_when_it_cannot_reach_qemu_and_refuses_a_path_in_use() {
+    use std::io::{BufRead, BufReader};
+    let d = tmp("bridge");
+    let ctl = d.join("no-qemu-here.sock");
+    let listen = d.join("agent.sock");
+    let mut first = common::vmlink()
+        .arg("serial-bridge")
+        .arg(&ctl)
+        .arg("--listen")
+        .arg(&listen)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the bridge");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = BufReader::new(first.stderr.take().expect("stderr")).lines();
+    let _first = Killed(first);
+    let serving = lines.next().expect("a line").expect("read");
+    assert!(serving.contains("serving unix:"), "{serving}");
+    // A wrong CTL path is said at once, not only under RUST_LOG=debug.
+    let warned = lines.next().expect("a line").expect("read");
+    assert!(
+        warned.contains("cannot connect to") && warned.contains("no-qemu-here.sock"),
+        "{warned}"
+    );
+    // A second bridge on the same path would steal it from the first.
+    let (code, _, err) = run(&[
+        "serial-bridge",
+        &ctl.display().to_string(),
+        "--listen",
+        &listen.display().to_string(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is in use"), "{err}");
+}

@@ -166,3 +166,84 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
         String::from_utf8_lossy(&done.stderr)
     );
 }
+
+#[test]
+fn a_bridge_given_only_the_control_port_reaches_an_agent_that_has_a_data_port() {
+    // The agent waits a few seconds for the data port's host side, then serves on the control
+    // port alone (before, it waited for ever and every client failed).
+    let dir = std::env::temp_dir().join(format!("vmlink-ctl-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
+    let agent = Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
+    let cfg = LabConfig {
+        serials: vec![
+            ("org.vmlink.ctl".into(), ctl.clone()),
+            ("org.vmlink.data".into(), data.clone()),
+        ],
+        timeout: Some(vmlink_lab::testing::GUEST_TIMEOUT),
+        ..LabConfig::default()
+    };
+    let script = format!(
+        "{} --listen vport:org.vmlink.ctl & while [ ! -e /run/stop ]; do sleep 0.05; done",
+        agent.display()
+    );
+    let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
+    let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
+    let sock = dir.join("agent.sock");
+    // QEMU's sockets exist once it listens; the bridge retries until then.
+    let bridge = Bridge(
+        common::vmlink()
+            .arg("serial-bridge")
+            .arg(&ctl)
+            .arg("--listen")
+            .arg(&sock)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start vmlink serial-bridge"),
+    );
+    let target = format!("unix:{}", sock.display());
+    let first = until_answers(&target, Duration::from_secs(120));
+    println!("measured: first answer {first:?} after boot, control port only");
+    let data = common::payload(5, 3 << 20);
+    let up = dir.join("up.bin");
+    std::fs::write(&up, &data).expect("write");
+    let out = vmlink(&[
+        "cp",
+        "-q",
+        &up.display().to_string(),
+        &format!("{target}:/dev/shm/up.bin"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vmlink(&["cp", "-q", &format!("{target}:/dev/shm/up.bin"), "-"]);
+    assert!(out.stdout == data, "the copy came back different");
+    let _ = vmlink(&["exec", &target, "--", "touch", "/run/stop"]);
+    let done = guest.wait().expect("guest ends");
+    drop(bridge);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        String::from_utf8_lossy(&done.stderr).contains("using the control port only"),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+/// Runs `vmlink exec TARGET -- true` until it succeeds; returns how long that took.
+fn until_answers(target: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = vmlink(&["exec", target, "--", "true"]);
+        if out.status.success() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "the agent did not answer within {within:?}; last error: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
