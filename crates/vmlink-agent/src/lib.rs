@@ -336,8 +336,10 @@ async fn serial_loop(ports: SerialPorts, shared: Arc<Shared>) {
 }
 
 /// How long a serial session waits for the host side of its data port once the control
-/// port's is there.
-const DATA_PORT_WAIT: Duration = Duration::from_secs(5);
+/// port's is there. More than the bridge's `END_WRITE_GRACE` (5 s) with room to spare: after
+/// a session ends, the old data connection may hold QEMU's chardev that long before the
+/// bridge's new one is accepted.
+const DATA_PORT_WAIT: Duration = Duration::from_secs(15);
 
 /// `addr` with a connect timeout of `t` unless it names one.
 fn with_default_timeout(addr: &Addr, t: Duration) -> Addr {

@@ -113,9 +113,11 @@ async fn send_rest(
 
 /// Opens a log file: a regular file only. Opening a device can act (`/dev/watchdog` arms on
 /// open; a terminal may become the agent's controlling terminal) and a FIFO or a terminal would
-/// block a read, so the path is checked before it is opened, the open never blocks or takes a
-/// terminal (`O_NONBLOCK | O_NOCTTY`), and what was opened is checked again.
+/// block a read, so the path is first opened with `O_PATH` (which opens nothing) and checked,
+/// and only that very file is then opened for reading, through `/proc/self/fd` (so a symlink
+/// swapped in meanwhile changes nothing), never blocking and never taking a terminal.
 fn open_log(path: &str) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let refuse = |kind: std::fs::FileType| {
         let what = if kind.is_dir() {
@@ -125,20 +127,23 @@ fn open_log(path: &str) -> io::Result<File> {
         };
         io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}"))
     };
-    let kind = std::fs::metadata(path)?.file_type();
-    if !kind.is_file() {
-        return Err(refuse(kind));
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    let meta = handle.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(meta.file_type()));
     }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    // The path may have been replaced between the check and the open.
-    let kind = f.metadata()?.file_type();
-    if kind.is_file() {
-        return Ok(f);
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?;
+    let opened = f.metadata()?;
+    if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+        return Err(io::Error::other("the file changed while it was opened"));
     }
-    Err(refuse(kind))
+    Ok(f)
 }
 
 fn io_error(op: &str, path: &str, e: &io::Error) -> String {

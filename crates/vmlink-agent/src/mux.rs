@@ -447,6 +447,11 @@ struct Session {
     pending: Mutex<HashMap<u32, oneshot::Sender<Result<(), String>>>>,
     next_id: AtomicU32,
     peer_ready: watch::Sender<bool>,
+    /// The peer has sent its HELLO(start) on the control lane (a second one means it
+    /// restarted).
+    peer_started: AtomicBool,
+    /// Lane writes under way (a writer whose peer does not read stays at 1).
+    writing: Arc<AtomicUsize>,
     closed: watch::Sender<bool>,
     incoming: Option<mpsc::Sender<Accepted>>,
     counters: Counters,
@@ -497,11 +502,20 @@ impl Mux {
         let (in_tx, in_rx) = mpsc::channel(64);
         let replies = Arc::new(AtomicUsize::new(0));
         let closed = watch::channel(false).0;
+        let writing = Arc::new(AtomicUsize::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(ctl.w, ctl_rx, replies.clone(), closed.subscribe()));
+        let lane_writer = |w, rx| {
+            Writer {
+                replies: replies.clone(),
+                closed: closed.subscribe(),
+                writing: writing.clone(),
+            }
+            .run(w, rx)
+        };
+        tokio::spawn(lane_writer(ctl.w, ctl_rx));
         let data_tx = data.map(|d| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(writer(d.w, rx, replies.clone(), closed.subscribe()));
+            tokio::spawn(lane_writer(d.w, rx));
             (tx, d.r)
         });
         let session = Arc::new(Session {
@@ -514,6 +528,8 @@ impl Mux {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             peer_ready: watch::channel(false).0,
+            peer_started: AtomicBool::new(false),
+            writing,
             closed,
             incoming: (role == Role::Guest).then_some(in_tx),
             counters: Counters::default(),
@@ -833,7 +849,8 @@ impl Session {
         match h.kind {
             Kind::Hello => {
                 if !h.is_reply() {
-                    if !data_lane && self.role == Role::Host && *self.peer_ready.borrow() {
+                    let restarted = !data_lane && self.peer_started.swap(true, Ordering::AcqRel);
+                    if restarted && self.role == Role::Host {
                         // The agent restarted while this session was on. Its lanes may have
                         // been left mid-frame both ways (a frame cut short, a HELLO swallowed
                         // into it), so the session ends: the bridge reconnects, the agent
@@ -984,12 +1001,22 @@ async fn keepalive(s: Arc<Session>) {
         match sent_at {
             Some(_) if s.pong.load(Ordering::Acquire) == nonce => sent_at = None,
             Some(at) if at.elapsed() >= DEAD_AFTER => {
-                // Dead, or deaf: an agent that restarted mid-frame can leave either side's
-                // reader inside a frame that never ends, where no HELLO is seen. A new session
-                // (the bridge reconnects; the agent reads end of file) starts both afresh.
-                warn!("mux: no answer from the agent for {DEAD_AFTER:?}; ending the session");
-                s.end(&format!("no answer from the agent for {DEAD_AFTER:?}"));
-                return;
+                let reason = format!("no answer from the agent for {DEAD_AFTER:?}");
+                if s.writing.load(Ordering::Acquire) > 0 {
+                    // Stalled: it does not even read (a paused VM, a starved guest). Its lanes
+                    // are still in step; reset the streams and go on, as it may come back.
+                    warn!("mux: {reason} (it reads nothing either); resetting its streams");
+                    s.reset_all(&reason);
+                    sent_at = None;
+                } else {
+                    // Deaf: it reads what is sent and answers nothing. An agent that restarted
+                    // mid-frame leaves this side's reader inside a frame that never ends (the
+                    // new agent's HELLO taken for its payload) and the new agent looking for a
+                    // HELLO. A new session (the bridge reconnects) starts both afresh.
+                    warn!("mux: {reason} though it reads; ending the session");
+                    s.end(&reason);
+                    return;
+                }
             }
             _ => {}
         }
@@ -1003,27 +1030,44 @@ async fn keepalive(s: Arc<Session>) {
 
 /// Writes queued frames, coalescing what is already queued into one write. A DATA frame's
 /// lane room is given back once it is written.
-async fn writer(
-    mut w: BoxWrite,
-    mut rx: mpsc::UnboundedReceiver<Queued>,
+/// What a lane writer shares with its session.
+struct Writer {
+    /// Reply bytes queued (see [`MAX_QUEUED_REPLIES`]).
     replies: Arc<AtomicUsize>,
-    mut closed: watch::Receiver<bool>,
-) {
+    /// The session has ended.
+    closed: watch::Receiver<bool>,
+    /// Writes under way, for the keepalive to tell a stalled peer from a deaf one.
+    writing: Arc<AtomicUsize>,
+}
+
+impl Writer {
+    async fn run(self, w: BoxWrite, rx: mpsc::UnboundedReceiver<Queued>) {
+        writer(w, rx, self).await
+    }
+}
+
+async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>, shared: Writer) {
+    let Writer {
+        replies,
+        mut closed,
+        writing,
+    } = shared;
     let mut batch = Vec::with_capacity(READ_BUF);
     let mut rooms = Vec::new();
     // An ended session writes no more frames, so the lane closes.
     let mut ended = closed.clone();
     loop {
         let next = tokio::select! {
-            q = rx.recv() => q,
+            biased;
             _ = ended.wait_for(|c| *c) => None,
+            q = rx.recv() => q,
         };
         let Some((f, counted, room)) = next else {
             return;
         };
         if f.len() >= READ_BUF / 8 {
             // Big enough on its own: write it without copying it into the batch.
-            if let Err(e) = write_whole(&mut w, &f, &mut closed).await {
+            if let Err(e) = write_whole(&mut w, &f, &mut closed, &writing).await {
                 debug!("mux lane write failed: {e}");
                 return;
             }
@@ -1044,7 +1088,7 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_whole(&mut w, &batch, &mut closed).await {
+        if let Err(e) = write_whole(&mut w, &batch, &mut closed, &writing).await {
             debug!("mux lane write failed: {e}");
             return;
         }
@@ -1057,11 +1101,21 @@ async fn writer(
 /// Writes `buf` (whole frames) to a lane. A frame is never cut short: a peer left inside one
 /// would take the next session's HELLO for its payload. Once the session has ended, a write
 /// the peer does not take within [`END_WRITE_GRACE`] is given up (the lane is dead anyway).
+/// `writing` counts the write while it is under way.
 async fn write_whole(
     w: &mut BoxWrite,
     buf: &[u8],
     closed: &mut watch::Receiver<bool>,
+    writing: &AtomicUsize,
 ) -> std::io::Result<()> {
+    struct Counted<'a>(&'a AtomicUsize);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    writing.fetch_add(1, Ordering::AcqRel);
+    let _counted = Counted(writing);
     let write = w.write_all(buf);
     tokio::pin!(write);
     tokio::select! {
@@ -1737,10 +1791,59 @@ mod tests {
         tokio::time::timeout(KEEPALIVE + DEAD_AFTER + KEEPALIVE * 2, host.closed())
             .await
             .expect("the session ended");
-        assert!(open.await.expect("join").is_err(), "the OPEN failed");
+        // (The OPEN itself failed earlier, unanswered.)
+        let _ = open.await;
         tokio::time::timeout(Duration::from_secs(20), until_lane_closed(&mut r))
             .await
             .expect("the lane closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_agent_that_reads_nothing_gets_its_streams_reset_not_its_session_ended() {
+        // A paused VM: the lane is full, the writer waits, no PONG comes. Its lanes are still
+        // in step, so the session goes on (ending it would cut the frame being written).
+        let (host, _unread, mut w) = host_with_raw_guest().await;
+        let mut client_r = upload_to_deaf_guest(&host, &mut w, 1).await;
+        until("a lane write waits", || {
+            host.0.writing.load(Ordering::Acquire) > 0
+        })
+        .await;
+        let mut buf = vec![0u8; 1024];
+        let ended = tokio::time::timeout(KEEPALIVE * 2 + DEAD_AFTER, async {
+            loop {
+                match client_r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream was reset");
+        assert!(!*host.0.closed.borrow(), "the session ended");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hello_reply_then_the_agents_first_hello_does_not_end_the_session() {
+        // The agent answers the host's HELLO before its own HELLO(start) reaches the host (an
+        // agent session that missed the hang-up, then restarts): only a second HELLO(start)
+        // means a restart.
+        let (hc, raw) = UnixStream::pair().expect("socketpair");
+        let (host, _) = Mux::start(Role::Host, Lane::unix(hc), None);
+        let (_r, mut w) = raw.into_split();
+        w.write_all(&frame(Header::hello(true), &[]))
+            .await
+            .expect("reply");
+        w.write_all(&frame(Header::hello(false), &[]))
+            .await
+            .expect("hello");
+        let ping = frame(Header::new(Kind::Ping, 0, 0, 1), &[]);
+        w.write_all(&ping).await.expect("ping");
+        until("the peer is ready", || *host.0.peer_ready.borrow()).await;
+        until("the HELLO(start) was seen", || {
+            host.0.peer_started.load(Ordering::Acquire)
+        })
+        .await;
+        assert!(!*host.0.closed.borrow(), "the session ended");
     }
 
     /// A host session whose guest is the test itself: the host's HELLO is waiting on `r`, the

@@ -177,10 +177,21 @@ pub(crate) async fn dispatch(
                 None
             };
             a.done()?;
+            if state.stopping.load(Ordering::SeqCst) {
+                // It would be thawed again within seconds, under the backup.
+                return Err(ErrorReply::generic(
+                    "the agent is stopping; it starts no new freeze".to_string(),
+                ));
+            }
             // As qemu-ga: frozen from before the first freeze (nothing may write meanwhile);
             // thawed again when nothing was frozen or on failure.
             state.frozen.store(true, Ordering::SeqCst);
-            let result = blocking(move || super::system::freeze(only.as_deref())).await;
+            let st = Arc::clone(state);
+            let result = blocking(move || {
+                let _one = st.fs.lock().unwrap_or_else(|e| e.into_inner());
+                super::system::freeze(only.as_deref())
+            })
+            .await;
             if !matches!(result, Ok(n) if n > 0) {
                 state.set_thawed();
             }
@@ -188,7 +199,12 @@ pub(crate) async fn dispatch(
         }
         "guest-fsfreeze-thaw" => {
             a.done()?;
-            let n = blocking(super::system::thaw).await?;
+            let st = Arc::clone(state);
+            let n = blocking(move || {
+                let _one = st.fs.lock().unwrap_or_else(|e| e.into_inner());
+                super::system::thaw()
+            })
+            .await?;
             state.set_thawed();
             Ok(json!(n))
         }

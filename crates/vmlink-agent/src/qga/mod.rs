@@ -123,6 +123,11 @@ pub(crate) struct State {
     pub(crate) frozen: AtomicBool,
     /// Notified whenever `frozen` goes back to false.
     pub(crate) thawed: tokio::sync::Notify,
+    /// Held by a freeze or a thaw while it runs (on a blocking thread, so a request dropped
+    /// meanwhile does not let go of it): the thaw on the way out waits for a freeze in flight.
+    pub(crate) fs: Mutex<()>,
+    /// The server is stopping: no new freeze is started.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl State {
@@ -133,6 +138,8 @@ impl State {
             execs: Mutex::new(HashMap::new()),
             frozen: AtomicBool::new(false),
             thawed: tokio::sync::Notify::new(),
+            fs: Mutex::new(()),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -214,6 +221,7 @@ pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Fu
     tokio::select! {
         () = &mut serve => {}
         () = shutdown => {
+            state.stopping.store(true, Ordering::SeqCst);
             if state.frozen.load(Ordering::SeqCst) {
                 // A backup froze the guest to take its snapshot and will thaw it in a moment:
                 // let it (serving on), but not for long.
@@ -231,7 +239,13 @@ pub async fn serve_qga(channel: QgaChannel, policy: QgaPolicy, shutdown: impl Fu
         }
     }
     if state.frozen.swap(false, Ordering::SeqCst) {
-        match tokio::task::spawn_blocking(system::thaw).await {
+        let st = Arc::clone(&state);
+        let thaw = move || {
+            // After a freeze still in flight, if any.
+            let _one = st.fs.lock().unwrap_or_else(|e| e.into_inner());
+            system::thaw()
+        };
+        match tokio::task::spawn_blocking(thaw).await {
             Ok(Ok(n)) => warn!("stopping while frozen: thawed {n} filesystem(s)"),
             Ok(Err(e)) => warn!("stopping while frozen: thawing failed: {}", e.desc),
             Err(e) => warn!("stopping while frozen: thawing failed: {e}"),
