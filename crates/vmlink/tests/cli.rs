@@ -21,6 +21,41 @@ fn run(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// The `vmlink-agent` binary next to `vmlink`.
+fn agent_bin() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent")
+}
+
+/// A child process killed on drop, so that a failed assertion does not leave it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` (vmlink-agent, maybe under setpriv) listening on `DIR/agent.sock` (never vsock:
+/// this is the host); returns once it says it listens, with its target address.
+fn start_host_agent(mut cmd: std::process::Command, dir: &std::path::Path) -> (KillOnDrop, String) {
+    use std::io::{BufRead, BufReader};
+    let sock = dir.join("agent.sock");
+    let mut child = cmd
+        .args(["--listen", &format!("unix-listen:{}", sock.display())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmlink-agent");
+    let stderr = child.stderr.take().expect("stderr");
+    let agent = KillOnDrop(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines.next().expect("agent printed nothing").expect("read");
+    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
+    // Its later messages are read too (a closed pipe would fail its writes).
+    std::thread::spawn(move || lines.for_each(drop));
+    (agent, format!("unix:{}", sock.display()))
+}
+
 fn tmp(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("vmlink-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -548,35 +583,15 @@ fn relay_bounds_concurrent_connections_and_serves_the_next_when_one_ends() {
 
 #[test]
 fn exec_user_needs_a_root_agent_and_says_so_and_usage_errors_are_status_2() {
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
     // The agent runs as nobody (these tests run as root, as scripts/test.sh does).
     let d = tmp("nonroot");
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let sock = d.join("agent.sock");
-    let agent_bin =
-        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
-    /// Killed on drop, so a failed assertion does not leave the agent running.
-    struct Agent(std::process::Child);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut agent = std::process::Command::new("setpriv")
+    let mut setpriv = std::process::Command::new("setpriv");
+    setpriv
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(&agent_bin)
-        .args(["--listen", &format!("unix-listen:{}", sock.display())])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("setpriv vmlink-agent");
-    let stderr = agent.stderr.take().expect("stderr");
-    let agent = Agent(agent);
-    let mut lines = BufReader::new(stderr).lines();
-    let line = lines.next().expect("agent printed nothing").expect("read");
-    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
-    let target = format!("unix:{}", sock.display());
+        .arg(agent_bin());
+    let (agent, target) = start_host_agent(setpriv, &d);
     // The command cannot start: 126, as a shell says it.
     let (code, out, err) = run(&["exec", "--user", "root", &target, "--", "id", "-u"]);
     assert_eq!(code, Some(126), "{out}");
@@ -619,33 +634,9 @@ fn termios(fd: i32) -> libc::termios {
 
 #[test]
 fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_timeout() {
-    use std::io::{BufRead, BufReader};
     use std::os::fd::AsRawFd;
     let d = tmp("raw");
-    let sock = d.join("agent.sock");
-    let agent_bin =
-        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
-    struct Agent(std::process::Child);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = std::process::Command::new(agent_bin)
-        .args(["--listen", &format!("unix-listen:{}", sock.display())])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmlink-agent");
-    let stderr = child.stderr.take().expect("stderr");
-    let _agent = Agent(child);
-    let line = BufReader::new(stderr)
-        .lines()
-        .next()
-        .expect("a line")
-        .expect("read");
-    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
-    let target = format!("unix:{}", sock.display());
+    let (_agent, target) = start_host_agent(std::process::Command::new(agent_bin()), &d);
 
     // A local terminal for vmlink: its stdin, stdout and stderr.
     let (master_fd, slave_fd) = common::openpty(24, 80);
@@ -667,7 +658,7 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
     };
 
     // Raw while the command runs; a key typed locally reaches it; cooked again after.
-    let mut vm = Agent(on_terminal(&[
+    let mut vm = KillOnDrop(on_terminal(&[
         "exec",
         "-ti",
         &target,
@@ -697,7 +688,7 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
     );
 
     // The same after a timeout (status 124).
-    let mut vm = Agent(on_terminal(&[
+    let mut vm = KillOnDrop(on_terminal(&[
         "exec",
         "-ti",
         "--timeout",
@@ -725,34 +716,9 @@ fn exec_ti_puts_the_local_terminal_in_raw_mode_and_restores_it_on_exit_and_on_ti
 
 #[test]
 fn cp_follows_a_symlink_given_as_src_with_l_and_always_to_stdout() {
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::symlink;
     let d = tmp("cp-follow");
-    let sock = d.join("agent.sock");
-    let agent_bin =
-        std::path::Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
-    /// Killed on drop, so a failed assertion does not leave the agent running.
-    struct Agent(std::process::Child);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut agent = std::process::Command::new(&agent_bin)
-        .args(["--listen", &format!("unix-listen:{}", sock.display())])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vmlink-agent");
-    let stderr = agent.stderr.take().expect("stderr");
-    let _agent = Agent(agent);
-    let line = BufReader::new(stderr)
-        .lines()
-        .next()
-        .expect("agent printed nothing")
-        .expect("read");
-    assert!(line.starts_with("vmlink-agent: listening on "), "{line}");
-    let target = format!("unix:{}", sock.display());
+    let (_agent, target) = start_host_agent(std::process::Command::new(agent_bin()), &d);
     std::fs::write(d.join("real"), b"os release\n").expect("write");
     symlink("real", d.join("link")).expect("symlink");
     let remote = |p: &str| format!("{target}:{}", d.join(p).display());
@@ -825,15 +791,8 @@ fn serial_bridge_says_when_it_cannot_reach_qemu_and_refuses_a_path_in_use() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the bridge");
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut lines = BufReader::new(first.stderr.take().expect("stderr")).lines();
-    let _first = Killed(first);
+    let _first = KillOnDrop(first);
     let serving = lines.next().expect("a line").expect("read");
     assert!(serving.contains("serving unix:"), "{serving}");
     // A wrong CTL path is said at once, not only under RUST_LOG=debug.

@@ -14,6 +14,21 @@ use vmlink_lab::{GuestIo, LabConfig};
 
 use common::{run_vmlink as vmlink, Bridge};
 
+/// A lab guest with the ports org.vmlink.ctl and org.vmlink.data, whose host sides are
+/// `DIR/ctl.sock` and `DIR/data.sock`.
+fn serial_lab(dir: &Path) -> (LabConfig, std::path::PathBuf, std::path::PathBuf) {
+    let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
+    let cfg = LabConfig {
+        serials: vec![
+            ("org.vmlink.ctl".into(), ctl.clone()),
+            ("org.vmlink.data".into(), data.clone()),
+        ],
+        timeout: Some(vmlink_lab::testing::GUEST_TIMEOUT),
+        ..LabConfig::default()
+    };
+    (cfg, ctl, data)
+}
+
 /// Asks which agent generation answers until `want` does; returns how long that took.
 fn until_generation(target: &str, want: &str, within: Duration) -> Duration {
     let start = Instant::now();
@@ -35,7 +50,7 @@ fn until_generation(target: &str, want: &str, within: Duration) -> Duration {
 fn the_agent_restarts_behind_a_running_serial_bridge() {
     let dir = std::env::temp_dir().join(format!("vmlink-agent-serial-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
+    let (cfg, ctl, data) = serial_lab(&dir);
     let agent = Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
     // The guest: run the agent; when the host asks (a file appears), kill it and start a
     // new one, twice (the second time with SIGKILL); when the host says stop, end.
@@ -53,14 +68,6 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
          kill $!; wait $! || true",
         agent = agent.display()
     );
-    let cfg = LabConfig {
-        serials: vec![
-            ("org.vmlink.ctl".into(), ctl.clone()),
-            ("org.vmlink.data".into(), data.clone()),
-        ],
-        timeout: Some(vmlink_lab::testing::GUEST_TIMEOUT),
-        ..LabConfig::default()
-    };
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
     let sock = dir.join("agent.sock");
@@ -173,16 +180,8 @@ fn a_bridge_given_only_the_control_port_reaches_an_agent_that_has_a_data_port() 
     // port alone (before, it waited for ever and every client failed).
     let dir = std::env::temp_dir().join(format!("vmlink-ctl-only-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (ctl, data) = (dir.join("ctl.sock"), dir.join("data.sock"));
+    let (cfg, ctl, _data) = serial_lab(&dir);
     let agent = Path::new(env!("CARGO_BIN_EXE_vmlink")).with_file_name("vmlink-agent");
-    let cfg = LabConfig {
-        serials: vec![
-            ("org.vmlink.ctl".into(), ctl.clone()),
-            ("org.vmlink.data".into(), data.clone()),
-        ],
-        timeout: Some(vmlink_lab::testing::GUEST_TIMEOUT),
-        ..LabConfig::default()
-    };
     let script = format!(
         "{} --listen vport:org.vmlink.ctl & while [ ! -e /run/stop ]; do sleep 0.05; done",
         agent.display()
