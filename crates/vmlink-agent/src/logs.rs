@@ -235,6 +235,9 @@ pub(crate) async fn serve_logs(
                     .map_err(|e| SessionError::Wire(e.into()))?
                 };
                 if let Some((new, new_id)) = rotated {
+                    // What was written to the old file since the read above (the rotation may
+                    // have come in between), then the new one.
+                    let _ = send_rest(file, None, w).await?;
                     debug!(path, "file rotated; following the new one");
                     id = new_id;
                     (file, _) = send_rest(new, None, w).await?;

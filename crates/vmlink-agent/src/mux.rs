@@ -502,12 +502,12 @@ impl Mux {
         let writing = Arc::new(AtomicUsize::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let lane_writer = |w, rx| {
-            Writer {
+            let shared = Writer {
                 replies: replies.clone(),
                 closed: closed.subscribe(),
                 writing: writing.clone(),
-            }
-            .run(w, rx)
+            };
+            writer(w, rx, shared)
         };
         tokio::spawn(lane_writer(ctl.w, ctl_rx));
         let data_tx = data.map(|d| {
@@ -1037,12 +1037,6 @@ struct Writer {
     closed: watch::Receiver<bool>,
     /// Writes under way, for the keepalive to tell a stalled peer from a deaf one.
     writing: Arc<AtomicUsize>,
-}
-
-impl Writer {
-    async fn run(self, w: BoxWrite, rx: mpsc::UnboundedReceiver<Queued>) {
-        writer(w, rx, self).await
-    }
 }
 
 async fn writer(mut w: BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>, shared: Writer) {

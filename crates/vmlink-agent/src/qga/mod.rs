@@ -143,10 +143,10 @@ impl State {
         }
     }
 
-    /// Marks the filesystems thawed and wakes [`State::until_thawed`].
+    /// Marks the filesystems thawed. [`State::until_thawed`] wakes once the answer that says so
+    /// has been written (see `serve_stream`), so an agent stopping on the thaw still sends it.
     pub(crate) fn set_thawed(&self) {
         self.frozen.store(false, Ordering::SeqCst);
-        self.thawed.notify_waiters();
     }
 
     /// Completes once nothing is frozen.
@@ -338,7 +338,10 @@ async fn serve_stream(stream: &mut AsyncStream, state: &Arc<State>) -> Ended {
         decoder.push(&buf[..n], &mut frames);
         for frame in frames.drain(..) {
             if let Some(answer) = answer(frame, state).await {
-                if let Err(e) = stream.write_all(&answer).await {
+                let written = stream.write_all(&answer).await;
+                // A thaw's answer is out: a stop that waited for the thaw may go on.
+                state.thawed.notify_waiters();
+                if let Err(e) = written {
                     debug!("qga connection: {e}");
                     return Ended::Error;
                 }
