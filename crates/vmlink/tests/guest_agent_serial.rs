@@ -56,7 +56,7 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     // new one, twice (the second time with SIGKILL); when the host says stop, end.
     let script = format!(
         "set -e; A={agent}; echo 1 > /run/generation; \
-         head -c 64M /dev/urandom > /dev/shm/big; \
+         head -c 256M /dev/zero > /dev/shm/big; \
          $A --listen vport:org.vmlink.ctl & \
          while [ ! -e /run/restart ]; do sleep 0.05; done; \
          kill $!; wait $! || true; echo 2 > /run/generation; \
