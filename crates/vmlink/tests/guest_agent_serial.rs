@@ -71,7 +71,7 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
     let sock = dir.join("agent.sock");
-    let bridge = Bridge::start(&ctl, &data, &sock, true);
+    let bridge = Bridge::start(&ctl, Some(&data), &sock, true);
     let target = format!("unix:{}", sock.display());
 
     let first = until_generation(&target, "1", Duration::from_secs(60));
@@ -133,35 +133,7 @@ fn the_agent_restarts_behind_a_running_serial_bridge() {
     let back = until_generation(&target, "3", Duration::from_secs(120));
     println!("measured: the agent killed mid-copy answered again after {back:?}");
     // An upload takes the data lane: it must be in step again on both sides.
-    let up = dir.join("up.bin");
-    let data = common::payload(11, 4 << 20);
-    std::fs::write(&up, &data).expect("write");
-    let out = std::process::Command::new("timeout")
-        .args([
-            "-s",
-            "KILL",
-            "120",
-            env!("CARGO_BIN_EXE_vmlink"),
-            "cp",
-            "-q",
-        ])
-        .arg(&up)
-        .arg(format!("{target}:/dev/shm/up.bin"))
-        .output()
-        .expect("run vmlink cp");
-    assert!(
-        out.status.success(),
-        "a put after the agent was killed mid-copy ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = vmlink(&["cp", "-q", &format!("{target}:/dev/shm/up.bin"), "-"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.stdout == data, "the put's bytes came back different");
+    round_trip(&target, &dir, 11, "after the agent was killed mid-copy");
     let _ = vmlink(&["exec", &target, "--", "touch", "/run/stop"]);
     let done = guest.wait().expect("guest ends");
     drop(bridge);
@@ -190,36 +162,11 @@ fn a_bridge_given_only_the_control_port_reaches_an_agent_that_has_a_data_port() 
     let guest = vmlink_lab::spawn(&cfg, &argv, GuestIo::Capture).expect("boot the guest");
     let sock = dir.join("agent.sock");
     // QEMU's sockets exist once it listens; the bridge retries until then.
-    let bridge = Bridge(
-        common::vmlink()
-            .arg("serial-bridge")
-            .arg(&ctl)
-            .arg("--listen")
-            .arg(&sock)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start vmlink serial-bridge"),
-    );
+    let bridge = Bridge::start(&ctl, None, &sock, true);
     let target = format!("unix:{}", sock.display());
     let first = until_answers(&target, Duration::from_secs(120));
     println!("measured: first answer {first:?} after boot, control port only");
-    let data = common::payload(5, 3 << 20);
-    let up = dir.join("up.bin");
-    std::fs::write(&up, &data).expect("write");
-    let out = vmlink(&[
-        "cp",
-        "-q",
-        &up.display().to_string(),
-        &format!("{target}:/dev/shm/up.bin"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = vmlink(&["cp", "-q", &format!("{target}:/dev/shm/up.bin"), "-"]);
-    assert!(out.stdout == data, "the copy came back different");
+    round_trip(&target, &dir, 5, "on the control port alone");
     let _ = vmlink(&["exec", &target, "--", "touch", "/run/stop"]);
     let done = guest.wait().expect("guest ends");
     drop(bridge);
@@ -228,6 +175,44 @@ fn a_bridge_given_only_the_control_port_reaches_an_agent_that_has_a_data_port() 
         String::from_utf8_lossy(&done.stderr).contains("using the control port only"),
         "{}",
         String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+/// Copies 4 MiB of `common::payload(seed, ..)` to the guest's /dev/shm (a put that hangs is
+/// killed after 120 s) and back to stdout, and checks they are the same bytes; `when` names
+/// the situation in failures.
+fn round_trip(target: &str, dir: &Path, seed: u64, when: &str) {
+    let up = dir.join("up.bin");
+    let data = common::payload(seed, 4 << 20);
+    std::fs::write(&up, &data).expect("write");
+    let out = std::process::Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "120",
+            env!("CARGO_BIN_EXE_vmlink"),
+            "cp",
+            "-q",
+        ])
+        .arg(&up)
+        .arg(format!("{target}:/dev/shm/up.bin"))
+        .output()
+        .expect("run vmlink cp");
+    assert!(
+        out.status.success(),
+        "a put {when} ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vmlink(&["cp", "-q", &format!("{target}:/dev/shm/up.bin"), "-"]);
+    assert!(
+        out.status.success(),
+        "a get {when}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == data,
+        "the put's bytes came back different {when}"
     );
 }
 

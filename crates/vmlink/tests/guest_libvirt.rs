@@ -187,7 +187,7 @@ fn wait_ready(lv: &Libvirt, target: &str, bridge: &mut Bridge) {
 fn checks(lv: &Libvirt, work: &Path, ctl: &Path, data: &Path) {
     // The guide's serial pair, through the sockets libvirt created.
     let bridge_sock = work.join("agent.sock");
-    let mut bridge = Bridge::start(ctl, data, &bridge_sock, false);
+    let mut bridge = Bridge::start(ctl, Some(data), &bridge_sock, false);
     let target = format!("unix:{}", bridge_sock.display());
     wait_ready(lv, &target, &mut bridge);
 

@@ -98,7 +98,7 @@ fn systemd_runs_and_restarts_the_agent_from_the_packaged_unit() {
     let sock = work.join("agent.sock");
     let target = format!("unix:{}", sock.display());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _bridge = Bridge::start(&ctl, &data, &sock, false);
+        let _bridge = Bridge::start(&ctl, Some(&data), &sock, false);
         // systemd's boot under TCG reached the agent in 38 s on an idle 2-core host, 123 s in
         // CI beside the other guest tests.
         let t = Instant::now();

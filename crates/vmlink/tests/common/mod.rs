@@ -29,21 +29,22 @@ pub fn run_vmlink(args: &[&str]) -> std::process::Output {
         .expect("run vmlink")
 }
 
-/// A running `vmlink serial-bridge CTL DATA --listen SOCK`, killed on drop.
+/// A running `vmlink serial-bridge CTL [DATA] --listen SOCK`, killed on drop.
 pub struct Bridge(pub Child);
 
 impl Bridge {
-    /// Starts the bridge; `quiet` sends its log to /dev/null.
+    /// Starts the bridge (without a data port when `data` is `None`); `quiet` sends its log
+    /// to /dev/null.
     pub fn start(
         ctl: &std::path::Path,
-        data: &std::path::Path,
+        data: Option<&std::path::Path>,
         listen: &std::path::Path,
         quiet: bool,
     ) -> Bridge {
         let mut cmd = vmlink();
         cmd.arg("serial-bridge")
             .arg(ctl)
-            .arg(data)
+            .args(data)
             .arg("--listen")
             .arg(listen)
             .stdin(Stdio::null());
