@@ -43,7 +43,8 @@ pub use addr::{Addr, AddrError, Cid, Endpoint, Options, VsockPort, VsockType};
 pub use async_io::{AsyncListener, AsyncStream, ChunkOut, ReadHalf, WriteHalf};
 pub use error::{Error, Result};
 pub use stream::{
-    local_cid, Listener, Stream, StreamKind, DEFAULT_BACKLOG, DEFAULT_HANDSHAKE_TIMEOUT,
+    local_cid, unix_listened_on, Listener, Stream, StreamKind, DEFAULT_BACKLOG,
+    DEFAULT_HANDSHAKE_TIMEOUT,
 };
 
 /// Formats an error with its whole `source()` chain, `: `-separated, on one line.

@@ -790,6 +790,25 @@ fn list_vports() -> String {
     }
 }
 
+/// Whether something listens on the Unix socket at `path`: one connect that does not wait (a
+/// listener whose queue is full counts as listening). Refused or missing: `false`; any other
+/// failure is an error.
+pub fn unix_listened_on(path: &Path) -> io::Result<bool> {
+    match unix_connect_by(path, Instant::now()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The local vsock CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID` on `/dev/vsock`):
 /// 1 with only the loopback transport, the guest's CID in a guest, 2 on a host.
 pub fn local_cid() -> io::Result<u32> {

@@ -59,65 +59,14 @@ pub fn bind_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListe
             "{} exists and is not a socket",
             path.display()
         );
+        let in_use = vmlink_transport::unix_listened_on(path)
+            .with_context(|| format!("probing {}", path.display()))?;
         anyhow::ensure!(
-            !listened_on(path)?,
+            !in_use,
             "{} is in use: something listens on it (another bridge?)",
             path.display()
         );
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
-}
-
-/// Whether a process listens on the Unix socket at `path`: a connect that does not block
-/// (a full listen queue still answers EAGAIN, "in use") and is refused only when nothing
-/// listens. Any other failure is an error naming the path.
-fn listened_on(path: &std::path::Path) -> anyhow::Result<bool> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: a zeroed sockaddr_un is a valid value; sun_path is filled below within bounds.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    anyhow::ensure!(
-        bytes.len() < addr.sun_path.len(),
-        "{}: the path is too long for a Unix socket",
-        path.display()
-    );
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket(2) with constant arguments; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    anyhow::ensure!(
-        fd >= 0,
-        "probing {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is a fresh descriptor this function owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: connect(2) on our socket with a pointer to a sockaddr_un and its size.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(true),
-        Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Ok(false),
-        _ => Err(anyhow::anyhow!("probing {}: {e}", path.display())),
-    }
 }
